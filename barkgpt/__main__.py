@@ -1,0 +1,5 @@
+import sys
+
+from barkgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,118 @@
+"""The `barkgpt` command: one sub-command per stage (what dvc.yaml runs), plus generate.
+
+Errors a user can fix print one clear message and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from barkgpt.errors import BarkError
+
+
+def _params(args):
+    from barkgpt.params import load_params
+
+    return load_params(args.params)
+
+
+def cmd_bark_data(args) -> None:
+    from barkgpt import stages
+
+    out = stages.bark_data(_params(args))
+    print(f"wrote {out['train']} and {out['val']}")
+
+
+def cmd_tokenize(args) -> None:
+    from barkgpt import stages
+
+    out = stages.tokenize(_params(args), args.pipeline)
+    for split, manifest in out.items():
+        print(f"{split}: {manifest['tokens']:,} tokens")
+
+
+def cmd_train(args) -> None:
+    from barkgpt import stages
+
+    summary = stages.train(_params(args), args.pipeline, resume=args.resume, progress=not args.quiet)
+    print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
+          f"({summary['tokens_per_s']:,.0f} tok/s); val loss {summary['best_val_loss']:.4f}")
+
+
+def cmd_evaluate(args) -> None:
+    from barkgpt import stages
+
+    metrics = stages.evaluate(_params(args), args.pipeline)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from barkgpt.checkpoint import load_model
+    from barkgpt.engine import Sampling, generate_text
+    from barkgpt.stages import paths_for
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    ckpt = Path(args.checkpoint) if args.checkpoint else paths_for(args.pipeline).checkpoint
+    model, tok = load_model(ckpt)
+    s = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 max_new_tokens=args.max_new_tokens, seed=args.seed)
+    for i in range(args.num_samples):
+        s_i = Sampling(**{**s.__dict__, "seed": None if args.seed is None else args.seed + i})
+        completion = generate_text(model, tok, args.prompt, s_i)
+        print(f"{args.prompt} {completion}".strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
+    parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("bark-data", help="generate the synthetic bark conversations").set_defaults(fn=cmd_bark_data)
+
+    p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
+    p.add_argument("pipeline", choices=["bark"])
+    p.set_defaults(fn=cmd_tokenize)
+
+    p = sub.add_parser("train", help="train a pipeline's model")
+    p.add_argument("pipeline", choices=["bark"])
+    p.add_argument("--resume", action="store_true", help="continue from models/<pipeline>/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
+    p.add_argument("pipeline", choices=["bark"])
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="complete a prompt with a trained model")
+    p.add_argument("--prompt", default="User: speak Assistant:")
+    p.add_argument("--pipeline", default="bark", choices=["bark"])
+    p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.set_defaults(fn=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except BarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

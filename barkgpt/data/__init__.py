@@ -1,0 +1,1 @@
+"""Data: the bark conversation generator and token shards."""
