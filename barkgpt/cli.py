@@ -48,6 +48,27 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def cmd_export(args) -> None:
+    from barkgpt import stages
+
+    for kind, path in stages.export(_params(args), args.pipeline).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_quantize(args) -> None:
+    from barkgpt import stages
+
+    for kind, path in stages.quantize(_params(args), args.pipeline).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_parity(args) -> None:
+    from barkgpt import stages
+
+    out = stages.parity(_params(args), args.pipeline)
+    print(json.dumps(out, indent=2))
+
+
 def cmd_generate(args) -> None:
     import torch
 
@@ -86,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
     p.add_argument("pipeline", choices=["bark"])
     p.set_defaults(fn=cmd_evaluate)
+
+    for cmd, fn, text in (("export", cmd_export, "write GGUF (F32, F16) and Hugging Face files"),
+                          ("quantize", cmd_quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)"),
+                          ("parity", cmd_parity, "compare llama.cpp with PyTorch, gate the quantizations")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("pipeline", choices=["bark"])
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
     p.add_argument("--prompt", default="User: speak Assistant:")
