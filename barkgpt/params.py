@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from barkgpt.errors import BarkError
 
 BARKS = ("woof", "arf", "ruff", "grrr")
+PIPELINES = ("bark", "webtext")  # each is a section of Params and a data/<name>, models/<name> tree
 
 
 class Strict(BaseModel):
@@ -170,10 +171,71 @@ class ExportParams(Strict):
         return self
 
 
+class WebtextCleanParams(Strict):
+    min_line_chars: int = Field(1, ge=1, description="drop lines shorter than this after stripping")
+    max_line_chars: int = Field(20000, ge=1, description="drop lines longer than this (runaway lines)")
+    dedup: bool = Field(True, description="drop exact duplicate lines, keeping the first occurrence")
+
+
+class WebtextSplitParams(Strict):
+    mode: Literal["head", "random"] = Field(
+        "head", description="head: first lines train, last val_fraction val (file order); random: seeded by line")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 1337
+
+
+class WebtextTokenizerParams(Strict):
+    kind: Literal["bpe", "tiktoken"] = "bpe"
+    vocab_size: int = Field(4096, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
+    min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
+    name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
+    threads: int = Field(2, ge=1, description="encoding threads")
+
+
+class WebtextEvalParams(Strict):
+    batch_size: int = Field(16, ge=1)
+    max_batches: int | None = Field(None, ge=1, description="None = the whole validation split")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The history of", "In 1998 , the", "The game was", "= = Reception = ="])
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+    seed: int = 0
+
+
+class WebtextGates(Strict):
+    max_val_bpb: float = Field(2.5, gt=0, description="evaluation gate: validation bits per byte")
+
+
+def _webtext_model() -> ModelParams:
+    return ModelParams(n_layer=4, n_head=4, n_embd=256, block_size=256)
+
+
+def _webtext_train() -> TrainParams:
+    return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
+                       dtype="bfloat16", threads=2, eval_every=200, checkpoint_every=200, max_seconds=300)
+
+
+class WebtextPipeline(Strict):
+    source: str = Field("Raziel1234/WebText-2",
+                        description="Hugging Face hub id, or a local .txt/.jsonl/.parquet file or folder")
+    text_field: str = Field("text", description="column holding the text (jsonl, parquet, hub)")
+    hub_timeout_s: float = Field(20.0, gt=0, description="give up on the hub after this long")
+    clean: WebtextCleanParams = WebtextCleanParams()
+    split: WebtextSplitParams = WebtextSplitParams()
+    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams()
+    model: ModelParams = Field(default_factory=_webtext_model)
+    train: TrainParams = Field(default_factory=_webtext_train)
+    eval: WebtextEvalParams = WebtextEvalParams()
+    gates: WebtextGates = WebtextGates()
+
+
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
     export: ExportParams = ExportParams()
+    webtext: WebtextPipeline = WebtextPipeline()
 
 
 def _format_error(err: ValidationError, source: str) -> str:
