@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                           ("quantize", cmd_quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)"),
                           ("parity", cmd_parity, "compare llama.cpp with PyTorch, gate the quantizations")):
         p = sub.add_parser(cmd, help=text)
-        p.add_argument("pipeline", choices=["bark"])
+        p.add_argument("pipeline", choices=PIPELINES)
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")

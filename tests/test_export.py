@@ -218,3 +218,31 @@ def test_hf_export_round_trip(exported):
         ours = list(stream(model, ids, Sampling(temperature=0, max_new_tokens=12), tok.eos_id))
         assert gen[0, len(ids):].tolist() == ours
         assert hf_tok.decode(ours) == tok.decode(ours)
+
+
+def test_bpe_gguf_parity(wikitext_path, tmp_path):
+    """A byte-level BPE trained on real text: llama.cpp's gpt2 tokenizer gives the same ids."""
+    import torch
+
+    from barkgpt.export.parity import close_llama, logits_parity, open_llama, tokenization_parity
+    from barkgpt.model import GPT
+    from barkgpt.params import ModelParams
+    from barkgpt.tokenizer import train_bpe
+
+    lines = [line for line in wikitext_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tok = train_bpe(lines[:1500], 512)
+    torch.manual_seed(0)
+    model = GPT(ModelParams(n_embd=64, n_head=2, n_layer=2, block_size=128), tok.vocab_size).eval()
+    path = write_gguf(model, tok, tmp_path / "bpe.gguf")
+    llm = open_llama(path, 128)
+    try:
+        tp = tokenization_parity(llm, tok, lines)  # every line, including the ones BPE never saw
+        assert tp["agreement"] == 1.0, tp["first_mismatch"]
+        assert tp["detokenize_round_trip"] == 1.0
+        assert logits_parity(llm, model, [tok.encode(x)[:128] for x in lines[:6]])["max_abs_diff"] <= 1e-3
+        assert llm.token_eos() == tok.eos_id
+        # a literal "<|endoftext|>" is ordinary text for BarkGPT and for llama.cpp alike
+        text = "end <|endoftext|> here"
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    finally:
+        close_llama(llm)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from barkgpt.export.vocab import CHAT_TEMPLATE, GPT2_PATTERN, bytes_to_unicode, recover_merges
+from barkgpt.export.vocab import CHAT_TEMPLATE
 from barkgpt.fileio import atomic_path, write_json
 
 
@@ -90,10 +90,12 @@ def hf_tokenizer(tok):
         t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         specials = [tok.vocab[tok.eos_id], tok.vocab[tok.pad_id]]
     else:
+        from barkgpt.tokenizer import GPT2_PATTERN, bytes_to_unicode
+
         byte_char = bytes_to_unicode()
         text = lambda b: "".join(byte_char[x] for x in b)  # noqa: E731
         vocab = {text(piece): rank for piece, rank in tok.mergeable_ranks.items()}
-        merges = [(text(a), text(b)) for a, b in recover_merges(tok.mergeable_ranks)]
+        merges = [(text(a), text(b)) for a, b in tok.merges()]
         t = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
         t.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
