@@ -122,7 +122,7 @@ def _extra_buffers(enabled: bool):
     """llama-cpp-python has no argument for llama.cpp's `use_extra_bufts` (repacked CPU weights,
     AMX); with them, decode segfaults on some CPUs (seen with Gemma 3 Q4_K on an AMX Xeon). The
     flag is set on the default model params that Llama() reads while it loads."""
-    import llama_cpp
+    from llama_cpp import llama_cpp  # the module whose functions Llama() calls
 
     if enabled:
         yield
