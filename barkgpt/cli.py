@@ -74,7 +74,8 @@ def cmd_serve(args) -> None:
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(args.params, host=args.host, port=args.port, backend=args.backend,
-                             model=args.model, chat_format=args.chat_format, model_id=args.model_id)
+                             model=args.model, chat_format=args.chat_format, model_id=args.model_id,
+                             threads=args.threads)
     resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
     s = settings.serve
     print(f"BarkGPT serving on http://{s.host}:{s.port}/ (chat page), OpenAI API at /v1", file=sys.stderr)
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a .gguf or .pt file (default: the pipeline's deploy model; env BARKGPT_MODEL)")
     p.add_argument("--model-id", help="the name clients use (default: from the file)")
     p.add_argument("--chat-format", help="llama.cpp chat format for GGUFs without a template, e.g. gemma")
+    p.add_argument("--threads", type=int, help="decode threads (default: serve.threads)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(fn=cmd_serve)
 

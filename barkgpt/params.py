@@ -149,7 +149,7 @@ class ServeParams(Strict):
     model_id: str | None = Field(None, description="name in /v1/models; None = derived from the file")
     chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
     n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
-    threads: int = Field(2, ge=1)
+    threads: int = Field(1, ge=1, description="decode threads; more help only big models on idle cores")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     default_max_tokens: int = Field(32, ge=1)

@@ -191,12 +191,17 @@ class LlamaBackend:
         n, finish = 0, "length"
         for chunk in self.llm.create_completion(prompt, **params):
             choice = chunk["choices"][0]
+            if choice.get("finish_reason"):
+                # the closing chunk: its token is <EOS> or a stop string (counted, like PyTorch's
+                # <EOS>), or nothing new when max_tokens ran out
+                finish = choice["finish_reason"]
+                n += finish == "stop"
+                if choice["text"]:
+                    yield choice["text"]
+                break
             n += 1
             if choice["text"]:
                 yield choice["text"]
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
-                break
             if should_stop():
                 break
         yield Done(finish, n_prompt, n)
@@ -216,6 +221,7 @@ class LlamaBackend:
                     yield text
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+                    n += finish == "stop"  # the end-of-turn token
                     break
                 if should_stop():
                     break

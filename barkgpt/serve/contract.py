@@ -2,7 +2,8 @@
 
 The bark vocabulary has nine words, so a user's own words cannot be represented. The mapping:
 - each user turn (consecutive user messages count as one) becomes `User: speak`;
-- each assistant turn becomes `Assistant: <its barks> <EOS>` (words that are not barks are dropped;
+- each assistant turn becomes `Assistant: <its barks> <EOS>` (punctuation and case are ignored,
+  words that are not barks are dropped;
   a turn with no barks left becomes `woof`, so the history keeps its shape);
 - system and tool messages are dropped;
 - the prompt ends with `Assistant:` so the model answers the last user turn.
@@ -35,7 +36,8 @@ def bark_turns(messages: list[dict]) -> list[str]:
         if role == "user":
             pending_user = True
         elif role == "assistant":
-            barks = [w for w in message_text(m.get("content")).split() if w in BARKS] or ["woof"]
+            words = (w.strip(".,;:!?\"'()").lower() for w in message_text(m.get("content")).split())
+            barks = [w for w in words if w in BARKS] or ["woof"]
             turns.append(" ".join([USER_TURN, ASSISTANT, *barks, EOS]))
             pending_user = False
     if not pending_user:
