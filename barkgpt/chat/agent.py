@@ -23,7 +23,7 @@ class BarkState(TypedDict):
 
 
 def count_barks(text: str) -> int:
-    return sum(1 for w in text.split() if w.strip(".,!?") in BARKS)
+    return sum(1 for w in text.split() if w.strip(".,!?").lower() in BARKS)
 
 
 def build_agent(model: BaseChatModel, max_turns: int = 3, min_barks: int = 2):
