@@ -181,8 +181,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"the prompt has {n} characters; this server's limit is {serve.max_prompt_chars}",
                            "prompt_too_long")
 
-    def start(request: Request, run) -> Job:
-        job = Job(run, asyncio.get_running_loop(), serve.request_timeout_s)
+    def start(request: Request, run, whole: bool = False) -> Job:
+        job = Job(run, asyncio.get_running_loop(), serve.request_timeout_s, whole)
         try:
             request.app.state.worker.submit(job)
         except Busy:
@@ -210,12 +210,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             while True:
                 kind, value = await next_event(job)
-                if kind != "item":
+                if kind not in ("item", "items"):
                     return "".join(parts), done
-                if isinstance(value, Done):
-                    done = value
-                else:
-                    parts.append(value)
+                for item in value if kind == "items" else [value]:
+                    if isinstance(item, Done):
+                        done = item
+                    else:
+                        parts.append(item)
         finally:
             job.cancelled.set()
 
@@ -281,7 +282,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt = prompts[0]
         check_chars(len(prompt))
         g = gen_params(body)
-        job = start(request, lambda stop: backend.complete(prompt, g, stop))
+        job = start(request, lambda stop: backend.complete(prompt, g, stop), whole=not body.stream)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict:
@@ -328,7 +329,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         backend = backend_for(request, body.model)
         messages = chat_messages(body)
         g = gen_params(body)
-        job = start(request, lambda stop: backend.chat(messages, g, stop))
+        job = start(request, lambda stop: backend.chat(messages, g, stop), whole=not body.stream)
         return backend, job
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
