@@ -365,3 +365,39 @@ def test_schemathesis_finds_no_server_errors(bark_server, tmp_path):
     cases = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
     assert "Tested: 6" in r.stdout and cases and cases[1] == cases[2] and int(cases[1]) > 200
     assert httpx.get(bark_server + "/ready").status_code == 200
+
+
+# --- the app factory for other hosts (AWS Lambda through Mangum) -------------------------------
+
+def test_create_app_from_env_under_mangum(bark_gguf, tmp_path):
+    """`create_app(load_settings())` with the model named by BARKGPT_MODEL, driven by Mangum the way
+    AWS Lambda does: the lifespan runs per invocation, the model loads once."""
+    from mangum import Mangum
+
+    from barkgpt.serve.app import create_app
+    from barkgpt.serve.settings import load_settings
+
+    settings = load_settings(root=tmp_path, env={"BARKGPT_MODEL": str(bark_gguf), "BARKGPT_API_KEY": "k"})
+    assert settings.serve.model == str(bark_gguf) and settings.api_key == "k"
+    app = create_app(settings)
+    handler = Mangum(app, lifespan="auto")
+
+    def event(path, method="GET", body=None):
+        return {"version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
+                "headers": {"content-type": "application/json", "authorization": "Bearer k",
+                            "host": "x.lambda-url.us-east-1.on.aws"},
+                "requestContext": {"http": {"method": method, "path": path, "sourceIp": "127.0.0.1",
+                                            "protocol": "HTTP/1.1"}, "stage": "$default"},
+                "body": json.dumps(body) if body else None, "isBase64Encoded": False}
+
+    class Ctx:
+        aws_request_id = "test"
+
+    backends = []
+    for seed in range(2):
+        r = handler(event("/v1/chat/completions", "POST", {"messages": USER, "seed": seed}), Ctx())
+        assert r["statusCode"] == 200, r
+        assert barks_ok(json.loads(r["body"])["choices"][0]["message"]["content"])
+        backends.append(app.state.backend)
+    assert backends[0] is backends[1]  # loaded once, reused by the second invocation
+    assert handler(event("/health"), Ctx())["statusCode"] == 200

@@ -252,7 +252,22 @@ def resolve_model(serve, root: Path) -> Path:
     return found[0]
 
 
+_LOADED: dict[tuple, object] = {}
+_LOADED_LOCK = threading.Lock()
+
+
 def load_backend(serve, root: Path):
+    """Load once per process: an app's lifespan may run again for the same model (Mangum runs it
+    on every AWS Lambda invocation), and a warm Lambda must not reload its model each time."""
+    key = (str(resolve_model(serve, root).resolve()), serve.backend, serve.threads, serve.n_ctx,
+           serve.chat_format, serve.llama_extra_buffers, serve.model_id, serve.pipeline)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load_backend(serve, root)
+        return _LOADED[key]
+
+
+def _load_backend(serve, root: Path):
     path = resolve_model(serve, root)
     if serve.backend == "torch" or path.suffix == ".pt":
         return TorchBackend(path, serve.threads, serve.model_id or f"barkgpt-{serve.pipeline}")
