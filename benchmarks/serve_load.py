@@ -36,8 +36,10 @@ def bark_gguf(root: Path, quant: str) -> Path:
     from barkgpt.serve.backends import resolve_model
     from barkgpt.serve.settings import load_settings
 
+    serve = load_settings(root=root, quant=quant, backend="llama").serve
+    quant = serve.quant
     try:
-        return resolve_model(load_settings(root=root, quant=quant, backend="llama").serve, root)
+        return resolve_model(serve, root)
     except BarkError:
         from barkgpt.checkpoint import load_model
         from barkgpt.export.gguf_file import write_gguf
@@ -154,7 +156,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--model", help="GGUF to serve (default: the pipeline's Q8_0 GGUF, else one exported now)")
-    ap.add_argument("--quant", default="Q8_0")
+    ap.add_argument("--quant", default=None, help="default: export.deploy_quantization")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
     ap.add_argument("--model-id", help="with --url: the model name to send")

@@ -245,11 +245,13 @@ def resolve_model(serve, root: Path) -> Path:
         if not paths.checkpoint.exists():
             raise BarkError(f"{paths.checkpoint}: checkpoint not found; run the pipeline first (dvc repro)")
         return paths.checkpoint
-    found = sorted(p for p in paths.models.glob("**/*.gguf") if serve.quant.lower() in p.name.lower())
-    if not found:
-        raise BarkError(f"no {serve.quant} GGUF under {paths.models}; run the export stage (dvc repro), "
-                        "pass --model FILE.gguf, or serve the checkpoint with --backend torch")
-    return found[0]
+    quant = (serve.quant or "q8_0").lower()
+    gguf = paths.exports / f"{serve.pipeline}-{quant}.gguf"  # what the bark-quantize stage writes
+    if not gguf.exists():
+        raise BarkError(f"{gguf}: not found; run the pipeline through quantization (dvc repro "
+                        f"{serve.pipeline}-quantize), pass --model FILE.gguf, or serve the checkpoint with "
+                        "--backend torch")
+    return gguf
 
 
 _LOADED: dict[tuple, object] = {}
