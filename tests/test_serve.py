@@ -402,3 +402,14 @@ def test_create_app_from_env_under_mangum(bark_gguf, tmp_path):
         backends.append(app.state.backend)
     assert backends[0] is backends[1]  # loaded once, reused by the second invocation
     assert handler(event("/health"), Ctx())["statusCode"] == 200
+
+
+def test_default_model_is_the_pipelines_deploy_gguf(bark_project, bark_gguf, tmp_path):
+    """With no --model, `barkgpt serve` loads exports/bark/bark-<export.deploy_quantization>.gguf."""
+    shutil.copy(bark_project / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "exports" / "bark").mkdir(parents=True)
+    shutil.copy(bark_gguf, tmp_path / "exports" / "bark" / "bark-q8_0.gguf")
+    with run_server(["serve"], cwd=tmp_path) as url:
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "bark-q8_0"
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
+        assert barks_ok(r.json()["choices"][0]["message"]["content"])
