@@ -146,6 +146,15 @@ def test_bad_completion_prompts(bark_server):
     assert r.status_code == 400
     r = httpx.post(url, json={"prompt": "woof", "stop": ["a", "b", "c", "d", "e"]})
     assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"]
+    # bodies over the limit are refused before parsing, with or without a Content-Length
+    big = json.dumps({"prompt": "woof " * 40000}).encode()
+    r = httpx.post(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]
+    r = httpx.post(url, content=iter([big[:100000], big[100000:]]), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.post(url, content=iter([b'{"prompt": ', b'"User: speak Assistant:"}']),
+                   headers={"content-type": "application/json"})  # chunked but small: served
+    assert r.status_code == 200 and barks_ok(r.json()["choices"][0]["text"])
     assert httpx.get(bark_server + "/nope").status_code == 404
     assert httpx.get(url).status_code == 405
 

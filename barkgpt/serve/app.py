@@ -91,6 +91,39 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=-INT64, le=INT64)
 
 
+class BodyLimit:
+    """Refuse bodies over `max_body` bytes before the app parses them: by Content-Length when the
+    client sends one, else by reading (and then replaying) the body up to the limit. Plain ASGI,
+    so streaming responses and disconnect detection pass through untouched."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        too_big = error_response(413, f"request body over {self.max_body} bytes", "body_too_large")
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None:
+            if not size.isdigit() or int(size) > self.max_body:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, total = [], 0  # chunked upload: buffer it, bounded
+        while True:
+            message = await receive()
+            messages.append(message)
+            total += len(message.get("body", b""))
+            if total > self.max_body:
+                return await too_big(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _describe(errors: list[dict]) -> str:
     parts = []
     for e in errors[:5]:
@@ -117,17 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="BarkGPT", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat for BarkGPT models and chat GGUFs.")
     app.state.backend = None
+    app.add_middleware(BodyLimit, max_body=64 * 1024 + 8 * serve.max_prompt_chars)
     app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_methods=["GET", "POST"],
-                       allow_headers=["Authorization", "Content-Type"])
-
-    max_body = 64 * 1024 + 8 * serve.max_prompt_chars
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body):
-            return error_response(413, f"request body over {max_body} bytes", "body_too_large")
-        return await call_next(request)
+                       allow_headers=["Authorization", "Content-Type"])  # outermost: errors get CORS headers too
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError):
