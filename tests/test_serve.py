@@ -238,6 +238,18 @@ def test_worker_queue_bound_and_deadline():
         await asyncio.sleep(0.01)
         worker.submit(expired)
         assert await asyncio.wait_for(expired.events.get(), 5) == ("timeout", None)
+
+        def endless(stop):  # a generation that would run forever: the deadline ends it between tokens
+            while not stop():
+                time.sleep(0.01)
+                yield "woof"
+
+        slow = Job(endless, loop, 0.3)
+        worker.submit(slow)
+        events = []
+        while not events or events[-1][0] == "item":
+            events.append(await asyncio.wait_for(slow.events.get(), 5))
+        assert events[-1] == ("timeout", None) and 3 < len(events) < 100
         worker.stop()
 
     asyncio.run(main())
