@@ -25,6 +25,14 @@ def cmd_bark_data(args) -> None:
     print(f"wrote {out['train']} and {out['val']}")
 
 
+def cmd_validate(args) -> None:
+    from barkgpt import stages
+
+    report = stages.validate(_params(args), args.pipeline)
+    print(f"{args.pipeline}: all {report['expectations']} expectations passed; "
+          f"report: reports/{args.pipeline}/validation.html")
+
+
 def cmd_tokenize(args) -> None:
     from barkgpt import stages
 
@@ -72,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("bark-data", help="generate the synthetic bark conversations").set_defaults(fn=cmd_bark_data)
+
+    p = sub.add_parser("validate", help="check a pipeline's data with Great Expectations suites")
+    p.add_argument("pipeline", choices=["bark"])
+    p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
     p.add_argument("pipeline", choices=["bark"])
