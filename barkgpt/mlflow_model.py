@@ -24,7 +24,7 @@ class BarkCompletion(PythonModel):
 
         cfg = {**self.config, **(params or {})}
         s = Sampling(temperature=cfg.get("temperature", 1.0), top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
-                     max_new_tokens=cfg.get("max_new_tokens", 24), seed=cfg.get("seed"))
+                     max_new_tokens=cfg.get("max_new_tokens", 24), seed=cfg.get("sample_seed"))
         return [generate_text(self.model, self.tokenizer, prompt, s) for prompt in model_input]
 
 

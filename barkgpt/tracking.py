@@ -58,6 +58,7 @@ def check_server(uri: str, timeout: float) -> None:
 
 
 def _client(params: Params, root: Path):
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stage logs readable
     import mlflow  # heavy import (~1.5 s): only stages that track pay for it
 
     uri = resolve_uri(params.tracking, root)
@@ -264,7 +265,7 @@ def log_and_register(run: TrainingRun, gate_passed: bool) -> dict:
         info = mlflow.pyfunc.log_model(
             name="model", python_model=mlflow_model.__file__, artifacts=artifacts,
             model_config={"temperature": eval_cfg.temperature, "top_k": eval_cfg.top_k,
-                          "top_p": eval_cfg.top_p, "max_new_tokens": eval_cfg.max_new_tokens, "seed": 0},
+                          "top_p": eval_cfg.top_p, "max_new_tokens": eval_cfg.max_new_tokens, "sample_seed": 0},
             pip_requirements=["barkgpt", "torch==2.13.0", "numpy", "pydantic", "pyyaml"],
         )
     version = mlflow.register_model(info.model_uri, name, tags={"gate_passed": str(gate_passed).lower()})
