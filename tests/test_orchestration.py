@@ -189,11 +189,11 @@ def test_failed_gate_registers_but_keeps_champion(stack, deployed_run, monkeypat
 
     params = load_params(project / "params.yaml",
                          expand_dotted({**OVERRIDES, "bark.gates.min_contract_accuracy": 1.0,
-                                        "bark.eval.contract_samples": 20}))
+                                        "bark.eval.contract_samples": 40, "bark.eval.temperature": 8.0}))
     before = get_json(f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias?name=barkgpt-bark&alias=champion")
     metrics = stages.evaluate(params, "bark", project)
     if metrics["contract_accuracy"] >= 1.0:
-        pytest.skip("the tiny model was perfect on 20 samples; the gate could not fail")
+        pytest.skip("sampling at temperature 8 still kept the contract every time; the gate could not fail")
     assert metrics["mlflow"]["champion"] is False and metrics["mlflow"]["version"] > 1
     after = get_json(f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias?name=barkgpt-bark&alias=champion")
     assert after["model_version"]["version"] == before["model_version"]["version"]
