@@ -277,3 +277,37 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
         stages.train(params, "bark", root, progress=False)
     assert time.time() - t0 < 15
     assert not (root / "models/bark/best.pt").exists()
+
+
+def test_stage_cache_key_follows_dvc_deps_and_params(tmp_path):
+    """The Prefect cache key changes exactly when `dvc repro` would re-run the stage."""
+    from tasks.bark import expand_dotted
+    from tasks.common import StageInputs
+
+    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 100, "val_conversations": 20}}})
+    params = load_params(root / "params.yaml")
+    stages.bark_data(params, root)
+    policy = StageInputs(stage="validate")
+
+    def key(p):
+        return policy.compute_key(None, {"params": p.model_dump(), "root": str(root), "name": "bark"}, {})
+
+    base = key(params)
+    assert base == key(params)
+    assert key(load_params(root / "params.yaml", expand_dotted({"bark.train.max_steps": 7}))) == base
+    assert key(load_params(root / "params.yaml", expand_dotted({"bark.validation.mix_tolerance": 0.2}))) != base
+    (root / "data/bark/val.txt").write_text("User: speak Assistant: woof <EOS>\n")
+    assert key(params) != base
+
+
+def test_overrides_nested_or_dotted_and_retry_only_transient():
+    from prefect.states import Failed
+
+    from tasks.bark import expand_dotted
+    from tasks.common import transient_only
+
+    assert expand_dotted({"bark.train.max_steps": 5, "bark": {"eval": {"seed": 1}}}) == \
+        {"bark": {"train": {"max_steps": 5}, "eval": {"seed": 1}}}
+    assert transient_only(None, None, Failed(data=OSError("disk full")))
+    assert not transient_only(None, None, Failed(data=BarkError("bad input")))
+    assert not transient_only(None, None, Failed(data=ValueError("bug")))
