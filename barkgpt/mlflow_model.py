@@ -6,10 +6,12 @@ logged checkpoint artifact and the code from the installed barkgpt package, so n
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import mlflow
-from mlflow.pyfunc import PythonModel
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline unless the user opts in
+import mlflow  # noqa: E402
+from mlflow.pyfunc import PythonModel  # noqa: E402
 
 
 class BarkCompletion(PythonModel):

@@ -59,6 +59,7 @@ def check_server(uri: str, timeout: float) -> None:
 
 def _client(params: Params, root: Path):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stage logs readable
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: no usage data leaves the machine
     import mlflow  # heavy import (~1.5 s): only stages that track pay for it
 
     uri = resolve_uri(params.tracking, root)
