@@ -121,7 +121,8 @@ def main() -> None:
     doors = ["baseline"] + [d for d in args.doors.split(",") if d and d != "baseline"]
     tmp = Path(tempfile.mkdtemp(prefix="barkgpt-orch-"))
     base_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "False",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TQDM_DISABLE": "1"}
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "TQDM_DISABLE": "1",
+                "MLFLOW_DISABLE_TELEMETRY": "true"}
     base_env.pop("MLFLOW_TRACKING_URI", None)
     base_env.pop("PREFECT_API_URL", None)
     server, deployment = None, None

@@ -25,6 +25,7 @@ from barkgpt.params import BARKS, load_params
 from tests.conftest import ROOT, make_project
 
 BIN = Path(sys.executable).parent
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # this process loads models too; stay offline
 # Small but real: enough steps that the model barks; the gate is lowered so the alias moves.
 OVERRIDES = {
     "bark.data.train_conversations": 1000, "bark.data.val_conversations": 200,
@@ -95,7 +96,7 @@ def stack(tmp_path_factory):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "GX_ANALYTICS_ENABLED": "False",
-           "TQDM_DISABLE": "1"}
+           "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     procs = []
     try:
         procs.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
