@@ -99,13 +99,20 @@ SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {"bark": ba
 
 # --- running suites -----------------------------------------------------------------------------
 
-def run_suite(suite: Suite) -> dict:
-    """Run one suite in an in-memory GX context; return a plain-dict summary of each expectation."""
+def gx_context():
+    """An in-memory GX context: nothing is written outside the reports we render ourselves."""
     gx, _ = _gx()
-    context = gx.get_context(mode="ephemeral")
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # quiet stage logs
+    return context
+
+
+def run_suite(suite: Suite, context=None) -> dict:
+    """Run one suite; return a plain-dict summary of each expectation (JSON for reports)."""
+    gx, _ = _gx()
+    context = context or gx_context()
     source = context.data_sources.add_pandas(suite.name)
     batch = source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all") \
         .get_batch(batch_parameters={"dataframe": suite.frame})
@@ -155,7 +162,8 @@ def validate_pipeline(params: Params, name: str, paths) -> dict:
     builder = SUITE_BUILDERS.get(name)
     if builder is None:
         raise BarkError(f"no validation suites for pipeline {name!r}; known: {sorted(SUITE_BUILDERS)}")
-    results = [run_suite(s) for s in builder(params, paths)]
+    context = gx_context()
+    results = [run_suite(s, context) for s in builder(params, paths)]
     report = {"pipeline": name, "success": all(r["success"] for r in results),
               "expectations": sum(len(r["checks"]) for r in results),
               "failed": sum(not c["success"] for r in results for c in r["checks"]),
