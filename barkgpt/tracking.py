@@ -121,7 +121,7 @@ def data_tags(paths) -> dict[str, str]:
 # --- the run ------------------------------------------------------------------------------------
 
 class TrainingRun:
-    """An MLflow run seen from the stages. `None`-safe: with tracking disabled every call is a no-op."""
+    """An MLflow run seen from the stages (with tracking disabled, the stages hold None instead)."""
 
     def __init__(self, mlflow, client, run_id: str, params: Params, name: str, paths):
         self.mlflow, self.client, self.run_id = mlflow, client, run_id
