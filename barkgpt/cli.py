@@ -43,6 +43,14 @@ def cmd_webtext_tokenizer(args) -> None:
           f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
 
 
+def cmd_validate(args) -> None:
+    from barkgpt import stages
+
+    report = stages.validate(_params(args), args.pipeline)
+    print(f"{args.pipeline}: all {report['expectations']} expectations passed; "
+          f"report: reports/{args.pipeline}/validation.html")
+
+
 def cmd_tokenize(args) -> None:
     from barkgpt import stages
 
@@ -141,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_webtext_ingest)
     sub.add_parser("webtext-tokenizer", help="train the byte-level BPE on the WebText-2 training split"
                    ).set_defaults(fn=cmd_webtext_tokenizer)
+
+    p = sub.add_parser("validate", help="check a pipeline's data with Great Expectations suites")
+    p.add_argument("pipeline", choices=["bark"])
+    p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
     p.add_argument("pipeline", choices=PIPELINES)
