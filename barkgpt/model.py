@@ -119,10 +119,13 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        # Dropout on each residual branch regularises small corpora; a no-op at inference.
+        drop = (lambda y: F.dropout(y, self.dropout)) if self.training and self.dropout > 0 else (lambda y: y)
+        x = x + drop(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + drop(self.ffn(self.ffn_norm(x)))
 
 
 class GPT(nn.Module):

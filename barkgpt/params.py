@@ -52,6 +52,7 @@ class ModelParams(Strict):
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1, description="training only (residual branches); not part of the weights")
 
     @model_validator(mode="after")
     def _check_shapes(self):
