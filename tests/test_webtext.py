@@ -27,7 +27,7 @@ from conftest import ROOT, make_project
 
 TINY = {
     "tokenizer": {"vocab_size": 512},
-    "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.0},
     "train": {"max_steps": 150, "max_seconds": None, "batch_size": 16, "learning_rate": 0.01, "warmup_steps": 10,
               "eval_every": 50, "eval_batches": 4, "checkpoint_every": 50, "dtype": "float32"},
     "eval": {"max_new_tokens": 8},
@@ -299,3 +299,34 @@ def test_bpb_matches_hand_computation(webtext_project, bpe):
     nll, count, nbytes = nll_and_bytes(model, ids, lengths, batch=2, prefix_id=bpe.eos_id)
     assert nll == pytest.approx(total, rel=1e-4)
     assert bits_per_byte(nll, nbytes) == pytest.approx(total / math.log(2) / nbytes_by_hand, rel=1e-4)
+
+
+# --- model changes made for speed and regularisation ---------------------------------------------
+
+def test_rope_rotates_adjacent_pairs_as_before():
+    """The fast RoPE (x*cos + swap(x)*sin, q and k together) equals the reference pair rotation."""
+    from barkgpt.model import apply_rope, rope_pairs, rope_tables
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 10, 3, 8, dtype=torch.float64)  # (B, T, heads, D)
+    cos, sin = rope_tables(8, 10, 10000.0)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    expected = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    cos2, sin2 = rope_pairs(cos, sin, torch.float64)
+    assert torch.allclose(apply_rope(x, cos2[:, None], sin2[:, None]), expected, atol=1e-6)
+
+
+def test_dropout_is_training_only():
+    from barkgpt.model import GPT
+
+    cfg = ModelParams(n_layer=1, n_head=2, n_embd=64, block_size=16, dropout=0.3)
+    torch.manual_seed(0)
+    model = GPT(cfg, 50)
+    plain = GPT(cfg.model_copy(update={"dropout": 0.0}), 50)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randint(0, 50, (2, 16))
+    model.eval(), plain.eval()
+    assert torch.equal(model(x), plain(x))
+    model.train()
+    assert not torch.allclose(model(x), plain(x))
