@@ -29,7 +29,8 @@ TINY = {
     "tokenizer": {"vocab_size": 512},
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64, "dropout": 0.0},
     "train": {"max_steps": 150, "max_seconds": None, "batch_size": 16, "learning_rate": 0.01, "warmup_steps": 10,
-              "eval_every": 50, "eval_batches": 4, "checkpoint_every": 50, "dtype": "float32"},
+              "eval_every": 50, "eval_batches": 4, "checkpoint_every": 50, "dtype": "float32",
+              "threads": 1},  # tiny matrices: a second thread costs more than it gives
     "eval": {"max_new_tokens": 8},
 }
 
