@@ -67,7 +67,30 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def cmd_export(args) -> None:
+    from barkgpt import stages
+
+    for kind, path in stages.export(_params(args), args.pipeline).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_quantize(args) -> None:
+    from barkgpt import stages
+
+    for kind, path in stages.quantize(_params(args), args.pipeline).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_parity(args) -> None:
+    from barkgpt import stages
+
+    out = stages.parity(_params(args), args.pipeline)
+    print(json.dumps(out, indent=2))
+
+
 def cmd_generate(args) -> None:
+    from dataclasses import replace
+
     import torch
 
     from barkgpt.checkpoint import load_model
@@ -80,8 +103,8 @@ def cmd_generate(args) -> None:
     s = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  max_new_tokens=args.max_new_tokens, seed=args.seed)
     for i in range(args.num_samples):
-        s_i = Sampling(**{**s.__dict__, "seed": None if args.seed is None else args.seed + i})
-        completion = generate_text(model, tok, args.prompt, s_i)
+        seed = None if args.seed is None else args.seed + i
+        completion = generate_text(model, tok, args.prompt, replace(s, seed=seed))
         print(f"{args.prompt} {completion}".strip())
 
 
@@ -109,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
     p.add_argument("pipeline", choices=PIPELINES)
     p.set_defaults(fn=cmd_evaluate)
+
+    for cmd, fn, text in (("export", cmd_export, "write GGUF (F32, F16) and Hugging Face files"),
+                          ("quantize", cmd_quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)"),
+                          ("parity", cmd_parity, "compare llama.cpp with PyTorch, gate the quantizations")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("pipeline", choices=PIPELINES)
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
     p.add_argument("--prompt", default="User: speak Assistant:")

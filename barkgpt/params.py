@@ -136,6 +136,42 @@ class BarkPipeline(Strict):
     gates: BarkGates = BarkGates()
 
 
+QUANTIZATIONS = ("q8_0", "q4_0", "q4_k_m")
+Quantization = Literal["q8_0", "q4_0", "q4_k_m"]
+
+
+class ExportParams(Strict):
+    """GGUF / Hugging Face export, llama.cpp quantization, parity checks and the quality gate."""
+
+    quantizations: list[Quantization] = Field(default_factory=lambda: list(QUANTIZATIONS))
+    deploy_quantization: Quantization = Field("q8_0", description="the file deployment ships; its gate must pass")
+    f16: bool = Field(True, description="also write an F16 GGUF")
+    hf: bool = Field(True, description="also write a Hugging Face LlamaForCausalLM folder")
+    logits_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| F32 GGUF vs PyTorch")
+    min_contract_accuracy: float = Field(0.99, ge=0, le=1, description="bark: every quantization")
+    max_bpb_delta: dict[str, float] = Field(
+        default_factory=lambda: {"q8_0": 0.005, "q4_0": 0.05, "q4_k_m": 0.05},
+        description="webtext: max relative bpb increase vs F32 per quantization",
+    )
+    contract_samples: int = Field(200, ge=1, description="bark samples per file, through llama.cpp")
+    bpb_tokens: int = Field(8192, ge=64, description="webtext validation tokens scored per file")
+    greedy_max_new_tokens: int = Field(24, ge=1)
+    threads: int = Field(1, ge=1, description="llama.cpp threads for quantizing and parity")
+    llama_extra_buffers: bool = Field(
+        False, description="let llama.cpp repack weights (AMX/CPU_REPACK); off: AMX segfaults, llama.cpp #20824"
+    )
+
+    @model_validator(mode="after")
+    def _check_deploy(self):
+        if self.deploy_quantization not in self.quantizations:
+            raise ValueError(f"deploy_quantization {self.deploy_quantization!r} must be one of quantizations "
+                             f"{self.quantizations}")
+        unknown = sorted(set(self.max_bpb_delta) - set(QUANTIZATIONS))
+        if unknown:
+            raise ValueError(f"max_bpb_delta has unknown quantizations {unknown}; allowed: {list(QUANTIZATIONS)}")
+        return self
+
+
 class WebtextCleanParams(Strict):
     min_line_chars: int = Field(1, ge=1, description="drop lines shorter than this after stripping")
     max_line_chars: int = Field(20000, ge=1, description="drop lines longer than this (runaway lines)")
@@ -200,6 +236,7 @@ class WebtextPipeline(Strict):
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
+    export: ExportParams = ExportParams()
     webtext: WebtextPipeline = WebtextPipeline()
 
 

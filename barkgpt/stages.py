@@ -81,6 +81,19 @@ class Paths:
         return self.reports / "train.json"
 
     @property
+    def exports(self) -> Path:
+        """GGUF files (<name>-f32.gguf, -f16, -q8_0, ...) and the Hugging Face folder hf/."""
+        return self.root / "exports" / self.name
+
+    @property
+    def quantization_report(self) -> Path:
+        return self.reports / "quantization.json"
+
+    @property
+    def parity_report(self) -> Path:
+        return self.reports / "parity.json"
+
+    @property
     def ingest_report(self) -> Path:
         return self.reports / "ingest.json"
 
@@ -160,6 +173,40 @@ def evaluate(params: Params, name: str, root: Path | str = ".") -> dict:
     write_json(paths.samples, samples)
     return metrics
 
+
+
+# --- export (barkgpt/export/) -------------------------------------------------------------------
+
+def export(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Checkpoint -> F32 (+F16) GGUF files and a Hugging Face folder under exports/<name>/."""
+    from barkgpt.export.pipeline import export_files
+
+    paths = paths_for(name, root)
+    return export_files(paths.checkpoint, paths.exports, name, params.export)
+
+
+def quantize(params: Params, name: str, root: Path | str = ".") -> dict:
+    """F32 GGUF -> llama.cpp quantizations; per-tensor types in reports/<name>/quantization.json."""
+    from barkgpt.export.pipeline import quantize_files
+
+    paths = paths_for(name, root)
+    return quantize_files(paths.exports, name, params.export, paths.quantization_report)
+
+
+def parity(params: Params, name: str, root: Path | str = ".") -> dict:
+    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<name>/parity.json.
+
+    Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
+    """
+    from barkgpt.export.pipeline import parity_report
+
+    paths = paths_for(name, root)
+    report = parity_report(paths.checkpoint, paths.exports, name, read_lines(paths.val_text), params.export,
+                           paths.parity_report, seed=params.seed)
+    return {"report": str(paths.parity_report), "gate": report["gate"],
+            "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
+            "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}
+                              for q, e in report["quantizations"].items()}}
 
 
 # --- webtext: real text with a byte-level BPE ------------------------------------------------------
