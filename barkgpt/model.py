@@ -42,10 +42,13 @@ def rope_pairs(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tupl
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos).
 
-    x: (..., T, D) or (B, T, H, D) with tables broadcast to it; cos/sin come from `rope_pairs`
-    (full width). Written as x*cos + swap(x)*sin: two multiplies in the activations' own dtype
-    (bf16 under autocast) instead of an fp32 round trip, which made RoPE a top CPU cost.
+    x: (..., T, D) with cos/sin (T, D/2) from `rope_tables`, or any layout with full-width tables
+    from `rope_pairs` that broadcast to it (the model passes (T, 1, D) for (B, T, heads, D)).
+    Written as x*cos + swap(x)*sin: two multiplies in the activations' own dtype (bf16 under
+    autocast) instead of an fp32 round trip, which made RoPE a top CPU cost.
     """
+    if cos.size(-1) * 2 == x.size(-1):
+        cos, sin = rope_pairs(cos, sin, x.dtype)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
     return x * cos + swapped * sin
 
