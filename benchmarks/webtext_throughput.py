@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args()
+    set_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; width {args.width}, {args.layers} layers, "
           f"{args.heads} heads, context {args.context}, batch {args.batch}, vocab {args.vocab}")
     for mode in args.modes.split(","):
