@@ -132,7 +132,7 @@ def test_unreachable_hub_fails_fast_with_a_local_file_hint(monkeypatch):
     start = time.perf_counter()
     with pytest.raises(BarkError, match="hub is unreachable.*webtext.source"):
         load_corpus("barkgpt-test/no-such-dataset", hub_timeout_s=3)
-    assert time.perf_counter() - start < 30
+    assert time.perf_counter() - start < 90  # bounded: the probe is <= 3 s; the rest is importing datasets
 
 
 def test_cli_error_exit_code_and_pipeline_choices(tmp_path):
