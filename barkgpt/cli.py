@@ -66,6 +66,17 @@ def cmd_generate(args) -> None:
         print(f"{args.prompt} {completion}".strip())
 
 
+def cmd_deploy(args) -> None:
+    from barkgpt import stages
+
+    report = stages.deploy(_params(args), args.pipeline)
+    fn, rel = report["function"], report["release"]
+    print(f"release {rel['id']} ({rel['status']}) at {rel['manifest_uri']}")
+    print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
+          f"{', '.join(fn['changed']) or 'nothing'}) on {report['target']}")
+    print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
@@ -98,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
+                                      "(a local AWS API server when no AWS configuration exists)")
+    p.add_argument("pipeline", nargs="?", default="bark", choices=["bark"])
+    p.set_defaults(fn=cmd_deploy)
     return parser
 
 

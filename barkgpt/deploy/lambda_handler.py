@@ -1,0 +1,131 @@
+"""AWS Lambda entry point: the FastAPI serving app behind Mangum.
+
+Cold start (first invocation in a container): read the manifest named by BARKGPT_MANIFEST_URI,
+check its sha256 against BARKGPT_MANIFEST_SHA256, download every file it lists into
+BARKGPT_MODEL_DIR (default /tmp/barkgpt), verify each sha256, and build the app once. Warm
+invocations reuse the loaded app. A checksum mismatch makes the container refuse every request
+with 503 and the reason, rather than serve bytes nobody released.
+
+Image CMD: barkgpt.deploy.lambda_handler.handler
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from barkgpt.deploy.release import ChecksumMismatch, download_verified, parse_s3_uri
+
+ENV_MANIFEST = "BARKGPT_MANIFEST_URI"
+ENV_MANIFEST_SHA = "BARKGPT_MANIFEST_SHA256"
+ENV_MODEL_DIR = "BARKGPT_MODEL_DIR"
+
+AppFactory = Callable[[dict, dict], object]  # (files {role: Path}, manifest) -> ASGI app
+
+
+def serving_app(files: dict[str, Path], manifest: dict):
+    """The project's FastAPI server (barkgpt.serve) over the released model files."""
+    from barkgpt.serve import create_app  # the serving package; imported late (cold start only)
+
+    return create_app(model=str(files["model"]), tokenizer=str(files["tokenizer"]) if "tokenizer" in files else None,
+                      backend=manifest["backend"])
+
+
+def refusal(status: int, kind: str, message: str) -> dict:
+    """A Lambda proxy response every event format (function URL, API Gateway v1/v2) accepts."""
+    return {"statusCode": status, "headers": {"content-type": "application/json"}, "isBase64Encoded": False,
+            "body": json.dumps({"error": {"type": kind, "message": message}})}
+
+
+class LambdaApp:
+    """One container's state: the released files, the app, and how long the cold start took."""
+
+    def __init__(self, env: Mapping[str, str], s3=None, app_factory: AppFactory | None = None):
+        self.env = dict(env)
+        self._s3 = s3
+        self.app_factory = app_factory or serving_app
+        self.asgi = None          # the Mangum handler once loaded
+        self.refused: str | None = None
+        self.manifest: dict | None = None
+        self.files: dict[str, Path] = {}
+        self.timings: dict[str, float] = {}
+        self.invocations = 0
+
+    def s3(self):
+        if self._s3 is None:
+            import boto3  # in Lambda: the function role's credentials; AWS_ENDPOINT_URL honoured
+
+            self._s3 = boto3.client("s3")
+        return self._s3
+
+    def load(self) -> None:
+        """Cold start: manifest -> verified files in the model dir -> app."""
+        from mangum import Mangum
+
+        started = time.perf_counter()
+        uri = self.env.get(ENV_MANIFEST)
+        if not uri:
+            raise ChecksumMismatch(f"{ENV_MANIFEST} is not set; deploy the function with `barkgpt deploy`")
+        bucket, key = parse_s3_uri(uri)
+        body = self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+        expected = self.env.get(ENV_MANIFEST_SHA)
+        if expected and hashlib.sha256(body).hexdigest() != expected:
+            raise ChecksumMismatch(f"{uri}: manifest sha256 differs from the deployed {ENV_MANIFEST_SHA}; "
+                                   "the release was modified after deploy; re-run the deploy")
+        manifest = json.loads(body)
+        t_manifest = time.perf_counter()
+        folder = Path(self.env.get(ENV_MODEL_DIR, "/tmp/barkgpt")) / manifest["release_id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {role: download_verified(self.s3(), manifest["bucket"], entry, folder)
+                 for role, entry in manifest["files"].items()}
+        t_download = time.perf_counter()
+        app = self.app_factory(files, manifest)
+        # lifespan off: Mangum would otherwise run startup/shutdown on every invocation.
+        self.asgi = Mangum(app, lifespan="off")
+        t_load = time.perf_counter()
+        self.manifest, self.files = manifest, files
+        self.timings = {"manifest_s": t_manifest - started, "download_verify_s": t_download - t_manifest,
+                        "load_s": t_load - t_download, "cold_start_s": t_load - started}
+        print(json.dumps({"barkgpt": "cold_start", "release_id": manifest["release_id"], **self.timings}),
+              file=sys.stderr)
+
+    def __call__(self, event: dict, context=None) -> dict:
+        self.invocations += 1
+        if self.refused:
+            return refusal(503, "model_refused", self.refused)
+        if self.asgi is None:
+            try:
+                self.load()
+            except ChecksumMismatch as err:
+                # Permanent for this container: the released bytes are not what was promised.
+                self.refused = f"refusing to serve: {err}"
+                print(json.dumps({"barkgpt": "refused", "reason": self.refused}), file=sys.stderr)
+                return refusal(503, "model_refused", self.refused)
+        return self.asgi(event, context or LocalContext())
+
+
+class LocalContext:
+    """The few Lambda context attributes Mangum and logs read, for in-process invocation."""
+
+    function_name = "barkgpt-local"
+    function_version = "$LATEST"
+    aws_request_id = "local"
+    memory_limit_in_mb = 0
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+_container: LambdaApp | None = None
+
+
+def handler(event: dict, context=None) -> dict:
+    """The Lambda handler: one LambdaApp per container, created on the first (cold) invocation."""
+    global _container
+    if _container is None:
+        _container = LambdaApp(os.environ)
+    return _container(event, context)
