@@ -40,8 +40,8 @@ class AwsTarget:
         from botocore.config import Config
 
         if config or service not in self._clients:
-            cfg = Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5,
-                         read_timeout=60, **config)
+            cfg = Config(**{"retries": {"max_attempts": 4, "mode": "standard"}, "connect_timeout": 5,
+                            "read_timeout": 60, **config})
             client = self.session.client(service, region_name=self.region, endpoint_url=self.endpoint_url,
                                          config=cfg)
             if config:
