@@ -49,6 +49,8 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    from dataclasses import replace
+
     import torch
 
     from barkgpt.checkpoint import load_model
@@ -61,8 +63,8 @@ def cmd_generate(args) -> None:
     s = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  max_new_tokens=args.max_new_tokens, seed=args.seed)
     for i in range(args.num_samples):
-        s_i = Sampling(**{**s.__dict__, "seed": None if args.seed is None else args.seed + i})
-        completion = generate_text(model, tok, args.prompt, s_i)
+        seed = None if args.seed is None else args.seed + i
+        completion = generate_text(model, tok, args.prompt, replace(s, seed=seed))
         print(f"{args.prompt} {completion}".strip())
 
 

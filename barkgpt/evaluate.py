@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def contract_rate(model: GPT, tok: WordTokenizer, prompts: list[str], s: Samplin
         by_len[len(ids)].append(ids)
     ok, completions = 0, []
     for i, group in enumerate(by_len.values()):
-        outs = generate_batch(model, group, Sampling(**{**s.__dict__, "seed": (s.seed or 0) + i}), tok.eos_id)
+        outs = generate_batch(model, group, replace(s, seed=(s.seed or 0) + i), tok.eos_id)
         ok += sum(is_contract(o, tok) for o in outs)
         completions += [tok.decode(o) for o in outs]
     return ok / len(prompts), completions

@@ -179,6 +179,7 @@ def train(
         bar.update(1)
 
         last_step = step >= p.max_steps or progress_fraction() >= 1.0
+        row = None
         if step % p.log_every == 0 or last_step:
             now = time.perf_counter()
             tps = window_tokens / max(now - window_start, 1e-9)
@@ -189,10 +190,12 @@ def train(
                 row["val_loss"] = val
             history.append(row)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
-            if on_log:
-                on_log(step, {k: v for k, v in row.items() if v is not None and k != "step"})
+        # Checkpoint before reporting: whatever a logger does (or a crash does) after this point,
+        # the step is already safe on disk and --resume continues from it exactly.
         if step % p.checkpoint_every == 0 or last_step:
             checkpoint(last_path)
+        if row is not None and on_log:
+            on_log(step, {k: v for k, v in row.items() if v is not None and k != "step"})
     bar.close()
     if step == 0 or not last_path.exists():
         checkpoint(last_path)
