@@ -79,6 +79,29 @@ def cmd_deploy(args) -> None:
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
 
 
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from barkgpt.serve.app import create_app
+    from barkgpt.serve.backends import resolve_model
+    from barkgpt.serve.settings import load_settings
+
+    settings = load_settings(args.params, host=args.host, port=args.port, backend=args.backend,
+                             model=args.model, chat_format=args.chat_format, model_id=args.model_id,
+                             threads=args.threads)
+    resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    s = settings.serve
+    print(f"BarkGPT serving on http://{s.host}:{s.port}/ (chat page), OpenAI API at /v1", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=s.host, port=s.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+
+
+def cmd_chat(args) -> None:
+    from barkgpt.chat.terminal import run_chat
+
+    run_chat(args.url, api_key=args.api_key, temperature=args.temperature, max_tokens=args.max_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
@@ -116,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(a local AWS API server when no AWS configuration exists)")
     p.add_argument("pipeline", nargs="?", default="bark", choices=["bark"])
     p.set_defaults(fn=cmd_deploy)
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")
+    p.add_argument("--host", help="default: serve.host (env BARKGPT_SERVE_HOST)")
+    p.add_argument("--port", type=int, help="default: serve.port (env BARKGPT_SERVE_PORT)")
+    p.add_argument("--backend", choices=["llama", "torch"], help="default: serve.backend (env BARKGPT_BACKEND)")
+    p.add_argument("--model", help="a .gguf or .pt file (default: the pipeline's deploy model; env BARKGPT_MODEL)")
+    p.add_argument("--model-id", help="the name clients use (default: from the file)")
+    p.add_argument("--chat-format", help="llama.cpp chat format for GGUFs without a template, e.g. gemma")
+    p.add_argument("--threads", type=int, help="decode threads (default: serve.threads)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat with a running server in the terminal")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="bearer key (default: env BARKGPT_API_KEY)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.set_defaults(fn=cmd_chat)
     return parser
 
 

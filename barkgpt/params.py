@@ -165,11 +165,39 @@ class DeployParams(Strict):
         "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
     smoke_prompt: str = "User: speak Assistant:"
 
+class ServeParams(Strict):
+    """`barkgpt serve`: where it listens, which model it loads, and the limits in front of it.
+
+    The API key is never written here: it comes from the BARKGPT_API_KEY environment variable.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    backend: Literal["llama", "torch"] = "llama"
+    model: str | None = Field(None, description="GGUF or .pt path; None = the pipeline's deploy model")
+    pipeline: str = "bark"
+    quant: str = Field("Q8_0", description="which GGUF quantization the llama backend loads by default")
+    model_id: str | None = Field(None, description="name in /v1/models; None = derived from the file")
+    chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
+    n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
+    threads: int = Field(1, ge=1, description="decode threads; more help only big models on idle cores")
+    queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
+    request_timeout_s: float = Field(30.0, gt=0)
+    default_max_tokens: int = Field(32, ge=1)
+    max_tokens_limit: int = Field(512, ge=1)
+    max_prompt_chars: int = Field(16000, ge=1)
+    max_messages: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
+    llama_extra_buffers: bool = Field(
+        False, description="llama.cpp's repacked CPU weight buffers (AMX); off: they crash decode on some CPUs")
+
 
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
     deploy: DeployParams = DeployParams()
+    serve: ServeParams = ServeParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -49,3 +49,75 @@ def wikitext_path() -> Path:
     if not SHARED_TEXT.exists():
         pytest.skip(f"{SHARED_TEXT} is absent: the WikiText-2 sample lives in ../shared/data beside the repo")
     return SHARED_TEXT
+
+
+# --- serving (issue 6): a bark GGUF and real `barkgpt serve` processes on loopback -------------
+
+import contextlib
+import tempfile
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def run_server(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: float = 90.0):
+    """Start `python -m barkgpt serve ARGS` on a free loopback port; yield its URL once /ready."""
+    import httpx
+
+    port = free_port()
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    log = open(Path(tempfile.gettempdir()) / f"barkgpt-serve-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "barkgpt", *args, "--host", "127.0.0.1", "--port", str(port),
+                             "--log-level", "warning"], cwd=cwd or ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in {timeout}s: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def bark_gguf(bark_project, tmp_path_factory) -> Path:
+    """The trained bark model as a Q8_0 GGUF (the deploy quantization), built with barkgpt.export."""
+    from barkgpt.checkpoint import load_model
+    from barkgpt.export.gguf_file import write_gguf
+    from barkgpt.export.quantize import quantize
+
+    out = tmp_path_factory.mktemp("gguf")
+    model, tok = load_model(bark_project / "models" / "bark" / "best.pt")
+    f32 = write_gguf(model, tok, out / "bark-f32.gguf")
+    return quantize(f32, out / "bark-q8_0.gguf", "q8_0")
+
+
+@pytest.fixture(scope="session")
+def bark_server(bark_project, bark_gguf):
+    """`barkgpt serve` over the bark GGUF through llama.cpp (the default backend)."""
+    with run_server(["serve", "--model", str(bark_gguf)], cwd=bark_project) as url:
+        yield url

