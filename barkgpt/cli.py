@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from barkgpt.errors import BarkError
+from barkgpt.params import PIPELINES
 
 
 def _params(args):
@@ -25,6 +26,23 @@ def cmd_bark_data(args) -> None:
     print(f"wrote {out['train']} and {out['val']}")
 
 
+def cmd_webtext_ingest(args) -> None:
+    from barkgpt import stages
+
+    out = stages.webtext_ingest(_params(args))
+    print(f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
+          f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
+          f"{out['clean_too_long']:,} over-long dropped)")
+
+
+def cmd_webtext_tokenizer(args) -> None:
+    from barkgpt import stages
+
+    out = stages.webtext_tokenizer(_params(args))
+    print(f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
+          f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
+
+
 def cmd_tokenize(args) -> None:
     from barkgpt import stages
 
@@ -37,8 +55,9 @@ def cmd_train(args) -> None:
     from barkgpt import stages
 
     summary = stages.train(_params(args), args.pipeline, resume=args.resume, progress=not args.quiet)
+    bpb = f", val bpb {summary['val_bpb']:.4f}" if summary.get("val_bpb") is not None else ""
     print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
-          f"({summary['tokens_per_s']:,.0f} tok/s); val loss {summary['best_val_loss']:.4f}")
+          f"({summary['tokens_per_s']:,.0f} tok/s); val loss {summary['best_val_loss']:.4f}{bpb}")
 
 
 def cmd_evaluate(args) -> None:
@@ -46,6 +65,27 @@ def cmd_evaluate(args) -> None:
 
     metrics = stages.evaluate(_params(args), args.pipeline)
     print(json.dumps(metrics, indent=2))
+
+
+def cmd_export(args) -> None:
+    from barkgpt import stages
+
+    for kind, path in stages.export(_params(args), args.pipeline).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_quantize(args) -> None:
+    from barkgpt import stages
+
+    for kind, path in stages.quantize(_params(args), args.pipeline).items():
+        print(f"{kind}: {path}")
+
+
+def cmd_parity(args) -> None:
+    from barkgpt import stages
+
+    out = stages.parity(_params(args), args.pipeline)
+    print(json.dumps(out, indent=2))
 
 
 def cmd_generate(args) -> None:
@@ -108,24 +148,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("bark-data", help="generate the synthetic bark conversations").set_defaults(fn=cmd_bark_data)
+    sub.add_parser("webtext-ingest", help="read, clean and split the WebText-2 source (webtext.source)"
+                   ).set_defaults(fn=cmd_webtext_ingest)
+    sub.add_parser("webtext-tokenizer", help="train the byte-level BPE on the WebText-2 training split"
+                   ).set_defaults(fn=cmd_webtext_tokenizer)
 
     p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
-    p.add_argument("pipeline", choices=["bark"])
+    p.add_argument("pipeline", choices=PIPELINES)
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("train", help="train a pipeline's model")
-    p.add_argument("pipeline", choices=["bark"])
+    p.add_argument("pipeline", choices=PIPELINES)
     p.add_argument("--resume", action="store_true", help="continue from models/<pipeline>/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
-    p.add_argument("pipeline", choices=["bark"])
+    p.add_argument("pipeline", choices=PIPELINES)
     p.set_defaults(fn=cmd_evaluate)
+
+    for cmd, fn, text in (("export", cmd_export, "write GGUF (F32, F16) and Hugging Face files"),
+                          ("quantize", cmd_quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)"),
+                          ("parity", cmd_parity, "compare llama.cpp with PyTorch, gate the quantizations")):
+        p = sub.add_parser(cmd, help=text)
+        p.add_argument("pipeline", choices=PIPELINES)
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
     p.add_argument("--prompt", default="User: speak Assistant:")
-    p.add_argument("--pipeline", default="bark", choices=["bark"])
+    p.add_argument("--pipeline", default="bark", choices=PIPELINES)
     p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from barkgpt.errors import BarkError
 
 BARKS = ("woof", "arf", "ruff", "grrr")
+PIPELINES = ("bark", "webtext")  # each is a section of Params and a data/<name>, models/<name> tree
 
 
 class Strict(BaseModel):
@@ -145,7 +146,8 @@ class DeployParams(Strict):
     prefix: str = Field("releases", description="key prefix; releases go to <prefix>/<pipeline>/<release id>/")
     artifact: Literal["gguf", "checkpoint"] = Field(
         "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
-    quantization: str = Field("q8_0", description="which GGUF file is released (models/<p>/gguf/<p>-<q>.gguf)")
+    quantization: str | None = Field(
+        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
     require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
     function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
     role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")
@@ -163,7 +165,8 @@ class DeployParams(Strict):
     upload_attempts: int = Field(3, ge=1, le=10)
     smoke: Literal["auto", "remote", "in_process"] = Field(
         "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
-    smoke_prompt: str = "User: speak Assistant:"
+    smoke_prompt: str = Field("speak", description="user message the smoke test sends to /v1/model/generate")
+
 
 class ServeParams(Strict):
     """`barkgpt serve`: where it listens, which model it loads, and the limits in front of it.
@@ -193,11 +196,109 @@ class ServeParams(Strict):
         False, description="llama.cpp's repacked CPU weight buffers (AMX); off: they crash decode on some CPUs")
 
 
+QUANTIZATIONS = ("q8_0", "q4_0", "q4_k_m")
+Quantization = Literal["q8_0", "q4_0", "q4_k_m"]
+
+
+class ExportParams(Strict):
+    """GGUF / Hugging Face export, llama.cpp quantization, parity checks and the quality gate."""
+
+    quantizations: list[Quantization] = Field(default_factory=lambda: list(QUANTIZATIONS))
+    deploy_quantization: Quantization = Field("q8_0", description="the file deployment ships; its gate must pass")
+    f16: bool = Field(True, description="also write an F16 GGUF")
+    hf: bool = Field(True, description="also write a Hugging Face LlamaForCausalLM folder")
+    logits_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| F32 GGUF vs PyTorch")
+    min_contract_accuracy: float = Field(0.99, ge=0, le=1, description="bark: every quantization")
+    max_bpb_delta: dict[str, float] = Field(
+        default_factory=lambda: {"q8_0": 0.005, "q4_0": 0.05, "q4_k_m": 0.05},
+        description="webtext: max relative bpb increase vs F32 per quantization",
+    )
+    contract_samples: int = Field(200, ge=1, description="bark samples per file, through llama.cpp")
+    bpb_tokens: int = Field(8192, ge=64, description="webtext validation tokens scored per file")
+    greedy_max_new_tokens: int = Field(24, ge=1)
+    threads: int = Field(1, ge=1, description="llama.cpp threads for quantizing and parity")
+    llama_extra_buffers: bool = Field(
+        False, description="let llama.cpp repack weights (AMX/CPU_REPACK); off: AMX segfaults, llama.cpp #20824"
+    )
+
+    @model_validator(mode="after")
+    def _check_deploy(self):
+        if self.deploy_quantization not in self.quantizations:
+            raise ValueError(f"deploy_quantization {self.deploy_quantization!r} must be one of quantizations "
+                             f"{self.quantizations}")
+        unknown = sorted(set(self.max_bpb_delta) - set(QUANTIZATIONS))
+        if unknown:
+            raise ValueError(f"max_bpb_delta has unknown quantizations {unknown}; allowed: {list(QUANTIZATIONS)}")
+        return self
+
+
+class WebtextCleanParams(Strict):
+    min_line_chars: int = Field(1, ge=1, description="drop lines shorter than this after stripping")
+    max_line_chars: int = Field(20000, ge=1, description="drop lines longer than this (runaway lines)")
+    dedup: bool = Field(True, description="drop exact duplicate lines, keeping the first occurrence")
+
+
+class WebtextSplitParams(Strict):
+    mode: Literal["head", "random"] = Field(
+        "head", description="head: first lines train, last val_fraction val (file order); random: seeded by line")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 1337
+
+
+class WebtextTokenizerParams(Strict):
+    kind: Literal["bpe", "tiktoken"] = "bpe"
+    vocab_size: int = Field(4096, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
+    min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
+    name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
+    threads: int = Field(2, ge=1, description="encoding threads")
+
+
+class WebtextEvalParams(Strict):
+    batch_size: int = Field(16, ge=1)
+    max_batches: int | None = Field(None, ge=1, description="None = the whole validation split")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The history of", "In 1998 , the", "The game was", "= = Reception = ="])
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)
+    seed: int = 0
+
+
+class WebtextGates(Strict):
+    max_val_bpb: float = Field(2.5, gt=0, description="evaluation gate: validation bits per byte")
+
+
+def _webtext_model() -> ModelParams:
+    return ModelParams(n_layer=4, n_head=4, n_embd=256, block_size=256)
+
+
+def _webtext_train() -> TrainParams:
+    return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
+                       dtype="bfloat16", threads=2, eval_every=200, checkpoint_every=200, max_seconds=300)
+
+
+class WebtextPipeline(Strict):
+    source: str = Field("Raziel1234/WebText-2",
+                        description="Hugging Face hub id, or a local .txt/.jsonl/.parquet file or folder")
+    text_field: str = Field("text", description="column holding the text (jsonl, parquet, hub)")
+    hub_timeout_s: float = Field(20.0, gt=0, description="give up on the hub after this long")
+    clean: WebtextCleanParams = WebtextCleanParams()
+    split: WebtextSplitParams = WebtextSplitParams()
+    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams()
+    model: ModelParams = Field(default_factory=_webtext_model)
+    train: TrainParams = Field(default_factory=_webtext_train)
+    eval: WebtextEvalParams = WebtextEvalParams()
+    gates: WebtextGates = WebtextGates()
+
+
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
     deploy: DeployParams = DeployParams()
     serve: ServeParams = ServeParams()
+    export: ExportParams = ExportParams()
+    webtext: WebtextPipeline = WebtextPipeline()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -16,11 +16,10 @@ from barkgpt.data.shards import load_shard, write_shard
 from barkgpt.errors import BarkError
 from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import sha256_file, write_json
-from barkgpt.params import Params
+from barkgpt.params import PIPELINES, Params
 from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
 from barkgpt.train import LogFn, train as train_loop
 
-PIPELINES = ("bark",)
 
 
 @dataclass(frozen=True)
@@ -81,6 +80,27 @@ class Paths:
     def train_summary(self) -> Path:
         return self.reports / "train.json"
 
+    @property
+    def exports(self) -> Path:
+        """GGUF files (<name>-f32.gguf, -f16, -q8_0, ...) and the Hugging Face folder hf/."""
+        return self.root / "exports" / self.name
+
+    @property
+    def quantization_report(self) -> Path:
+        return self.reports / "quantization.json"
+
+    @property
+    def parity_report(self) -> Path:
+        return self.reports / "parity.json"
+
+    @property
+    def ingest_report(self) -> Path:
+        return self.reports / "ingest.json"
+
+    @property
+    def tokenizer_report(self) -> Path:
+        return self.reports / "tokenizer.json"
+
 
 def paths_for(name: str, root: Path | str = ".") -> Paths:
     if name not in PIPELINES:
@@ -105,6 +125,8 @@ def bark_data(params: Params, root: Path | str = ".") -> dict:
 def tokenize(params: Params, name: str, root: Path | str = ".") -> dict:
     """Text splits -> token shards (+ the tokenizer itself, for the bark word vocabulary)."""
     paths = paths_for(name, root)
+    if name != "bark":
+        return tokenize_text(params, name, root)
     tok = WordTokenizer()
     save_tokenizer(tok, paths.tokenizer)
     meta = {"tokenizer_hash": tokenizer_hash(tok)}
@@ -127,10 +149,11 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
     tok = load_tokenizer(paths.tokenizer)
     train_ids, _ = load_shard(paths.shard("train"))
     val_ids, _ = load_shard(paths.shard("val"))
+    token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
     result = train_loop(
         model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
         out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
-        resume=resume, on_log=on_log, progress=progress,
+        resume=resume, on_log=on_log, progress=progress, token_bytes=token_bytes,
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     write_json(paths.train_summary, summary)
@@ -139,6 +162,8 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
 
 def evaluate(params: Params, name: str, root: Path | str = ".") -> dict:
     paths = paths_for(name, root)
+    if name != "bark":
+        return evaluate_text(params, name, root)
     cfg = pipeline_params(params, name)
     model, tok = load_model(paths.checkpoint)
     val_ids, _ = load_shard(paths.shard("val"))
@@ -147,7 +172,6 @@ def evaluate(params: Params, name: str, root: Path | str = ".") -> dict:
     write_json(paths.metrics, metrics)
     write_json(paths.samples, samples)
     return metrics
-
 
 
 def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict:
@@ -160,3 +184,122 @@ def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict
 
     paths_for(name, root)  # validates the pipeline name
     return deploy_pipeline(params, name, root, **options)
+
+# --- export (barkgpt/export/) -------------------------------------------------------------------
+
+def export(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Checkpoint -> F32 (+F16) GGUF files and a Hugging Face folder under exports/<name>/."""
+    from barkgpt.export.pipeline import export_files
+
+    paths = paths_for(name, root)
+    return export_files(paths.checkpoint, paths.exports, name, params.export)
+
+
+def quantize(params: Params, name: str, root: Path | str = ".") -> dict:
+    """F32 GGUF -> llama.cpp quantizations; per-tensor types in reports/<name>/quantization.json."""
+    from barkgpt.export.pipeline import quantize_files
+
+    paths = paths_for(name, root)
+    return quantize_files(paths.exports, name, params.export, paths.quantization_report)
+
+
+def parity(params: Params, name: str, root: Path | str = ".") -> dict:
+    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<name>/parity.json.
+
+    Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
+    """
+    from barkgpt.export.pipeline import parity_report
+
+    paths = paths_for(name, root)
+    report = parity_report(paths.checkpoint, paths.exports, name, read_lines(paths.val_text), params.export,
+                           paths.parity_report, seed=params.seed)
+    return {"report": str(paths.parity_report), "gate": report["gate"],
+            "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
+            "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}
+                              for q, e in report["quantizations"].items()}}
+
+
+# --- webtext: real text with a byte-level BPE ------------------------------------------------------
+
+def webtext_ingest(params: Params, root: Path | str = ".") -> dict:
+    """Source (hub id or local file/folder) -> cleaned data/webtext/{train,val}.txt."""
+    from barkgpt.data.webtext import ingest
+
+    paths = paths_for("webtext", root)
+    report = ingest(params.webtext, paths.train_text, paths.val_text)
+    write_json(paths.ingest_report, report)
+    return report
+
+
+def webtext_tokenizer(params: Params, root: Path | str = ".") -> dict:
+    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash."""
+    from barkgpt.tokenizer import BPETokenizer, train_bpe
+
+    paths = paths_for("webtext", root)
+    p = params.webtext.tokenizer
+    if p.kind == "tiktoken":
+        tok = BPETokenizer.from_tiktoken(p.name)
+    else:
+        tok = train_bpe(read_lines(paths.train_text), p.vocab_size, p.min_frequency)
+    save_tokenizer(tok, paths.tokenizer)
+    val_lines = read_lines(paths.val_text)
+    val_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(val_lines, p.threads))  # +1: the EOS per line
+    val_bytes = sum(len(line.encode("utf-8")) + 1 for line in val_lines)  # +1: the newline the EOS stands for
+    report = {
+        "kind": tok.kind, "name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val_bytes,
+        "val_bytes_per_token": val_bytes / max(val_tokens, 1),
+    }
+    write_json(paths.tokenizer_report, report)
+    return report
+
+
+def encode_lines(tok, lines: list[str], threads: int = 2, chunk: int = 8192, desc: str = "encode") -> np.ndarray:
+    """Each line's ids followed by the EOS, concatenated; encoded in parallel by tiktoken's threads."""
+    from tqdm import tqdm
+
+    parts = []
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    with tqdm(total=len(lines), desc=desc, unit="line", disable=len(lines) < 4 * chunk) as bar:
+        for i in range(0, len(lines), chunk):
+            for ids in tok.encode_batch(lines[i : i + chunk], threads):
+                parts += [np.asarray(ids, dtype=np.int64), eos]
+            bar.update(min(chunk, len(lines) - i))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def tokenize_text(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Encode the text splits with the saved tokenizer into shards (uint16, uint32 past 65,536 ids)."""
+    paths = paths_for(name, root)
+    cfg = pipeline_params(params, name)
+    tok = load_tokenizer(paths.tokenizer)
+    meta = {"tokenizer_hash": tokenizer_hash(tok)}
+    out = {}
+    for split, text in (("train", paths.train_text), ("val", paths.val_text)):
+        lines = read_lines(text)
+        ids = encode_lines(tok, lines, cfg.tokenizer.threads, desc=f"encode {split}")
+        text_bytes = sum(len(line.encode("utf-8")) + 1 for line in lines)
+        out[split] = write_shard(paths.shard(split), ids, tok.vocab_size, {
+            **meta, "source_sha256": sha256_file(text), "lines": len(lines), "text_bytes": text_bytes,
+            "bytes_per_token": text_bytes / max(len(ids), 1),
+        })
+    return out
+
+
+def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
+    from barkgpt.loss_eval import evaluate_lm
+
+    paths = paths_for(name, root)
+    cfg = pipeline_params(params, name)
+    model, tok = load_model(paths.checkpoint)
+    val_ids, manifest = load_shard(paths.shard("val"))
+    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
+        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
+                        "re-run the tokenize and train stages (dvc repro)")
+    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, cfg.train.dtype, cfg.train.threads)
+    metrics["val_text_bytes"] = manifest.get("text_bytes")
+    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
+    write_json(paths.metrics, metrics)
+    write_json(paths.samples, samples)
+    return metrics

@@ -6,7 +6,10 @@ token it was not trained on and llama.cpp's tokenization of the same vocabulary 
 """
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Protocol
 
@@ -61,11 +64,218 @@ class WordTokenizer:
         return {"kind": self.kind, "vocab": self.vocab}
 
 
+# --- byte-level BPE (WebText-2) ------------------------------------------------------------------
+
+# GPT-2's pre-tokeniser: contractions, letter runs, digit runs, other symbols, whitespace; a
+# leading space sticks to the next word. Both the Rust trainer (tokenizers' ByteLevel) and
+# tiktoken split text with this pattern, so training and encoding see the same pieces.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+ENDOFTEXT = "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (how byte-level BPE files spell bytes)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+class BPETokenizer:
+    """Byte-level BPE encoded by tiktoken: `mergeable_ranks` (bytes -> rank) plus special tokens.
+
+    Ids: 0..255 are the single bytes in byte order (id == byte value), 256.. are the learned
+    merges in the order the trainer made them (rank = merge order), and the special token
+    <|endoftext|> (the EOS, which also stands for the end of a line) comes last. tiktoken merges
+    the adjacent pair whose concatenation has the lowest rank, which reproduces the trainer's
+    merges exactly; `merges()` derives the pair list for BPE implementations that want one
+    (llama.cpp's gpt2 tokenizer, Hugging Face's BPE model).
+    """
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int] | None = None,
+                 pattern: str = GPT2_PATTERN, name: str = "barkgpt-bpe", kind: str = "bpe"):
+        import tiktoken  # imported here so the bark pipeline never pays for it
+
+        self.kind, self.name, self.pattern = kind, name, pattern
+        self.mergeable_ranks = dict(mergeable_ranks)
+        n = len(self.mergeable_ranks)
+        if sorted(self.mergeable_ranks.values()) != list(range(n)):
+            raise BarkError(f"tokenizer {name!r}: BPE ranks must be exactly 0..{n - 1}")
+        self.special_tokens = dict(special_tokens) if special_tokens is not None else {ENDOFTEXT: n}
+        if ENDOFTEXT not in self.special_tokens:
+            raise BarkError(f"tokenizer {name!r}: needs the special token {ENDOFTEXT} (the EOS)")
+        self.eos_id = self.special_tokens[ENDOFTEXT]
+        self.vocab_size = max([n - 1, *self.special_tokens.values()]) + 1
+        self.encoding = tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=self.mergeable_ranks,
+            special_tokens=self.special_tokens, explicit_n_vocab=self.vocab_size,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        # Ordinary text only: a literal "<|endoftext|>" in user text is encoded as text, so any
+        # string round-trips and no input can inject an EOS.
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str], threads: int = 2) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts, num_threads=threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return self.encoding.decode_bytes(list(ids))
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 byte length of each id; the EOS counts one byte (the newline it replaces)."""
+        lengths = [0] * self.vocab_size
+        for token, rank in self.mergeable_ranks.items():
+            lengths[rank] = len(token)
+        for token_id in self.special_tokens.values():
+            lengths[token_id] = 1 if token_id == self.eos_id else 0
+        return lengths
+
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        """The merge list in rank order, derived from the ranks: token r splits into the two
+        parts that BPE with ranks < r leaves (tiktoken's rule), so `merges()[i]` makes rank 256+i."""
+        ranks = self.mergeable_ranks
+        out = []
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            if len(token) == 1:
+                continue
+            parts = _bpe_parts(token, ranks, max_rank=rank)
+            if len(parts) != 2:
+                raise BarkError(f"tokenizer {self.name!r}: token {token!r} is not one merge of two tokens")
+            out.append((parts[0], parts[1]))
+        return out
+
+    def to_dict(self) -> dict:
+        if self.kind == "tiktoken":
+            return {"kind": "tiktoken", "name": self.name}
+        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        return {
+            "kind": "bpe",
+            "name": self.name,
+            "pattern": self.pattern,
+            # tiktoken's file format: one base64 token per rank, in rank order.
+            "ranks": [base64.b64encode(token).decode("ascii") for token, _ in ranks],
+            "special_tokens": self.special_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> "BPETokenizer":
+        if spec.get("kind") == "tiktoken":
+            return cls.from_tiktoken(spec.get("name", "gpt2"))
+        try:
+            ranks = {base64.b64decode(token): rank for rank, token in enumerate(spec["ranks"])}
+            return cls(ranks, spec["special_tokens"], spec["pattern"], spec.get("name", "barkgpt-bpe"))
+        except (KeyError, ValueError, TypeError) as err:
+            raise BarkError(f"BPE tokenizer spec is malformed ({type(err).__name__}: {err}); re-run the tokenizer stage") from None
+
+    @classmethod
+    def from_tiktoken(cls, name: str = "gpt2") -> "BPETokenizer":
+        """tiktoken's own encoding (e.g. the original tutorial's `gpt2`), from tiktoken's cache."""
+        import tiktoken
+
+        if name != "gpt2":
+            raise BarkError(f"tiktoken encoding {name!r} is not supported here; use 'gpt2' or kind 'bpe'")
+        if not _gpt2_cached() and not _reachable("openaipublic.blob.core.windows.net"):
+            raise BarkError(
+                "tiktoken's 'gpt2' files are not in its cache "
+                f"({_tiktoken_cache_dir()}) and openaipublic.blob.core.windows.net is unreachable; "
+                "run once with network access (or copy the cache and set TIKTOKEN_CACHE_DIR), "
+                "or set webtext.tokenizer.kind: bpe to train a tokenizer on the corpus"
+            )
+        enc = tiktoken.get_encoding(name)
+        return cls(enc._mergeable_ranks, enc._special_tokens, enc._pat_str, name, kind="tiktoken")
+
+
+def _bpe_parts(token: bytes, ranks: dict[bytes, int], max_rank: int) -> list[bytes]:
+    parts = [bytes([b]) for b in token]
+    while True:
+        best = None
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1])
+            if rank is not None and rank < max_rank and (best is None or rank < best[0]):
+                best = (rank, i)
+        if best is None:
+            return parts
+        i = best[1]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+
+
+GPT2_FILES = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+)
+
+
+def _tiktoken_cache_dir() -> str:
+    import tempfile
+
+    return os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "data-gym-cache")
+
+
+def _gpt2_cached() -> bool:
+    import hashlib
+
+    cache = _tiktoken_cache_dir()
+    return all(os.path.exists(os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())) for url in GPT2_FILES)
+
+
+def _reachable(host: str, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def train_bpe(lines, vocab_size: int, min_frequency: int = 2, progress: bool = False) -> BPETokenizer:
+    """Train byte-level BPE with the Rust trainer, then hand its merges to tiktoken as ranks.
+
+    `vocab_size` counts everything: 256 bytes + merges + the EOS.
+    """
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    if vocab_size < 257 + 1:
+        raise BarkError(f"webtext.tokenizer.vocab_size {vocab_size} is too small; byte-level BPE needs > 257")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1, min_frequency=min_frequency, show_progress=progress,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+    )
+    hf.train_from_iterator(lines, trainer)
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    if 256 + len(merges) < vocab_size - 1:
+        raise BarkError(
+            f"webtext.tokenizer.vocab_size {vocab_size} is too large for this corpus: the trainer found only "
+            f"{len(merges)} merges occurring >= {min_frequency} times (vocab {256 + len(merges) + 1}); "
+            "lower the vocabulary size or use more text"
+        )
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for pair in merges:
+        left, right = pair if isinstance(pair, list) else pair.split(" ")
+        token = bytes(to_byte[c] for c in left + right)
+        # Two merges can spell the same bytes ("a"+"bc", "ab"+"c"); a rank table keeps the first.
+        ranks.setdefault(token, len(ranks))
+    return BPETokenizer(ranks)
+
+
 def tokenizer_from_dict(spec: dict) -> Tokenizer:
     kind = spec.get("kind")
     if kind == "word":
         return WordTokenizer(spec["vocab"])
-    raise BarkError(f"unknown tokenizer kind {kind!r} (known: 'word')")
+    if kind in ("bpe", "tiktoken"):
+        return BPETokenizer.from_dict(spec)
+    raise BarkError(f"unknown tokenizer kind {kind!r} (known: 'word', 'bpe', 'tiktoken')")
 
 
 def tokenizer_hash(tok: Tokenizer) -> str:

@@ -38,6 +38,7 @@ class TrainResult:
     train_loss: float
     val_loss: float | None
     best_val_loss: float | None
+    val_bpb: float | None = None  # on the last evaluation's windows, when token byte lengths are known
     history: list[dict] = field(default_factory=list)
 
 
@@ -65,17 +66,23 @@ def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.AdamW:
 
 
 @torch.inference_mode()
-def mean_loss(model, ids: np.ndarray, block: int, batch: int, max_batches: int | None, dtype: str) -> float:
-    """Mean next-token loss over consecutive windows from the start of `ids` (same every call)."""
+def mean_loss(model, ids: np.ndarray, block: int, batch: int, max_batches: int | None, dtype: str,
+              token_bytes: np.ndarray | None = None):
+    """Mean next-token loss over consecutive windows from the start of `ids` (same every call).
+    With `token_bytes` (UTF-8 length of each id), returns (loss, bits per byte) instead."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0
     for x, y in sequential_windows(ids, batch, block, max_batches):
         with autocast(dtype):
             _, loss = model(x, y)
         total += float(loss) * y.numel()
         count += y.numel()
+        if token_bytes is not None:
+            nbytes += int(token_bytes[y.numpy()].sum())
     model.train(was_training)
+    if token_bytes is not None:
+        return total / count, total / math.log(2) / max(nbytes, 1)
     return total / count
 
 
@@ -97,6 +104,7 @@ def train(
     resume: bool = False,
     on_log: LogFn | None = None,
     progress: bool = True,
+    token_bytes: np.ndarray | None = None,
 ) -> TrainResult:
     """Train; write `out_dir/last.pt`, `out_dir/best.pt` (lowest validation loss) and the log CSV."""
     out_dir = Path(out_dir)
@@ -123,6 +131,7 @@ def train(
         print(f"no checkpoint at {last_path}; starting from scratch")
 
     step_fn = torch.compile(model) if p.compile else model
+    last_bpb = [None]
     tokens_per_step = p.batch_size * p.grad_accum * model_params.block_size
     start = time.perf_counter()
 
@@ -148,7 +157,9 @@ def train(
         nonlocal best_val
         if val_ids is None:
             return None
-        val = mean_loss(model, val_ids, model_params.block_size, p.batch_size, p.eval_batches, p.dtype)
+        val = mean_loss(model, val_ids, model_params.block_size, p.batch_size, p.eval_batches, p.dtype, token_bytes)
+        if token_bytes is not None:
+            val, last_bpb[0] = val
         if best_val is None or val < best_val:
             best_val = val
             checkpoint(best_path)
@@ -188,6 +199,8 @@ def train(
             if step % p.eval_every == 0 or last_step:
                 val = evaluate_now()
                 row["val_loss"] = val
+                if token_bytes is not None:
+                    row["val_bpb"] = last_bpb[0]
             history.append(row)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
         # Checkpoint before reporting: whatever a logger does (or a crash does) after this point,
@@ -203,12 +216,12 @@ def train(
     seconds = elapsed()
     return TrainResult(
         step=step, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
-        train_loss=loss_value, val_loss=val, best_val_loss=best_val, history=history,
+        train_loss=loss_value, val_loss=val, best_val_loss=best_val, val_bpb=last_bpb[0], history=history,
     )
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    columns = ["step", "loss", "val_loss", "lr", "tokens_per_s", "tokens"]
+    columns = ["step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "tokens"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

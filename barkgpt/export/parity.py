@@ -67,8 +67,8 @@ def close_llama(llm) -> None:
 
 
 def llama_tokenize(llm, text: str) -> list[int]:
-    # special=True: control tokens written as text (e.g. GPT-2's <|endoftext|>) become their id
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    # special=False: like BarkGPT, text is text; "<|endoftext|>" typed by a user is not the EOS
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
 
 def llama_detokenize(llm, ids: list[int]) -> str:
@@ -88,9 +88,22 @@ def llama_detokenize(llm, ids: list[int]) -> str:
         size = -n + 1
 
 
+def llama_text(llm, ids: list[int]) -> str:
+    """The text llama.cpp gives for `ids`.
+
+    Word vocabulary (UGM): llama_detokenize, which drops the "▁" space prefix of the first word.
+    Byte-level BPE: the concatenated token pieces, as llama.cpp streams them; its whole-sequence
+    llama_detokenize also applies GPT-2's clean_up_tokenization_spaces (" ," -> ","), which
+    BarkGPT's tiktoken decoding does not (that rate is reported separately).
+    """
+    if llm.metadata.get("tokenizer.ggml.model") == "t5":
+        return llama_detokenize(llm, ids)
+    return llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+
+
 def tokenization_parity(llm, tok, lines: list[str]) -> dict:
     """Token ids on every line, and detokenize round trips (text equality, then ids again)."""
-    same = round_trip = 0
+    same = round_trip = whole = 0
     first_mismatch = None
     for line in lines:
         ours = tok.encode(line)
@@ -99,12 +112,13 @@ def tokenization_parity(llm, tok, lines: list[str]) -> dict:
             same += 1
         elif first_mismatch is None:
             first_mismatch = {"line": line[:200], "barkgpt": ours[:32], "llama_cpp": theirs[:32]}
-        text = llama_detokenize(llm, theirs)
+        text = llama_text(llm, theirs)
         if text == tok.decode(ours) and llama_tokenize(llm, text) == theirs:
             round_trip += 1
+        whole += llama_detokenize(llm, theirs) == tok.decode(ours)
     n = max(1, len(lines))
     return {"lines": len(lines), "agreement": same / n, "detokenize_round_trip": round_trip / n,
-            "first_mismatch": first_mismatch}
+            "llama_detokenize_exact": whole / n, "first_mismatch": first_mismatch}
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

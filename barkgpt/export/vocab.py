@@ -8,8 +8,11 @@ themselves, which is exactly BarkGPT's `text.split()`. Python's split() also bre
 newlines, UGM only on ' ', so a tiny precompiled charsmap maps \\t \\n \\v \\f \\r to ' ' first.
 Detokenizing turns "▁" back into ' ' and llama.cpp drops the leading one, giving " ".join(words).
 
-Byte-level BPE (webtext) -> llama.cpp's `gpt2` tokenizer: tokens in GPT-2's byte-to-unicode
-alphabet, merges recovered from tiktoken's ranks, pre-tokenizer "gpt-2" (the same regex).
+Byte-level BPE (webtext, `BPETokenizer`) -> llama.cpp's `gpt2` tokenizer: tokens in GPT-2's
+byte-to-unicode alphabet, merges derived from tiktoken's ranks (`BPETokenizer.merges()`),
+pre-tokenizer "gpt-2" (llama.cpp's regex for it equals tiktoken's gpt2 pattern). The EOS
+<|endoftext|> is a CONTROL token: BarkGPT encodes a literal "<|endoftext|>" in text as ordinary
+text, which is what llama.cpp does with control tokens when parse_special is off.
 """
 from __future__ import annotations
 
@@ -86,51 +89,9 @@ def _add_word_vocab(writer, tok) -> None:
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (the alphabet of its vocab files)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """The merge list implied by byte-level BPE ranks (tiktoken keeps only the ranks).
-
-    Each multi-byte token was made by merging two tokens of lower rank; running BPE on the token's
-    own bytes with only the ranks below it stops at exactly those two parts.
-    """
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) == 1:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            best = None
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < rank and (best is None or r < best[0]):
-                    best = (r, i)
-            if best is None:
-                break
-            i = best[1]
-            parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-        if len(parts) != 2:
-            raise BarkError(f"BPE token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
 def _add_bpe_vocab(writer, tok) -> None:
+    from barkgpt.tokenizer import GPT2_PATTERN, bytes_to_unicode
+
     if tok.pattern != GPT2_PATTERN:
         raise BarkError("the BPE tokenizer's pre-tokenizer regex is not GPT-2's; llama.cpp's 'gpt-2' "
                         "pre-tokenizer would split text differently")
@@ -151,6 +112,6 @@ def _add_bpe_vocab(writer, tok) -> None:
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([f"{to_text(a)} {to_text(b)}" for a, b in recover_merges(ranks)])
+    writer.add_token_merges([f"{to_text(a)} {to_text(b)}" for a, b in tok.merges()])
     writer.add_eos_token_id(tok.eos_id)
     writer.add_bos_token_id(tok.eos_id)  # GPT-2 convention; add_bos_token stays False

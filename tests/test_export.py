@@ -1,0 +1,248 @@
+"""GGUF / HF export, llama.cpp parity, quantization gate and pre-flight checks on a trained bark model."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from barkgpt import stages
+from barkgpt.errors import BarkError
+from barkgpt.export.gguf_file import preflight, write_gguf
+from barkgpt.export.pipeline import GateError
+from barkgpt.params import load_params
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exported(bark_project, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the trained bark project after export -> quantize -> parity."""
+    root = tmp_path_factory.mktemp("export") / "project"
+    shutil.copytree(bark_project, root)
+    params = load_params(root / "params.yaml")
+    stages.export(params, "bark", root)
+    stages.quantize(params, "bark", root)
+    stages.parity(params, "bark", root)
+    return root, json.loads((root / "reports/bark/parity.json").read_text())
+
+
+def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_parity_report_f32(exported):
+    _, report = exported
+    f32 = report["f32_parity"]
+    assert f32["passed"]
+    assert f32["tokenization_agreement"] == 1.0 and f32["validation_lines"] >= 100
+    assert f32["detokenize_round_trip"] == 1.0
+    assert f32["logits_max_abs_diff"] <= 1e-3
+    greedy = report["files"]["f32"]["greedy"]
+    assert greedy["all_identical"] and greedy["prompts"] >= 3
+    assert report["files"]["f16"]["logits"]["max_abs_diff"] < 0.05  # half precision: close, not exact
+
+
+def test_quantizations_and_tensor_types(exported):
+    root, report = exported
+    q = report["quantizations"]
+    assert set(q) == {"q8_0", "q4_0", "q4_k_m"}
+    assert q["q4_0"]["size_ratio_vs_f32"] < q["q8_0"]["size_ratio_vs_f32"] < 0.35
+    assert all(e["status"] == "accepted" and e["value"] >= 0.99 for e in q.values()), q
+    assert report["gate"]["deploy_passed"] and report["gate"]["rejected"] == []
+    assert q["q8_0"]["tensor_types"]["blk.0.attn_q.weight"] == "Q8_0"
+    assert q["q8_0"]["tensor_types"]["blk.0.attn_norm.weight"] == "F32"
+    assert q["q8_0"]["fallbacks"] == [] and q["q4_0"]["fallbacks"] == []
+    # n_embd 64 rows cannot fill K-quant super-blocks of 256: llama.cpp falls back, and we say so
+    fb = q["q4_k_m"]["fallbacks"]
+    assert fb and all(f["block"] == 256 and f["row"] % 256 and f["used"] != "Q4_K" for f in fb)
+    quant_report = json.loads((root / "reports/bark/quantization.json").read_text())
+    assert "multiple of the 256-value" in quant_report["q4_k_m"]["tensors"][fb[0]["tensor"]]["note"]
+
+
+def test_llama_tokenizer_matches_word_tokenizer(exported):
+    from barkgpt.checkpoint import load_model
+    from barkgpt.export.parity import close_llama, llama_detokenize, llama_tokenize, open_llama
+
+    root, _ = exported
+    _, tok = load_model(root / "models/bark/best.pt")
+    llm = open_llama(root / "exports/bark/bark-f32.gguf", 64)
+    try:
+        for text in ["User: speak Assistant:", "  User:\tspeak \n Assistant:  woof <EOS>  ", "woof", "", "   "]:
+            ids = llama_tokenize(llm, text)
+            assert ids == tok.encode(text), text
+            assert llama_detokenize(llm, ids) == tok.decode(ids)
+        assert llm.token_eos() == tok.eos_id
+        chat = llm.create_chat_completion([{"role": "user", "content": "speak"}], max_tokens=8, temperature=0)
+        words = chat["choices"][0]["message"]["content"].split()
+        assert words and set(words) <= {"woof", "arf", "ruff", "grrr"}
+    finally:
+        close_llama(llm)
+
+
+def test_stock_llama_cpp_completion_barks(exported):
+    """No BarkGPT code: llama-cpp-python alone loads the Q8_0 file, tokenizes and completes."""
+    root, _ = exported
+    gguf = root / "exports/bark/bark-q8_0.gguf"
+    out = _run(f"""
+        import llama_cpp
+        # llama.cpp's AMX weight buffers segfault on AMX CPUs (llama.cpp #20824); use plain CPU buffers.
+        import llama_cpp.llama as L
+        default = llama_cpp.llama_model_default_params
+        def params():
+            p = default(); p.use_extra_bufts = False; return p
+        L.llama_cpp.llama_model_default_params = params
+        llm = llama_cpp.Llama(model_path={str(gguf)!r}, verbose=False, seed=1)
+        out = llm.create_completion("User: speak Assistant:", max_tokens=16)
+        print(repr(out["choices"][0]["text"]), out["choices"][0]["finish_reason"])
+        llm.close()
+    """, root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text, reason = out.stdout.rsplit(" ", 1)
+    words = eval(text).split()  # noqa: S307 - our own repr
+    assert words and set(words) <= {"woof", "arf", "ruff", "grrr"}, out.stdout
+    assert reason.strip() == "stop"  # ended by <EOS>, recognised as end of generation
+
+
+def test_gate_rejects_damaged_quantization(exported, tmp_path):
+    import torch
+
+    from barkgpt.checkpoint import load_model
+
+    src, _ = exported
+    root = tmp_path / "p"
+    shutil.copytree(src, root)
+    model, tok = load_model(root / "models/bark/best.pt")
+    with torch.no_grad():  # a "quantization" that destroyed the embeddings
+        model.tok_emb.weight.copy_(torch.randn_like(model.tok_emb.weight))
+    write_gguf(model, tok, root / "exports/bark/bark-q4_0.gguf", "f32")
+    params = load_params(root / "params.yaml")
+    out = stages.parity(params, "bark", root)  # deploy q8_0 still passes
+    assert out["quantizations"]["q4_0"]["status"] == "rejected"
+    assert out["gate"]["rejected"] == ["q4_0"] and out["gate"]["deploy_passed"]
+    bad = load_params(root / "params.yaml", {"export": {"deploy_quantization": "q4_0"}})
+    with pytest.raises(GateError, match="q4_0 was rejected"):
+        stages.parity(bad, "bark", root)
+    report = json.loads((root / "reports/bark/parity.json").read_text())
+    assert report["gate"]["deploy_passed"] is False  # the report is written before the stage fails
+    cli = subprocess.run([sys.executable, "-m", "barkgpt", "parity", "bark"], cwd=root, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert cli.returncode == 0  # params.yaml deploys q8_0, which is accepted
+
+
+def _damaged(good: Path, tmp: Path) -> dict[str, Path]:
+    data = good.read_bytes()
+    files = {
+        "text": b"this is not a model\n" * 10,
+        "empty": b"",
+        "truncated_data": data[: len(data) // 2],
+        "truncated_header": data[:200],
+        "bad_version": data[:4] + (99).to_bytes(4, "little") + data[8:],
+        "huge_tensor_count": data[:8] + (2**40).to_bytes(8, "little") + data[16:],
+    }
+    # move the last tensor's data offset past the end of the file
+    info = preflight(good)
+    raw = bytearray(data)
+    name = max(info.tensors, key=lambda n: info.tensors[n]["offset"]).encode()
+    at = raw.rfind(struct_len(name) + name)
+    dims = int.from_bytes(raw[at + 8 + len(name) : at + 12 + len(name)], "little")
+    off_at = at + 12 + len(name) + 8 * dims + 4
+    raw[off_at : off_at + 8] = (len(data) * 4 // 32 * 32).to_bytes(8, "little")
+    files["offset_past_end"] = bytes(raw)
+    out = {}
+    for name, blob in files.items():
+        out[name] = tmp / f"{name}.gguf"
+        out[name].write_bytes(blob)
+    return out
+
+
+def struct_len(name: bytes) -> bytes:
+    return len(name).to_bytes(8, "little")
+
+
+def test_bad_gguf_files_rejected_without_crash(exported, tmp_path):
+    root, _ = exported
+    bad = _damaged(root / "exports/bark/bark-f32.gguf", tmp_path)
+    for name, path in bad.items():
+        with pytest.raises(BarkError) as err:
+            preflight(path)
+        assert str(path) in str(err.value), name
+    with pytest.raises(BarkError, match="not found"):
+        preflight(tmp_path / "missing.gguf")
+    # the loader in a child process: a clean BarkError exit, never a signal
+    paths = [str(p) for p in bad.values()]
+    out = _run(f"""
+        import sys
+        from barkgpt.errors import BarkError
+        from barkgpt.export.parity import open_llama
+        for path in {paths!r}:
+            try:
+                open_llama(path, 64)
+            except BarkError as err:
+                print("refused", path)
+            else:
+                sys.exit("loaded a damaged file: " + path)
+    """, root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("refused") == len(paths)
+
+
+def test_hf_export_round_trip(exported):
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from barkgpt.checkpoint import load_model
+    from barkgpt.engine import Sampling, stream
+    from barkgpt.stages import read_lines
+
+    root, _ = exported
+    model, tok = load_model(root / "models/bark/best.pt")
+    hf_model = AutoModelForCausalLM.from_pretrained(root / "exports/bark/hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(root / "exports/bark/hf")
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    for line in read_lines(root / "data/bark/val.txt")[:50]:
+        assert hf_tok(line)["input_ids"] == tok.encode(line)
+    for prompt in ["User: speak Assistant:", "User: speak Assistant: woof <EOS> User: speak Assistant:"]:
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            diff = (hf_model(torch.tensor([ids])).logits[0] - model(torch.tensor([ids]))[0]).abs().max()
+            gen = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
+                                    attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+        assert float(diff) < 1e-4
+        ours = list(stream(model, ids, Sampling(temperature=0, max_new_tokens=12), tok.eos_id))
+        assert gen[0, len(ids):].tolist() == ours
+        assert hf_tok.decode(ours) == tok.decode(ours)
+
+
+def test_bpe_gguf_parity(wikitext_path, tmp_path):
+    """A byte-level BPE trained on real text: llama.cpp's gpt2 tokenizer gives the same ids."""
+    import torch
+
+    from barkgpt.export.parity import close_llama, logits_parity, open_llama, tokenization_parity
+    from barkgpt.model import GPT
+    from barkgpt.params import ModelParams
+    from barkgpt.tokenizer import train_bpe
+
+    lines = [line for line in wikitext_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tok = train_bpe(lines[:1500], 512)
+    torch.manual_seed(0)
+    model = GPT(ModelParams(n_embd=64, n_head=2, n_layer=2, block_size=128), tok.vocab_size).eval()
+    path = write_gguf(model, tok, tmp_path / "bpe.gguf")
+    llm = open_llama(path, 128)
+    try:
+        tp = tokenization_parity(llm, tok, lines)  # every line, including the ones BPE never saw
+        assert tp["agreement"] == 1.0, tp["first_mismatch"]
+        assert tp["detokenize_round_trip"] == 1.0
+        assert logits_parity(llm, model, [tok.encode(x)[:128] for x in lines[:6]])["max_abs_diff"] <= 1e-3
+        assert llm.token_eos() == tok.eos_id
+        # a literal "<|endoftext|>" is ordinary text for BarkGPT and for llama.cpp alike
+        text = "end <|endoftext|> here"
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    finally:
+        close_llama(llm)
