@@ -77,42 +77,15 @@ def deploy_params(root: Path, names: dict, **extra):
     return load_params(root / "params.yaml", {"deploy": {"artifact": "checkpoint", **names, **extra}})
 
 
-# A real FastAPI app over the real PyTorch checkpoint, standing in for barkgpt.serve.create_app
-# until the serving branch is merged (same routes the smoke test uses).
-def torch_app(files, manifest):
-    import torch
-    from fastapi import FastAPI
-    from pydantic import BaseModel
-
-    from barkgpt.checkpoint import load_model
-    from barkgpt.engine import Sampling, generate_text
-
-    torch.set_num_threads(1)
-    model, tok = load_model(files["model"])
-    app = FastAPI()
-
-    class Generate(BaseModel):
-        prompt: str
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
-
-    @app.post("/v1/model/generate")
-    def generate(req: Generate):
-        return {"message": generate_text(model, tok, req.prompt, Sampling(temperature=0, max_new_tokens=16))}
-
-    return app
-
-
-def broken_app(files, manifest):
+def broken_app(files, manifest, env):
+    """A release whose server starts but cannot answer: what the smoke test must catch."""
     from fastapi import FastAPI
 
     app = FastAPI()
 
-    @app.get("/health")
-    def health():
-        return {"status": "ok"}
+    @app.get("/ready")
+    def ready():
+        return {"status": "ready"}
 
     @app.post("/v1/model/generate")
     def generate():
@@ -280,7 +253,7 @@ def test_invalid_credentials_rejected():
 
 def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     params = deploy_params(bark_copy, names)
-    first = deploy_pipeline(params, "bark", bark_copy, target=target, app_factory=torch_app, log=lambda *_: None)
+    first = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     fn = first["function"]
     assert fn["changed"] == ["created"] and fn["version"] == "1" and fn["previous_version"] is None
     assert set(first["smoke"]["reply"].split()) <= BARKS and first["smoke"]["reply"]
@@ -297,7 +270,7 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     assert manifest["provenance"]["gates"]["eval"]["gate_passed"] is True
 
     # The same release again: nothing changes (no upload, no new version, same code and config).
-    again = deploy_pipeline(params, "bark", bark_copy, target=target, app_factory=torch_app, log=lambda *_: None)
+    again = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     assert again["release"]["status"] == "unchanged" and again["function"]["changed"] == []
     assert again["function"]["version"] == "1" and again["smoke"] is None
     assert again["function"]["code_sha256"] == fn["code_sha256"]
@@ -310,7 +283,7 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     ckpt = bark_copy / "models/bark/best.pt"
     model, tok = model_from_checkpoint(load_checkpoint(ckpt))
     save_checkpoint(ckpt, model=model, tokenizer=tok, params={}, step=999)
-    new = deploy_pipeline(params, "bark", bark_copy, target=target, app_factory=torch_app, log=lambda *_: None)
+    new = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     assert new["release"]["id"] != first["release"]["id"]
     assert new["function"]["version"] == "2" and new["function"]["previous_version"] == "1"
     assert "config:Environment" in new["function"]["changed"]
@@ -318,14 +291,14 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
 
     # New memory from params: configuration update, version 3.
     bigger = deploy_params(bark_copy, names, memory_mb=2048)
-    third = deploy_pipeline(bigger, "bark", bark_copy, target=target, app_factory=torch_app, log=lambda *_: None)
+    third = deploy_pipeline(bigger, "bark", bark_copy, target=target, log=lambda *_: None)
     assert third["function"]["changed"] == ["config:MemorySize"] and third["function"]["version"] == "3"
     assert lam.get_function_configuration(FunctionName=fn["name"], Qualifier="live")["MemorySize"] == 2048
 
 
 def test_failing_smoke_test_rolls_alias_back(target, bark_copy, names):
     params = deploy_params(bark_copy, names)
-    good = deploy_pipeline(params, "bark", bark_copy, target=target, app_factory=torch_app, log=lambda *_: None)
+    good = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     name = good["function"]["name"]
     bad = deploy_params(bark_copy, names, memory_mb=1536)  # any change -> a new version
     with pytest.raises(SmokeTestFailed, match="rolled back to version 1.*answered 500"):
@@ -376,8 +349,8 @@ def released(target, bark_copy, names):
 
 def test_handler_function_url_and_api_gateway_events(released, tmp_path):
     s3, manifest, env = released
-    app = LambdaApp({**env, ENV_MODEL_DIR: str(tmp_path)}, s3=s3, app_factory=torch_app)
-    body = {"prompt": "User: speak Assistant:"}
+    app = LambdaApp({**env, ENV_MODEL_DIR: str(tmp_path)}, s3=s3)
+    body = {"prompt": "speak"}
     cold = app(function_url_event("POST", "/v1/model/generate", body))
     assert cold["statusCode"] == 200
     reply = response_json(cold)["message"]
@@ -388,6 +361,9 @@ def test_handler_function_url_and_api_gateway_events(released, tmp_path):
     assert v1["statusCode"] == 200 and set(response_json(v1)["message"].split()) <= BARKS
     health = app(function_url_event("GET", "/health"))
     assert health["statusCode"] == 200 and response_json(health) == {"status": "ok"}
+    chat = app(function_url_event("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "speak"}]}))
+    assert chat["statusCode"] == 200
+    assert set(response_json(chat)["choices"][0]["message"]["content"].split()) <= BARKS
     assert app.asgi is loaded and app.timings == timings  # warm: loaded once, reused
     missing = app(function_url_event("GET", "/no-such-route"))
     assert missing["statusCode"] == 404
@@ -399,9 +375,9 @@ def test_handler_refuses_tampered_model(released, tmp_path):
     body = bytearray(s3.get_object(Bucket=manifest["bucket"], Key=entry["key"])["Body"].read())
     body[-1] ^= 0xFF
     s3.put_object(Bucket=manifest["bucket"], Key=entry["key"], Body=bytes(body))
-    app = LambdaApp({**env, ENV_MODEL_DIR: str(tmp_path)}, s3=s3, app_factory=torch_app)
+    app = LambdaApp({**env, ENV_MODEL_DIR: str(tmp_path)}, s3=s3)
     for _ in range(2):  # refused at cold start and on every later request
-        out = app(function_url_event("POST", "/v1/model/generate", {"prompt": "User: speak Assistant:"}))
+        out = app(function_url_event("POST", "/v1/model/generate", {"prompt": "speak"}))
         assert out["statusCode"] == 503
         err = response_json(out)["error"]
         assert err["type"] == "model_refused" and "best.pt" in err["message"] and "sha256" in err["message"]
@@ -411,7 +387,7 @@ def test_handler_refuses_tampered_model(released, tmp_path):
 
 def test_handler_refuses_changed_manifest(released, tmp_path):
     s3, manifest, env = released
-    app = LambdaApp({**env, ENV_MANIFEST_SHA: "0" * 64, ENV_MODEL_DIR: str(tmp_path)}, s3=s3, app_factory=torch_app)
+    app = LambdaApp({**env, ENV_MANIFEST_SHA: "0" * 64, ENV_MODEL_DIR: str(tmp_path)}, s3=s3)
     out = app(function_url_event("GET", "/health"))
     assert out["statusCode"] == 503 and "manifest sha256 differs" in response_json(out)["error"]["message"]
 

@@ -35,19 +35,27 @@ class SmokeTestFailed(BarkError):
 
 # --- inputs ------------------------------------------------------------------------------------
 
-def release_files(cfg: DeployParams, name: str, root: Path) -> tuple[dict[str, Path], str]:
-    """{role: path} of what ships, and the serving backend that reads it."""
-    models, data = root / "models" / name, root / "data" / name
-    if cfg.artifact == "gguf":
-        return {"model": models / "gguf" / f"{name}-{cfg.quantization}.gguf",
-                "tokenizer": data / "tokenizer.json"}, "llama_cpp"
+def deploy_quantization(params: Params) -> str:
+    return params.deploy.quantization or params.export.deploy_quantization
+
+
+def release_files(params: Params, name: str, root: Path) -> tuple[dict[str, Path], str]:
+    """{role: path} of what ships, and the serving backend (barkgpt.serve) that reads it."""
+    from barkgpt.export.pipeline import gguf_path
+    from barkgpt.stages import paths_for
+
+    paths = paths_for(name, root)
+    if params.deploy.artifact == "gguf":
+        return {"model": gguf_path(paths.exports, name, deploy_quantization(params)),
+                "tokenizer": paths.tokenizer}, "llama"
     # PyTorch checkpoint: the weights, their checksum file (checked at load) and the tokenizer.
-    return {"model": models / "best.pt", "model_sha256": models / "best.pt.json",
-            "tokenizer": data / "tokenizer.json"}, "torch"
+    return {"model": paths.checkpoint, "model_sha256": Path(str(paths.checkpoint) + ".json"),
+            "tokenizer": paths.tokenizer}, "torch"
 
 
-def check_gates(cfg: DeployParams, name: str, root: Path) -> dict:
+def check_gates(params: Params, name: str, root: Path) -> dict:
     """The evaluation gate (and the quantization gate for GGUF) must have passed."""
+    cfg = params.deploy
     reports = root / "reports" / name
     metrics_path = reports / "metrics.json"
     summary: dict = {}
@@ -65,10 +73,14 @@ def check_gates(cfg: DeployParams, name: str, root: Path) -> dict:
         parity_path = reports / "parity.json"
         if not parity_path.exists():
             raise BarkError(f"{parity_path}: not found; run export and quantization before deploying")
-        verdict = quantization_verdict(read_json(parity_path), cfg.quantization)
+        parity = read_json(parity_path)
+        if parity.get("gate", {}).get("f32_parity_passed") is False:
+            raise BarkError(f"{parity_path}: F32 GGUF parity with PyTorch failed; not deploying")
+        quant = deploy_quantization(params)
+        verdict = quantization_verdict(parity, quant)
         if verdict is not True:
-            raise BarkError(f"{parity_path}: quantization {cfg.quantization} did not pass its gate ({verdict}); "
-                            "not deploying")
+            raise BarkError(f"{parity_path}: quantization {quant} did not pass its gate ({verdict}); "
+                            "not deploying (re-run parity, or choose export.deploy_quantization)")
     return summary
 
 
@@ -93,10 +105,10 @@ def parity_summary(root: Path, name: str, quant: str) -> dict | None:
         return None
     parity = read_json(path)
     keep = {k: v for k, v in parity.items() if isinstance(v, (int, float, bool, str))}
-    keep.update({k: parity[k] for k in ("summary", "gate", "tokenization") if k in parity})
+    keep.update({k: parity[k] for k in ("summary", "gate", "f32_parity") if k in parity})
     quants = parity.get("quantizations")
-    if isinstance(quants, dict) and quant in quants:
-        keep["deploy_quantization"] = {quant: quants[quant]}
+    if isinstance(quants, dict) and quant in quants:  # per-tensor types stay in parity.json
+        keep["deploy_quantization"] = {quant: {k: v for k, v in quants[quant].items() if k != "tensor_types"}}
     return keep
 
 
@@ -166,7 +178,7 @@ def smoke_test(target: AwsTarget, name: str, version: str, cfg: DeployParams, mo
                app_factory: AppFactory | None = None, log=print) -> dict:
     """Send function-URL events (payload 2.0) to the new version; raise SmokeTestFailed on a bad answer."""
     lam = target.client("lambda")
-    events = [("GET /health", function_url_event("GET", "/health", region=target.region,
+    events = [("GET /ready", function_url_event("GET", "/ready", region=target.region,
                                                  account_id=target.account_id)),
               ("POST /v1/model/generate", function_url_event(
                   "POST", "/v1/model/generate", {"prompt": cfg.smoke_prompt}, region=target.region,
@@ -226,10 +238,11 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
     root = Path(root)
     cfg = params.deploy
     started = time.perf_counter()
-    gates = check_gates(cfg, name, root)
-    files, backend = release_files(cfg, name, root)
+    gates = check_gates(params, name, root)
+    files, backend = release_files(params, name, root)
     prov = {"git": git_commit(root), "dvc_data": dvc_data_hash(root, name),
-            "parity": parity_summary(root, name, cfg.quantization), "gates": gates, **(provenance or {})}
+            "parity": parity_summary(root, name, deploy_quantization(params)) if cfg.artifact == "gguf" else None,
+            "gates": gates, **(provenance or {})}
     transfer = transfer or TransferSettings(
         multipart_threshold=int(cfg.multipart_threshold_mb * MIB),
         multipart_chunksize=int(cfg.multipart_chunk_mb * MIB), attempts=cfg.upload_attempts)

@@ -10,10 +10,12 @@ Image CMD: barkgpt.deploy.lambda_handler.handler
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,15 +26,46 @@ ENV_MANIFEST = "BARKGPT_MANIFEST_URI"
 ENV_MANIFEST_SHA = "BARKGPT_MANIFEST_SHA256"
 ENV_MODEL_DIR = "BARKGPT_MODEL_DIR"
 
-AppFactory = Callable[[dict, dict], object]  # (files {role: Path}, manifest) -> ASGI app
+AppFactory = Callable[[dict, dict, dict], object]  # (files {role: Path}, manifest, env) -> started ASGI app
 
 
-def serving_app(files: dict[str, Path], manifest: dict):
-    """The project's FastAPI server (barkgpt.serve) over the released model files."""
-    from barkgpt.serve import create_app  # the serving package; imported late (cold start only)
+def serving_app(files: dict[str, Path], manifest: dict, env: Mapping[str, str]):
+    """The project's FastAPI server (barkgpt.serve) over the released model, started once.
 
-    return create_app(model=str(files["model"]), tokenizer=str(files["tokenizer"]) if "tokenizer" in files else None,
-                      backend=manifest["backend"])
+    Serving settings are barkgpt.serve's defaults plus its BARKGPT_* variables from the function
+    environment (e.g. BARKGPT_API_KEY, BARKGPT_CORS_ORIGINS); the model is the released file.
+    """
+    from barkgpt.serve.app import create_app
+    from barkgpt.serve.settings import load_settings
+
+    settings = load_settings(root=files["model"].parent, env=dict(env), model=str(files["model"]),
+                             backend=manifest["backend"], pipeline=manifest["pipeline"])
+    app = create_app(settings)
+    start_lifespan(app)
+    return app
+
+
+def start_lifespan(app) -> None:
+    """Run the app's start-up (model load, worker thread) once for the container's life.
+
+    Mangum's own lifespan support would start and stop the app around every invocation. The
+    start-up runs on a helper thread with its own event loop, so it also works when the caller
+    already runs a loop (an in-process smoke test inside an async flow)."""
+    ctx = app.router.lifespan_context(app)
+    failure: list[BaseException] = []
+
+    def enter():
+        try:
+            asyncio.run(ctx.__aenter__())
+        except BaseException as err:  # re-raised on the calling thread
+            failure.append(err)
+
+    thread = threading.Thread(target=enter, name="barkgpt-lifespan")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    app.state.lambda_lifespan = ctx  # the context stays open until the container ends
 
 
 def refusal(status: int, kind: str, message: str) -> dict:
@@ -83,7 +116,7 @@ class LambdaApp:
         files = {role: download_verified(self.s3(), manifest["bucket"], entry, folder)
                  for role, entry in manifest["files"].items()}
         t_download = time.perf_counter()
-        app = self.app_factory(files, manifest)
+        app = self.app_factory(files, manifest, self.env)
         # lifespan off: Mangum would otherwise run startup/shutdown on every invocation.
         self.asgi = Mangum(app, lifespan="off")
         t_load = time.perf_counter()
@@ -105,7 +138,37 @@ class LambdaApp:
                 self.refused = f"refusing to serve: {err}"
                 print(json.dumps({"barkgpt": "refused", "reason": self.refused}), file=sys.stderr)
                 return refusal(503, "model_refused", self.refused)
-        return self.asgi(event, context or LocalContext())
+        return call_in_loop(self.asgi, event, context or LocalContext())
+
+
+def call_in_loop(asgi, event: dict, context) -> dict:
+    """Mangum drives the ASGI app with the thread's event loop (as in Lambda's main thread). Give
+    the thread one if it has none; from inside a running loop, use a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            loop = asyncio.get_event_loop()
+            if loop.is_closed():
+                raise RuntimeError("closed")
+        except RuntimeError:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+        return asgi(event, context)
+    box: dict = {}
+
+    def run():
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        try:
+            box["out"] = asgi(event, context)
+        except BaseException as err:
+            box["err"] = err
+
+    thread = threading.Thread(target=run, name="barkgpt-invoke")
+    thread.start()
+    thread.join()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 class LocalContext:
