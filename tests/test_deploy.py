@@ -424,3 +424,52 @@ def test_dvc_push_pull_round_trip_on_s3(moto_endpoint, tmp_path):
     shutil.rmtree(repo / ".dvc" / "cache")
     run(str(BIN / "dvc"), "pull")
     assert (repo / "data.txt").read_text() == "woof arf\n" * 100
+
+
+# --- the whole step through the CLI, embedded default, GGUF through llama.cpp -------------------
+
+def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
+    """Put the Q8_0 GGUF where export writes it, and a parity report whose gate says `status`
+    (the shape barkgpt.export.pipeline.parity_report writes; its own tests cover how it decides)."""
+    exports = root / "exports" / "bark"
+    exports.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gguf, exports / "bark-q8_0.gguf")
+    (root / "reports" / "bark" / "parity.json").write_text(json.dumps({
+        "f32_parity": {"passed": True, "tokenization_agreement": 1.0, "logits_max_abs_diff": 1e-5},
+        "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1.0,
+                                   "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
+        "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"}}))
+
+
+def _no_aws_env(tmp_path: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return {**env, "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+
+def test_cli_deploy_gguf_to_local_aws_api(bark_copy, bark_gguf, tmp_path):
+    _gguf_release(bark_copy, bark_gguf)
+    run = subprocess.run([sys.executable, "-m", "barkgpt", "deploy", "bark"], cwd=bark_copy,
+                         env=_no_aws_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((bark_copy / "reports/bark/deploy.json").read_text())
+    assert report["local"] and report["endpoint_url"].startswith("http://127.0.0.1:")
+    fn, rel = report["function"], report["release"]
+    assert fn["alias"] == "live" and fn["version"] == "1" and fn["changed"] == ["created"]
+    assert fn["url"].startswith("https://") and fn["url_auth_type"] == "AWS_IAM"
+    prefix = rel["manifest_uri"].split("/", 3)[3].rsplit("/", 1)[0]
+    assert rel["objects"] == sorted([f"{prefix}/bark-q8_0.gguf", f"{prefix}/tokenizer.json", f"{prefix}/manifest.json"])
+    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/bark-q8_0.gguf").read_bytes()).hexdigest()
+    assert report["provenance"]["parity"]["deploy_quantization"]["q8_0"]["status"] == "accepted"
+    assert "tensor_types" not in report["provenance"]["parity"]["deploy_quantization"]["q8_0"]
+    smoke = report["smoke"]
+    assert smoke["mode"] == "in_process" and [r["status"] for r in smoke["requests"]] == [200, 200]
+    assert smoke["reply"] and set(smoke["reply"].split()) <= BARKS  # barks from llama.cpp in the handler
+    assert smoke["cold_start"]["cold_start_s"] > 0
+    assert "release" in run.stdout and "version 1" in run.stdout
+
+
+def test_cli_refuses_rejected_quantization(bark_copy, bark_gguf, tmp_path):
+    _gguf_release(bark_copy, bark_gguf, status="rejected")
+    run = subprocess.run([sys.executable, "-m", "barkgpt", "deploy", "bark"], cwd=bark_copy,
+                         env=_no_aws_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "q8_0 did not pass its gate" in run.stderr and "Traceback" not in run.stderr

@@ -26,7 +26,7 @@ from barkgpt.fileio import read_json, write_json
 from barkgpt.params import DeployParams, Params
 
 # What goes into the function image; its hash tags the image so new code means a new image.
-IMAGE_SOURCES = ("barkgpt/**/*.py", "pyproject.toml", "scripts/install.sh", "deploy/Dockerfile")
+IMAGE_SOURCES = ("barkgpt/**/*", "pyproject.toml", "constraints.txt", "scripts/install.sh", "deploy/Dockerfile")
 
 
 class SmokeTestFailed(BarkError):
@@ -137,6 +137,46 @@ def dvc_data_hash(root: Path, name: str) -> dict | None:
     return {"hash": combined, "outs": outs}
 
 
+def mlflow_provenance(root: Path, name: str) -> dict | None:
+    """The MLflow run that trained the model (models/<name>/mlflow_run.json, written by the train
+    stage) and the registered model version made from it, with the sha256 of that version's files,
+    so the manifest can be checked against the registry. None when the run was not tracked."""
+    run_file = root / "models" / name / "mlflow_run.json"
+    if not run_file.exists():
+        return None
+    info = read_json(run_file)
+    out = {"run_id": info.get("run_id"), "tracking_uri": info.get("tracking_uri")}
+    try:
+        import mlflow
+        from mlflow.artifacts import download_artifacts
+
+        client = mlflow.MlflowClient(tracking_uri=info.get("tracking_uri"))
+        versions = client.search_model_versions(f"run_id = '{info['run_id']}'")
+        if not versions:
+            return out
+        v = max(versions, key=lambda mv: int(mv.version))
+        model = client.get_registered_model(v.name)
+        out.update({"registered_model": v.name, "version": int(v.version),
+                    "aliases": sorted(a for a, ver in (model.aliases or {}).items() if str(ver) == str(v.version))})
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(download_artifacts(artifact_uri=f"models:/{v.name}/{v.version}", dst_path=tmp,
+                                            tracking_uri=info.get("tracking_uri")))
+            from barkgpt.fileio import sha256_file
+
+            out["artifact_sha256"] = {p.name: sha256_file(p) for p in sorted(local.rglob("*"))
+                                      if p.is_file() and p.parent.name == "artifacts"}
+    except Exception as err:  # provenance is a record, not a gate: note what failed and go on
+        out["error"] = f"{type(err).__name__}: {err}"[:300]
+    return out
+
+
+def registry_matches(manifest: dict) -> dict[str, bool]:
+    """For each released file that is also a file of the MLflow model version: same sha256?"""
+    registered = ((manifest.get("provenance") or {}).get("mlflow") or {}).get("artifact_sha256") or {}
+    return {f["name"]: registered[f["name"]] == f["sha256"] for f in manifest["files"].values()
+            if f["name"] in registered}
+
+
 def code_hash(root: Path | None = None) -> str:
     """sha256 over the image's source files (path + bytes), for a content-addressed image tag.
 
@@ -242,7 +282,7 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
     files, backend = release_files(params, name, root)
     prov = {"git": git_commit(root), "dvc_data": dvc_data_hash(root, name),
             "parity": parity_summary(root, name, deploy_quantization(params)) if cfg.artifact == "gguf" else None,
-            "gates": gates, **(provenance or {})}
+            "gates": gates, "mlflow": mlflow_provenance(root, name), **(provenance or {})}
     transfer = transfer or TransferSettings(
         multipart_threshold=int(cfg.multipart_threshold_mb * MIB),
         multipart_chunksize=int(cfg.multipart_chunk_mb * MIB), attempts=cfg.upload_attempts)
@@ -299,7 +339,7 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
                          "image_uri": uri, "code_sha256": fn["CodeSha256"], "url": url,
                          "url_auth_type": cfg.url_auth_type, "memory_mb": fn["MemorySize"],
                          "timeout_s": fn["Timeout"]},
-            "smoke": smoke, "provenance": manifest["provenance"],
+            "smoke": smoke, "provenance": manifest["provenance"], "registry_matches": registry_matches(manifest),
             "seconds": round(time.perf_counter() - started, 3),
         }
     write_json(root / "reports" / name / "deploy.json", report)
