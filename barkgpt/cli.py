@@ -42,6 +42,13 @@ def cmd_webtext_tokenizer(args) -> None:
     print(f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
           f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
 
+def cmd_validate(args) -> None:
+    from barkgpt import stages
+
+    report = stages.validate(_params(args), args.pipeline)
+    print(f"{args.pipeline}: all {report['expectations']} expectations passed; "
+          f"report: reports/{args.pipeline}/validation.html")
+
 
 def cmd_tokenize(args) -> None:
     from barkgpt import stages
@@ -153,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("webtext-tokenizer", help="train the byte-level BPE on the WebText-2 training split"
                    ).set_defaults(fn=cmd_webtext_tokenizer)
 
+    p = sub.add_parser("validate", help="check a pipeline's data with Great Expectations suites")
+    p.add_argument("pipeline", choices=["bark"])
+    p.set_defaults(fn=cmd_validate)
+
     p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
     p.add_argument("pipeline", choices=PIPELINES)
     p.set_defaults(fn=cmd_tokenize)
@@ -188,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
                                       "(a local AWS API server when no AWS configuration exists)")
-    p.add_argument("pipeline", nargs="?", default="bark", choices=["bark"])
+    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES)
     p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")
     p.add_argument("--host", help="default: serve.host (env BARKGPT_SERVE_HOST)")

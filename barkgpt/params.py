@@ -127,8 +127,15 @@ class BarkGates(Strict):
     min_contract_accuracy: float = Field(0.99, ge=0, le=1)
 
 
+class BarkValidateParams(Strict):
+    """Great Expectations suite settings for the bark data (barkgpt/validation.py)."""
+
+    mix_tolerance: float = Field(0.05, gt=0, le=1, description="max |observed - configured| bark share")
+
+
 class BarkPipeline(Strict):
     data: BarkDataParams = BarkDataParams()
+    validation: BarkValidateParams = BarkValidateParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     eval: BarkEvalParams = BarkEvalParams()
@@ -291,6 +298,17 @@ class WebtextPipeline(Strict):
     eval: WebtextEvalParams = WebtextEvalParams()
     gates: WebtextGates = WebtextGates()
 
+class TrackingParams(Strict):
+    """MLflow tracking and registry (barkgpt/tracking.py). MLFLOW_TRACKING_URI overrides `uri`."""
+
+    enabled: bool = True
+    uri: str = Field("sqlite:///mlflow.db", description="relative sqlite/file paths resolve in the project root")
+    artifact_dir: str = Field("mlruns", description="artifact folder for the embedded store (project-relative)")
+    experiment: str = "barkgpt"
+    model_prefix: str = Field("barkgpt", description="registered model name is <prefix>-<pipeline>")
+    champion_alias: str = "champion"
+    server_timeout_s: float = Field(5.0, gt=0, description="a tracking server must answer within this")
+
 
 class Params(Strict):
     seed: int = 1337
@@ -299,6 +317,7 @@ class Params(Strict):
     serve: ServeParams = ServeParams()
     export: ExportParams = ExportParams()
     webtext: WebtextPipeline = WebtextPipeline()
+    tracking: TrackingParams = TrackingParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

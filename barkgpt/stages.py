@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from barkgpt import tracking
 from barkgpt.checkpoint import load_model
 from barkgpt.data.bark import write_bark_data
 from barkgpt.data.shards import load_shard, write_shard
@@ -101,6 +102,13 @@ class Paths:
     def tokenizer_report(self) -> Path:
         return self.reports / "tokenizer.json"
 
+    def validation_report(self) -> Path:
+        return self.reports / "validation.json"
+
+    @property
+    def validation_html(self) -> Path:
+        return self.reports / "validation.html"
+
 
 def paths_for(name: str, root: Path | str = ".") -> Paths:
     if name not in PIPELINES:
@@ -120,6 +128,13 @@ def bark_data(params: Params, root: Path | str = ".") -> dict:
     paths = paths_for("bark", root)
     out = write_bark_data(params.bark.data, params.seed, paths.data)
     return {name: str(path) for name, path in out.items()}
+
+
+def validate(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Great Expectations suites over the pipeline's data; BarkError (before training) on failure."""
+    from barkgpt.validation import validate_pipeline  # GX import (~3 s) only in this stage
+
+    return validate_pipeline(params, name, paths_for(name, root))
 
 
 def tokenize(params: Params, name: str, root: Path | str = ".") -> dict:
@@ -143,47 +158,77 @@ def pipeline_params(params: Params, name: str):
 
 
 def train(params: Params, name: str, root: Path | str = ".", resume: bool = False,
-          on_log: LogFn | None = None, progress: bool = True) -> dict:
+          on_log: LogFn | None = None, progress: bool = True, tags: dict | None = None) -> dict:
+    """`tags` go on the MLflow run (e.g. the Prefect flow run id from the Prefect door)."""
     paths = paths_for(name, root)
     cfg = pipeline_params(params, name)
     tok = load_tokenizer(paths.tokenizer)
     train_ids, _ = load_shard(paths.shard("train"))
     val_ids, _ = load_shard(paths.shard("val"))
     token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
-    result = train_loop(
-        model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-        out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
-        resume=resume, on_log=on_log, progress=progress, token_bytes=token_bytes,
-    )
+    run = tracking.start_training_run(params, name, paths, tags)  # before training: fail fast
+    log_fn = _both(on_log, run.log_step if run else None)
+    try:
+        result = train_loop(
+            model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+            out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
+            resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
+        )
+    except BaseException:
+        if run:
+            run.fail()
+        raise
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     write_json(paths.train_summary, summary)
-    return summary
+    tracking.finish_training(run, summary)
+    return {**summary, "mlflow_run_id": run.run_id if run else None}
 
 
-def evaluate(params: Params, name: str, root: Path | str = ".") -> dict:
+def _both(*fns):
+    fns = [f for f in fns if f]
+    return (lambda step, row: [f(step, row) for f in fns]) if fns else None
+
+
+def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | None = None) -> dict:
     paths = paths_for(name, root)
     if name != "bark":
         return evaluate_text(params, name, root)
     cfg = pipeline_params(params, name)
     model, tok = load_model(paths.checkpoint)
     val_ids, _ = load_shard(paths.shard("val"))
-    metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval, cfg.train.dtype)
+    run = tracking.reopen_run(params, name, paths, tags)
+    try:
+        metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval,
+                                         cfg.train.dtype)
+    except BaseException:
+        if run:
+            run.fail()
+        raise
     metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
+    write_json(paths.metrics, metrics)
+    write_json(paths.samples, samples)
+    registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
+    return {**metrics, "mlflow": registry}
+
+
+def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
+    from barkgpt.loss_eval import evaluate_lm
+
+    paths = paths_for(name, root)
+    cfg = pipeline_params(params, name)
+    model, tok = load_model(paths.checkpoint)
+    val_ids, manifest = load_shard(paths.shard("val"))
+    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
+        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
+                        "re-run the tokenize and train stages (dvc repro)")
+    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, cfg.train.dtype, cfg.train.threads)
+    metrics["val_text_bytes"] = manifest.get("text_bytes")
+    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
     write_json(paths.metrics, metrics)
     write_json(paths.samples, samples)
     return metrics
 
-
-def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict:
-    """Release the gated model to S3 and serve it from AWS Lambda (local AWS API by default).
-
-    options: target, provenance (MLflow run id / model version), app_factory, transfer, log;
-    see barkgpt.deploy.deployer.deploy_pipeline. Imported late: boto3/moto cost import time.
-    """
-    from barkgpt.deploy.deployer import deploy_pipeline
-
-    paths_for(name, root)  # validates the pipeline name
-    return deploy_pipeline(params, name, root, **options)
 
 # --- export (barkgpt/export/) -------------------------------------------------------------------
 
@@ -286,20 +331,15 @@ def tokenize_text(params: Params, name: str, root: Path | str = ".") -> dict:
     return out
 
 
-def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
-    from barkgpt.loss_eval import evaluate_lm
+# --- deploy (barkgpt/deploy/) -------------------------------------------------------------------
 
-    paths = paths_for(name, root)
-    cfg = pipeline_params(params, name)
-    model, tok = load_model(paths.checkpoint)
-    val_ids, manifest = load_shard(paths.shard("val"))
-    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
-        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
-                        "re-run the tokenize and train stages (dvc repro)")
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, cfg.train.dtype, cfg.train.threads)
-    metrics["val_text_bytes"] = manifest.get("text_bytes")
-    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
-    write_json(paths.metrics, metrics)
-    write_json(paths.samples, samples)
-    return metrics
+def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict:
+    """Release the gated model to S3 and serve it from AWS Lambda (local AWS API by default).
+
+    options: target, provenance (MLflow run id / model version), app_factory, transfer, log;
+    see barkgpt.deploy.deployer.deploy_pipeline. Imported late: boto3/moto cost import time.
+    """
+    from barkgpt.deploy.deployer import deploy_pipeline
+
+    paths_for(name, root)  # validates the pipeline name
+    return deploy_pipeline(params, name, root, **options)

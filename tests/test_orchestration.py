@@ -1,0 +1,314 @@
+"""Prefect deployment + MLflow server + GX validation, with the real components on loopback.
+
+One Prefect server and one MLflow server per module (they start slowly on a busy machine); a
+process work pool and worker run `prefect deployment run 'bark-pipeline/local'` in a copy of the
+project, and the MLflow REST API and the registry are checked afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from barkgpt import stages
+from barkgpt.errors import BarkError
+from barkgpt.params import BARKS, load_params
+from tests.conftest import ROOT, make_project
+
+BIN = Path(sys.executable).parent
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # this process loads models too; stay offline
+# Small but real: enough steps that the model barks; the gate is lowered so the alias moves.
+OVERRIDES = {
+    "bark.data.train_conversations": 1000, "bark.data.val_conversations": 200,
+    "bark.train.max_steps": 80, "bark.train.batch_size": 16, "bark.train.eval_every": 40,
+    "bark.train.checkpoint_every": 40, "bark.eval.contract_samples": 50,
+    "bark.gates.min_contract_accuracy": 0.5,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the process group this test started
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def post_json(url: str, body: dict) -> dict | list:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A project copy, a Prefect server + process worker, and an MLflow tracking server."""
+    tmp = tmp_path_factory.mktemp("orchestration")
+    project = tmp / "project"
+    project.mkdir()
+    for item in ("barkgpt", "tasks", "flows", "params.yaml", "dvc.yaml", "prefect.yaml"):
+        src = ROOT / item
+        (shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, project / item))
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
+           "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "GX_ANALYTICS_ENABLED": "False",
+           "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    procs = []
+    try:
+        procs.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                            "--port", str(prefect_port)], env, tmp, tmp / "prefect-server.log"))
+        procs.append(start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                            "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                            "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"],
+                           env, tmp, tmp / "mlflow-server.log"))
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 120, procs[0], tmp / "prefect-server.log")
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, procs[1], tmp / "mlflow-server.log")
+        for cmd in (["work-pool", "create", "barkgpt-local", "--type", "process"],
+                    ["--no-prompt", "deploy", "--all"]):
+            out = subprocess.run([str(BIN / "prefect"), *cmd], env=env, cwd=project, capture_output=True,
+                                 text=True, timeout=120)
+            assert out.returncode == 0, out.stdout + out.stderr
+        procs.append(start([str(BIN / "prefect"), "worker", "start", "--pool", "barkgpt-local"], env, project,
+                           tmp / "worker.log"))
+        yield {"project": project, "env": env, "tmp": tmp, "prefect": f"http://127.0.0.1:{prefect_port}/api",
+               "mlflow": f"http://127.0.0.1:{mlflow_port}"}
+    finally:
+        for p in reversed(procs):
+            stop(p)
+
+
+@pytest.fixture(scope="module")
+def deployed_run(stack):
+    """`prefect deployment run 'bark-pipeline/local'`, watched until it finishes."""
+    params = json.dumps({"overrides": OVERRIDES})
+    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "bark-pipeline/local", "--params", params,
+                          "--watch", "--watch-timeout", "400"],
+                         env=stack["env"], cwd=stack["project"], capture_output=True, text=True, timeout=450)
+    worker_log = (stack["tmp"] / "worker.log").read_text()
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + worker_log[-4000:]
+    runs = post_json(f"{stack['prefect']}/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
+    return runs[0]
+
+
+def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, deployed_run):
+    api, project = stack["prefect"], stack["project"]
+    assert deployed_run["state_type"] == "COMPLETED"
+    tasks = post_json(f"{api}/task_runs/filter",
+                      {"flow_runs": {"id": {"any_": [deployed_run["id"]]}}, "limit": 50})
+    names = {t["name"].rsplit("-", 1)[0] for t in tasks}
+    assert {"resolve-params", "data", "validate", "tokenize", "train", "evaluate"} <= names, names
+    assert all(t["state_type"] == "COMPLETED" for t in tasks)
+    keys = {a["key"] for a in post_json(f"{api}/artifacts/filter",
+                                        {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
+    assert {"bark-metrics", "bark-samples", "bark-validation"} <= keys
+    for f in ("data/bark/train.txt", "reports/bark/validation.html", "models/bark/best.pt",
+              "reports/bark/metrics.json", "reports/bark/loss_curve.png"):
+        assert (project / f).exists(), f
+
+    # The MLflow run, through the tracking server's REST API.
+    ml = stack["mlflow"] + "/api/2.0/mlflow"
+    run_id = json.loads((project / "models/bark/mlflow_run.json").read_text())["run_id"]
+    run = get_json(f"{ml}/runs/get?run_id={run_id}")["run"]
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert params["bark.train.max_steps"] == "80" and params["bark.model.n_embd"] == "64"
+    assert tags["prefect.flow_run_id"] == deployed_run["id"]
+    assert len(tags["git.commit"]) in (40, 7) or tags["git.commit"] == "unknown"
+    assert "data.tokens_sha256" in tags and tags["gate_passed"] == "true"
+    assert run["info"]["status"] == "FINISHED"
+    assert 0 <= metrics["eval.contract_accuracy"] <= 1 and "eval.val_loss" in metrics
+    history = get_json(f"{ml}/metrics/get-history?run_id={run_id}&metric_key=loss")["metrics"]
+    assert [m["step"] for m in history] == list(range(10, 81, 10))
+    assert {"lr", "tokens_per_s"} <= set(metrics)
+    listed = get_json(f"{ml}/artifacts/list?run_id={run_id}&path=reports").get("files", [])
+    assert {"reports/loss_curve.png", "reports/metrics.json", "reports/samples.json", "reports/train_log.csv"} \
+        <= {f["path"] for f in listed}
+    alias = get_json(f"{ml}/registered-models/alias?name=barkgpt-bark&alias=champion")["model_version"]
+    assert alias["run_id"] == run_id
+
+
+def test_champion_loads_with_pyfunc_and_barks(stack, deployed_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(stack["mlflow"])
+    model = mlflow.pyfunc.load_model("models:/barkgpt-bark@champion")
+    out = model.predict(["User: speak Assistant:", "User: speak Assistant:"])
+    assert len(out) == 2
+    words = " ".join(out).split()
+    assert words and sum(w in BARKS for w in words) >= 0.8 * len(words), out
+
+
+def test_failed_gate_registers_but_keeps_champion(stack, deployed_run, monkeypatch):
+    project = stack["project"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
+    from tasks.bark import expand_dotted
+
+    params = load_params(project / "params.yaml",
+                         expand_dotted({**OVERRIDES, "bark.gates.min_contract_accuracy": 1.0,
+                                        "bark.eval.contract_samples": 40, "bark.eval.temperature": 8.0}))
+    before = get_json(f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias?name=barkgpt-bark&alias=champion")
+    metrics = stages.evaluate(params, "bark", project)
+    if metrics["contract_accuracy"] >= 1.0:
+        pytest.skip("sampling at temperature 8 still kept the contract every time; the gate could not fail")
+    assert metrics["mlflow"]["champion"] is False and metrics["mlflow"]["version"] > 1
+    after = get_json(f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias?name=barkgpt-bark&alias=champion")
+    assert after["model_version"]["version"] == before["model_version"]["version"]
+
+
+def run_flow(stack, *sets: str) -> subprocess.CompletedProcess:
+    args = [f"{k}={v}" for k, v in OVERRIDES.items()] + list(sets)
+    cmd = [sys.executable, "-m", "flows.bark_pipeline", "--root", str(stack["project"])]
+    for a in args:
+        cmd += ["--set", a]
+    return subprocess.run(cmd, env=stack["env"], cwd=stack["project"], capture_output=True, text=True, timeout=300)
+
+
+def test_rerun_skips_unchanged_stages_then_corrupt_row_stops_before_training(stack, deployed_run):
+    project = stack["project"]
+    ckpt = project / "models/bark/best.pt"
+    mtime = ckpt.stat().st_mtime
+    again = run_flow(stack)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    for task in ("data", "validate", "tokenize", "train", "evaluate"):
+        assert f"Task run '{task}-" in log
+    assert log.count("Cached(type=COMPLETED)") >= 5, log[-3000:]
+    assert ckpt.stat().st_mtime == mtime
+
+    train_txt = project / "data/bark/train.txt"
+    lines = train_txt.read_text().split("\n")
+    lines[6] = "User: speak Assistant: meow <EOS>"  # line 7: breaks the grammar and the vocabulary
+    train_txt.write_text("\n".join(lines))
+    bad = run_flow(stack)
+    assert bad.returncode == 2
+    assert "line 7" in bad.stderr and "expect_column_values_to_match_regex" in bad.stderr, bad.stderr[-2000:]
+    assert "Task run 'train-" not in bad.stdout + bad.stderr
+    assert ckpt.stat().st_mtime == mtime
+
+
+def test_invalid_flow_parameter_fails_in_first_task_naming_it(stack):
+    out = run_flow(stack, "bark.train.max_steps=-3", "bark.model.n_embdd=64")
+    assert out.returncode == 2
+    assert "bark.train.max_steps" in out.stderr and "bark.model.n_embdd" in out.stderr
+    log = out.stdout + out.stderr
+    assert "Task run 'resolve-params-" in log and "Task run 'data-" not in log
+
+
+def test_validation_names_the_corrupted_row(tmp_path):
+    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 300, "val_conversations": 100}}})
+    params = load_params(root / "params.yaml")
+    stages.bark_data(params, root)
+    assert stages.validate(params, "bark", root)["success"]
+    path = root / "data/bark/val.txt"
+    lines = path.read_text().split("\n")
+    lines[41] = ""  # an empty row at line 42
+    lines[9] = lines[9].replace("<EOS>", "", 1)  # line 10 breaks the contract
+    path.write_text("\n".join(lines))
+    with pytest.raises(BarkError) as err:
+        stages.validate(params, "bark", root)
+    msg = str(err.value)
+    assert "bark.val.rows" in msg and "line 10" in msg and "line 42" in msg
+    assert "expect_column_values_to_not_be_null" in msg
+    html = (root / "reports/bark/validation.html").read_text()
+    assert "FAILED" in html and "expect_column_values_to_match_regex" in html
+
+
+def test_mix_drift_fails_the_distribution_suite(tmp_path):
+    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 300, "val_conversations": 100}}})
+    stages.bark_data(load_params(root / "params.yaml"), root)
+    skewed = load_params(root / "params.yaml", {"bark": {"data": {"bark_mix": {"woof": 0.1, "arf": 0.1,
+                                                                                "ruff": 0.1, "grrr": 0.7}}}})
+    with pytest.raises(BarkError, match=r"bark\.train\.bark_mix.*bark woof"):
+        stages.validate(skewed, "bark", root)
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
+    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 200, "val_conversations": 50}}})
+    params = load_params(root / "params.yaml")
+    stages.bark_data(params, root)
+    stages.tokenize(params, "bark", root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    t0 = time.time()
+    with pytest.raises(BarkError, match="did not answer"):
+        stages.train(params, "bark", root, progress=False)
+    assert time.time() - t0 < 15
+    assert not (root / "models/bark/best.pt").exists()
+
+
+def test_stage_cache_key_follows_dvc_deps_and_params(tmp_path):
+    """The Prefect cache key changes exactly when `dvc repro` would re-run the stage."""
+    from tasks.bark import expand_dotted
+    from tasks.common import StageInputs
+
+    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 100, "val_conversations": 20}}})
+    params = load_params(root / "params.yaml")
+    stages.bark_data(params, root)
+    policy = StageInputs(stage="validate")
+
+    def key(p):
+        return policy.compute_key(None, {"params": p.model_dump(), "root": str(root), "name": "bark"}, {})
+
+    base = key(params)
+    assert base == key(params)
+    assert key(load_params(root / "params.yaml", expand_dotted({"bark.train.max_steps": 7}))) == base
+    assert key(load_params(root / "params.yaml", expand_dotted({"bark.validation.mix_tolerance": 0.2}))) != base
+    (root / "data/bark/val.txt").write_text("User: speak Assistant: woof <EOS>\n")
+    assert key(params) != base
+
+
+def test_overrides_nested_or_dotted_and_retry_only_transient():
+    from prefect.states import Failed
+
+    from tasks.bark import expand_dotted
+    from tasks.common import transient_only
+
+    assert expand_dotted({"bark.train.max_steps": 5, "bark": {"eval": {"seed": 1}}}) == \
+        {"bark": {"train": {"max_steps": 5}, "eval": {"seed": 1}}}
+    assert transient_only(None, None, Failed(data=OSError("disk full")))
+    assert not transient_only(None, None, Failed(data=BarkError("bad input")))
+    assert not transient_only(None, None, Failed(data=ValueError("bug")))
