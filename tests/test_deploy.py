@@ -473,3 +473,38 @@ def test_cli_refuses_rejected_quantization(bark_copy, bark_gguf, tmp_path):
     run = subprocess.run([sys.executable, "-m", "barkgpt", "deploy", "bark"], cwd=bark_copy,
                          env=_no_aws_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "q8_0 did not pass its gate" in run.stderr and "Traceback" not in run.stderr
+
+
+# --- MLflow registry: provenance, hashes, re-deploying a registered version -----------------------
+
+def test_redeploy_registered_version_matches_registry(target, bark_copy, names):
+    from barkgpt.deploy.registry import redeploy_model_version
+
+    params = deploy_params(bark_copy, names)
+    if not (bark_copy / "models/bark/mlflow_run.json").exists():
+        pytest.skip("the bark_project fixture was trained without MLflow tracking")
+    report = redeploy_model_version(params, "bark", bark_copy, alias="champion", target=target, log=lambda *_: None)
+    reg = report["registered"]
+    assert reg["registered_model"] == "barkgpt-bark" and reg["version"] >= 1
+    mlflow = report["provenance"]["mlflow"]
+    assert mlflow["version"] == reg["version"] and "champion" in mlflow["aliases"] and "error" not in mlflow
+    # The released files are byte-identical to the registered model version's artifacts.
+    assert report["registry_matches"] == {"best.pt": True, "best.pt.json": True, "tokenizer.json": True}
+    assert report["function"]["version"] == "1" and report["smoke"]["reply"]
+    assert json.loads((bark_copy / "reports/bark/deploy.json").read_text())["registered"] == reg
+
+
+def test_bark_deploy_flow_in_process(bark_copy, names, monkeypatch, tmp_path):
+    """The `bark-deploy` Prefect flow on Prefect's local API, with the embedded local AWS API."""
+    if not (bark_copy / "models/bark/mlflow_run.json").exists():
+        pytest.skip("the bark_project fixture was trained without MLflow tracking")
+    for var in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    from flows.bark_deploy import bark_deploy
+
+    out = bark_deploy(root=str(bark_copy), params_file=str(bark_copy / "params.yaml"),
+                      overrides={"deploy": names})
+    assert out["alias"] == "live" and out["version"] == "1" and set(out["smoke_reply"].split()) <= BARKS
+    assert out["registry_matches"] == {"best.pt": True, "best.pt.json": True, "tokenizer.json": True}
