@@ -28,6 +28,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int = 2) -> Path:
     if quant not in QUANTS:
         raise BarkError(f"unknown quantization {quant!r}; choose from {list(QUANTS)}")
     preflight(src)  # llama.cpp must never see a damaged input
+    _quiet_llama_log()
     qp = llama_cpp.llama_model_quantize_default_params()
     qp.ftype = getattr(llama_cpp, QUANTS[quant][0])
     qp.nthread = threads
@@ -68,3 +69,12 @@ def tensor_report(path: Path, quant: str) -> dict:
             why = f"llama.cpp's {quant.upper()} mix keeps this tensor at {actual}"
         rows[name] = {"requested": wanted, "type": actual, "shape": t["shape"], "note": why}
     return {"tensors": rows, "fallbacks": fallbacks}
+
+
+def _quiet_llama_log() -> None:
+    """Only llama.cpp errors reach stderr (its quantizer logs every tensor at info level)."""
+    try:
+        from llama_cpp._logger import set_verbose
+    except ImportError:  # a future llama-cpp-python may move it; the log is only noise
+        return
+    set_verbose(False)
