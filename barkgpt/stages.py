@@ -166,8 +166,8 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
     train_ids, _ = load_shard(paths.shard("train"))
     val_ids, _ = load_shard(paths.shard("val"))
     token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
-    run = tracking.start_training_run(params, name, paths, tags)  # before training: fail fast
-    log_fn = _both(on_log, run.log_step if run else None)
+    run = tracking.start_training_run(params, name, paths, tags, resume)  # before training: fail fast
+    log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
     try:
         result = train_loop(
             model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,

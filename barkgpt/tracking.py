@@ -121,7 +121,7 @@ def data_tags(paths) -> dict[str, str]:
 # --- the run ------------------------------------------------------------------------------------
 
 class TrainingRun:
-    """An MLflow run seen from the stages. `None`-safe: with tracking disabled every call is a no-op."""
+    """An MLflow run seen from the stages (with tracking disabled, the stages hold None instead)."""
 
     def __init__(self, mlflow, client, run_id: str, params: Params, name: str, paths):
         self.mlflow, self.client, self.run_id = mlflow, client, run_id
@@ -142,14 +142,26 @@ class TrainingRun:
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
-def start_training_run(params: Params, name: str, paths, tags: dict | None = None) -> TrainingRun | None:
-    """Open the run before training (so a dead server fails now, not after the training)."""
+def start_training_run(params: Params, name: str, paths, tags: dict | None = None,
+                       resume: bool = False) -> TrainingRun | None:
+    """Open the run before training (so a dead server fails now, not after the training).
+
+    The run id is written next to the checkpoint at once, so a resumed training (--resume)
+    continues the same run, and evaluate finds it."""
     run_file = paths.models / RUN_FILE
+    previous = read_json(run_file).get("run_id") if resume and run_file.exists() else None
     run_file.unlink(missing_ok=True)  # a stale id must never receive another model's metrics
     if not params.tracking.enabled:
         return None
     mlflow, client = _client(params, paths.root)
     uri = mlflow.get_tracking_uri()
+    if previous:
+        try:
+            client.update_run(previous, status="RUNNING")
+            write_json(run_file, {"run_id": previous, "tracking_uri": uri})
+            return TrainingRun(mlflow, client, previous, params, name, paths)
+        except Exception:  # MlflowException: not in this store; start a new run below
+            pass
     exp_id = _experiment_id(client, params.tracking, paths.root, uri)
     all_tags = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths), **(tags or {})}
     run = client.create_run(exp_id, run_name=f"{name}-train", tags=all_tags)
@@ -158,6 +170,7 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
     flat = flatten(params)
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
                      synchronous=True)
+    write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": uri})
     return TrainingRun(mlflow, client, run.info.run_id, params, name, paths)
 
 
@@ -175,7 +188,6 @@ def finish_training(run: TrainingRun | None, summary: dict) -> None:
     if p.train_summary.exists():
         run.client.log_artifact(run.run_id, str(p.train_summary), "reports")
     run.end()
-    write_json(p.models / RUN_FILE, {"run_id": run.run_id, "tracking_uri": run.mlflow.get_tracking_uri()})
 
 
 def loss_curve_png(csv_path: Path, out: Path) -> Path | None:

@@ -60,6 +60,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process group this script started: SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def wait_health(url: str, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -108,8 +119,7 @@ def door(name: str, project: Path, env: dict, deployment: dict | None) -> float:
             return run([str(BIN / "prefect"), "deployment", "run", "bark-pipeline/local", "--watch",
                         "--watch-interval", "1"], project, env)
         finally:
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(30)
+            stop(worker)
     raise ValueError(name)
 
 
@@ -152,8 +162,7 @@ def main() -> None:
         print(json.dumps({k: round(v, 2) for k, v in results.items()}))
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(30)
+            stop(server)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -64,9 +64,10 @@ def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)  # the process group this test started
         try:
-            proc.wait(15)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
 
 def get_json(url: str) -> dict:
@@ -312,3 +313,32 @@ def test_overrides_nested_or_dotted_and_retry_only_transient():
     assert transient_only(None, None, Failed(data=OSError("disk full")))
     assert not transient_only(None, None, Failed(data=BarkError("bad input")))
     assert not transient_only(None, None, Failed(data=ValueError("bug")))
+
+
+def test_cli_door_tracks_one_run_across_train_resume_and_evaluate(tmp_path):
+    """Embedded store: a crashed training resumed with --resume and then evaluated is one MLflow run."""
+    import mlflow
+
+    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 200, "val_conversations": 50},
+                                            "train": {"max_steps": 6, "log_every": 2, "eval_every": 3,
+                                                      "checkpoint_every": 2},
+                                            "eval": {"contract_samples": 10}}})
+    params = load_params(root / "params.yaml")
+    stages.bark_data(params, root)
+    stages.tokenize(params, "bark", root)
+
+    def crash_at_4(step, _metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(params, "bark", root, on_log=crash_at_4, progress=False)
+    first = json.loads((root / "models/bark/mlflow_run.json").read_text())["run_id"]
+    assert stages.train(params, "bark", root, resume=True, progress=False)["mlflow_run_id"] == first
+    assert stages.evaluate(params, "bark", root)["mlflow"]["run_id"] == first
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and "eval.contract_accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(first, "loss")] == [2, 4, 6]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert (root / "mlruns").is_dir()
