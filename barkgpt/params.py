@@ -186,7 +186,7 @@ class ServeParams(Strict):
     backend: Literal["llama", "torch"] = "llama"
     model: str | None = Field(None, description="GGUF or .pt path; None = the pipeline's deploy model")
     pipeline: str = "bark"
-    quant: str = Field("Q8_0", description="which GGUF quantization the llama backend loads by default")
+    quant: str | None = Field(None, description="GGUF quantization the llama backend loads; None = export.deploy_quantization")
     model_id: str | None = Field(None, description="name in /v1/models; None = derived from the file")
     chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
     n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")

@@ -146,6 +146,15 @@ def test_bad_completion_prompts(bark_server):
     assert r.status_code == 400
     r = httpx.post(url, json={"prompt": "woof", "stop": ["a", "b", "c", "d", "e"]})
     assert r.status_code == 400 and "at most 4" in r.json()["error"]["message"]
+    # bodies over the limit are refused before parsing, with or without a Content-Length
+    big = json.dumps({"prompt": "woof " * 40000}).encode()
+    r = httpx.post(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]
+    r = httpx.post(url, content=iter([big[:100000], big[100000:]]), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.post(url, content=iter([b'{"prompt": ', b'"User: speak Assistant:"}']),
+                   headers={"content-type": "application/json"})  # chunked but small: served
+    assert r.status_code == 200 and barks_ok(r.json()["choices"][0]["text"])
     assert httpx.get(bark_server + "/nope").status_code == 404
     assert httpx.get(url).status_code == 405
 
@@ -229,6 +238,18 @@ def test_worker_queue_bound_and_deadline():
         await asyncio.sleep(0.01)
         worker.submit(expired)
         assert await asyncio.wait_for(expired.events.get(), 5) == ("timeout", None)
+
+        def endless(stop):  # a generation that would run forever: the deadline ends it between tokens
+            while not stop():
+                time.sleep(0.01)
+                yield "woof"
+
+        slow = Job(endless, loop, 0.3)
+        worker.submit(slow)
+        events = []
+        while not events or events[-1][0] == "item":
+            events.append(await asyncio.wait_for(slow.events.get(), 5))
+        assert events[-1] == ("timeout", None) and 3 < len(events) < 100
         worker.stop()
 
     asyncio.run(main())
@@ -308,7 +329,8 @@ def test_serve_cli_names_a_missing_model(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     r = subprocess.run([sys.executable, "-m", "barkgpt", "serve"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "GGUF" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "exports/bark/bark-q8_0.gguf: not found" in r.stderr and "--backend torch" in r.stderr
 
 
 # --- any chat GGUF: Gemma 3 270M from the `gemma` extra -------------------------------------
@@ -365,3 +387,50 @@ def test_schemathesis_finds_no_server_errors(bark_server, tmp_path):
     cases = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
     assert "Tested: 6" in r.stdout and cases and cases[1] == cases[2] and int(cases[1]) > 200
     assert httpx.get(bark_server + "/ready").status_code == 200
+
+
+# --- the app factory for other hosts (AWS Lambda through Mangum) -------------------------------
+
+def test_create_app_from_env_under_mangum(bark_gguf, tmp_path):
+    """`create_app(load_settings())` with the model named by BARKGPT_MODEL, driven by Mangum the way
+    AWS Lambda does: the lifespan runs per invocation, the model loads once."""
+    from mangum import Mangum
+
+    from barkgpt.serve.app import create_app
+    from barkgpt.serve.settings import load_settings
+
+    settings = load_settings(root=tmp_path, env={"BARKGPT_MODEL": str(bark_gguf), "BARKGPT_API_KEY": "k"})
+    assert settings.serve.model == str(bark_gguf) and settings.api_key == "k"
+    app = create_app(settings)
+    handler = Mangum(app, lifespan="auto")
+
+    def event(path, method="GET", body=None):
+        return {"version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
+                "headers": {"content-type": "application/json", "authorization": "Bearer k",
+                            "host": "x.lambda-url.us-east-1.on.aws"},
+                "requestContext": {"http": {"method": method, "path": path, "sourceIp": "127.0.0.1",
+                                            "protocol": "HTTP/1.1"}, "stage": "$default"},
+                "body": json.dumps(body) if body else None, "isBase64Encoded": False}
+
+    class Ctx:
+        aws_request_id = "test"
+
+    backends = []
+    for seed in range(2):
+        r = handler(event("/v1/chat/completions", "POST", {"messages": USER, "seed": seed}), Ctx())
+        assert r["statusCode"] == 200, r
+        assert barks_ok(json.loads(r["body"])["choices"][0]["message"]["content"])
+        backends.append(app.state.backend)
+    assert backends[0] is backends[1]  # loaded once, reused by the second invocation
+    assert handler(event("/health"), Ctx())["statusCode"] == 200
+
+
+def test_default_model_is_the_pipelines_deploy_gguf(bark_project, bark_gguf, tmp_path):
+    """With no --model, `barkgpt serve` loads exports/bark/bark-<export.deploy_quantization>.gguf."""
+    shutil.copy(bark_project / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "exports" / "bark").mkdir(parents=True)
+    shutil.copy(bark_gguf, tmp_path / "exports" / "bark" / "bark-q8_0.gguf")
+    with run_server(["serve"], cwd=tmp_path) as url:
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "bark-q8_0"
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
+        assert barks_ok(r.json()["choices"][0]["message"]["content"])

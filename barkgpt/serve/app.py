@@ -91,6 +91,39 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=-INT64, le=INT64)
 
 
+class BodyLimit:
+    """Refuse bodies over `max_body` bytes before the app parses them: by Content-Length when the
+    client sends one, else by reading (and then replaying) the body up to the limit. Plain ASGI,
+    so streaming responses and disconnect detection pass through untouched."""
+
+    def __init__(self, app, max_body: int):
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        too_big = error_response(413, f"request body over {self.max_body} bytes", "body_too_large")
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None:
+            if not size.isdigit() or int(size) > self.max_body:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        messages, total = [], 0  # chunked upload: buffer it, bounded
+        while True:
+            message = await receive()
+            messages.append(message)
+            total += len(message.get("body", b""))
+            if total > self.max_body:
+                return await too_big(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _describe(errors: list[dict]) -> str:
     parts = []
     for e in errors[:5]:
@@ -117,17 +150,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="BarkGPT", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible completions and chat for BarkGPT models and chat GGUFs.")
     app.state.backend = None
+    app.add_middleware(BodyLimit, max_body=64 * 1024 + 8 * serve.max_prompt_chars)
     app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_methods=["GET", "POST"],
-                       allow_headers=["Authorization", "Content-Type"])
-
-    max_body = 64 * 1024 + 8 * serve.max_prompt_chars
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body):
-            return error_response(413, f"request body over {max_body} bytes", "body_too_large")
-        return await call_next(request)
+                       allow_headers=["Authorization", "Content-Type"])  # outermost: errors get CORS headers too
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError):
@@ -181,8 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"the prompt has {n} characters; this server's limit is {serve.max_prompt_chars}",
                            "prompt_too_long")
 
-    def start(request: Request, run) -> Job:
-        job = Job(run, asyncio.get_running_loop(), serve.request_timeout_s)
+    def start(request: Request, run, whole: bool = False) -> Job:
+        job = Job(run, asyncio.get_running_loop(), serve.request_timeout_s, whole)
         try:
             request.app.state.worker.submit(job)
         except Busy:
@@ -210,12 +235,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             while True:
                 kind, value = await next_event(job)
-                if kind != "item":
+                if kind not in ("item", "items"):
                     return "".join(parts), done
-                if isinstance(value, Done):
-                    done = value
-                else:
-                    parts.append(value)
+                for item in value if kind == "items" else [value]:
+                    if isinstance(item, Done):
+                        done = item
+                    else:
+                        parts.append(item)
         finally:
             job.cancelled.set()
 
@@ -281,7 +307,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         prompt = prompts[0]
         check_chars(len(prompt))
         g = gen_params(body)
-        job = start(request, lambda stop: backend.complete(prompt, g, stop))
+        job = start(request, lambda stop: backend.complete(prompt, g, stop), whole=not body.stream)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None) -> dict:
@@ -328,7 +354,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         backend = backend_for(request, body.model)
         messages = chat_messages(body)
         g = gen_params(body)
-        job = start(request, lambda stop: backend.chat(messages, g, stop))
+        job = start(request, lambda stop: backend.chat(messages, g, stop), whole=not body.stream)
         return backend, job
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])

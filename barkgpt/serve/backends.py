@@ -245,14 +245,31 @@ def resolve_model(serve, root: Path) -> Path:
         if not paths.checkpoint.exists():
             raise BarkError(f"{paths.checkpoint}: checkpoint not found; run the pipeline first (dvc repro)")
         return paths.checkpoint
-    found = sorted(p for p in paths.models.glob("**/*.gguf") if serve.quant.lower() in p.name.lower())
-    if not found:
-        raise BarkError(f"no {serve.quant} GGUF under {paths.models}; run the export stage (dvc repro), "
-                        "pass --model FILE.gguf, or serve the checkpoint with --backend torch")
-    return found[0]
+    quant = (serve.quant or "q8_0").lower()
+    gguf = paths.exports / f"{serve.pipeline}-{quant}.gguf"  # what the bark-quantize stage writes
+    if not gguf.exists():
+        raise BarkError(f"{gguf}: not found; run the pipeline through quantization (dvc repro "
+                        f"{serve.pipeline}-quantize), pass --model FILE.gguf, or serve the checkpoint with "
+                        "--backend torch")
+    return gguf
+
+
+_LOADED: dict[tuple, object] = {}
+_LOADED_LOCK = threading.Lock()
 
 
 def load_backend(serve, root: Path):
+    """Load once per process: an app's lifespan may run again for the same model (Mangum runs it
+    on every AWS Lambda invocation), and a warm Lambda must not reload its model each time."""
+    key = (str(resolve_model(serve, root).resolve()), serve.backend, serve.threads, serve.n_ctx,
+           serve.chat_format, serve.llama_extra_buffers, serve.model_id, serve.pipeline)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _load_backend(serve, root)
+        return _LOADED[key]
+
+
+def _load_backend(serve, root: Path):
     path = resolve_model(serve, root)
     if serve.backend == "torch" or path.suffix == ".pt":
         return TorchBackend(path, serve.threads, serve.model_id or f"barkgpt-{serve.pipeline}")

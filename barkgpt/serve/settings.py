@@ -36,8 +36,10 @@ def load_settings(params_path: str | Path | None = None, root: str | Path | None
     env = os.environ if env is None else env
     root = Path(root or env.get("BARKGPT_ROOT") or ".")
     params_path = Path(params_path or env.get("BARKGPT_PARAMS") or root / "params.yaml")
-    base = load_params(params_path).serve if params_path.exists() else ServeParams()
-    values = base.model_dump()
+    params = load_params(params_path) if params_path.exists() else None
+    values = (params.serve if params else ServeParams()).model_dump()
+    if values["quant"] is None:  # serve what the pipeline ships
+        values["quant"] = params.export.deploy_quantization if params else "q8_0"
     for var, key in ENV_FIELDS.items():
         if env.get(var):
             raw = env[var]

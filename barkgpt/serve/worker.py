@@ -25,8 +25,9 @@ class Busy(Exception):
 
 class Job:
     def __init__(self, run: Callable[[Callable[[], bool]], Iterator], loop: asyncio.AbstractEventLoop,
-                 timeout_s: float):
+                 timeout_s: float, whole: bool = False):
         self.run = run
+        self.whole = whole  # deliver all items in one event (non-streaming: one cross-thread wake-up)
         self.loop = loop
         self.deadline = time.monotonic() + timeout_s
         self.cancelled = threading.Event()
@@ -79,8 +80,11 @@ class ModelWorker:
                 continue
             self.busy = True
             try:
-                for item in job.run(job.should_stop):
-                    job.emit("item", item)
+                if job.whole:
+                    job.emit("items", list(job.run(job.should_stop)))
+                else:
+                    for item in job.run(job.should_stop):
+                        job.emit("item", item)
                 job.emit("timeout" if job.timed_out() else "end")
             except BarkError as err:
                 job.emit("bad", str(err))

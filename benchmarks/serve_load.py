@@ -1,0 +1,202 @@
+"""Load benchmark for `barkgpt serve` on loopback: latency percentiles, throughput, errors.
+
+Starts the server (bark model through llama.cpp by default), then for each concurrency level runs
+a fixed number of chat requests from that many concurrent clients (keep-alive connections) and
+prints p50/p90/p99 latency, requests/s, 4xx/5xx counts, dropped connections and how many replies
+kept the bark contract. Bounded: every level stops after --requests requests.
+
+    python benchmarks/serve_load.py                       # full: 8 and 32 clients, 2000 requests each
+    python benchmarks/serve_load.py --requests 200        # short check
+    python benchmarks/serve_load.py --url http://HOST:PORT --model-id NAME   # an already running server
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from barkgpt.params import BARKS  # noqa: E402
+
+
+def bark_gguf(root: Path, quant: str) -> Path:
+    """The pipeline's deploy GGUF; without one, export models/bark/best.pt to a temp GGUF."""
+    from barkgpt.errors import BarkError
+    from barkgpt.serve.backends import resolve_model
+    from barkgpt.serve.settings import load_settings
+
+    serve = load_settings(root=root, quant=quant, backend="llama").serve
+    quant = serve.quant
+    try:
+        return resolve_model(serve, root)
+    except BarkError:
+        from barkgpt.checkpoint import load_model
+        from barkgpt.export.gguf_file import write_gguf
+        from barkgpt.export.quantize import quantize
+
+        out = Path(tempfile.mkdtemp(prefix="barkgpt-bench-"))
+        model, tok = load_model(root / "models" / "bark" / "best.pt")
+        f32 = write_gguf(model, tok, out / "bark-f32.gguf")
+        return quantize(f32, out / f"bark-{quant.lower()}.gguf", quant.lower())
+
+
+def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
+           "--host", "127.0.0.1", "--log-level", "warning", "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; run `{' '.join(cmd)}` to see why")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready in 120 s")
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection on raw asyncio streams: a load generator much lighter
+    than a full client library, so the numbers measure the server, not the client."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("server closed the connection")
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "connection" and value.strip().lower() == "close":
+                close = True
+        data = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return int(status_line.split()[1]), data
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def run_level(url: str, model_id: str, clients: int, requests: int, max_tokens: int) -> dict:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    latencies: list[float] = []
+    status: dict[int, int] = {}
+    dropped = contract_ok = 0
+    next_id = 0
+
+    async def worker():
+        nonlocal next_id, dropped, contract_ok
+        conn = Connection(host, port)
+        while next_id < requests:
+            i = next_id
+            next_id += 1
+            body = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "speak"}],
+                               "max_tokens": max_tokens, "seed": i}).encode()
+            t0 = time.perf_counter()
+            try:
+                code, data = await asyncio.wait_for(conn.post("/v1/chat/completions", body), 30)
+            except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                dropped += 1
+                await conn.close()
+                continue
+            latencies.append(time.perf_counter() - t0)
+            status[code] = status.get(code, 0) + 1
+            if code == 200:
+                words = json.loads(data)["choices"][0]["message"]["content"].split()
+                contract_ok += bool(words) and all(w in BARKS for w in words)
+        await conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(clients)])
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return 1000 * lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    return {"clients": clients, "requests": requests, "ok": status.get(200, 0),
+            "4xx": sum(n for s, n in status.items() if 400 <= s < 500),
+            "5xx": sum(n for s, n in status.items() if s >= 500), "dropped": dropped,
+            "contract_ok": contract_ok, "req_per_s": requests / wall, "p50_ms": pct(0.50), "p90_ms": pct(0.90),
+            "p99_ms": pct(0.99), "max_ms": 1000 * lat[-1] if lat else float("nan"),
+            "mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--requests", type=int, default=2000, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--model", help="GGUF to serve (default: the pipeline's Q8_0 GGUF, else one exported now)")
+    ap.add_argument("--quant", default=None, help="default: export.deploy_quantization")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--url", help="benchmark a running server instead of starting one")
+    ap.add_argument("--model-id", help="with --url: the model name to send")
+    ap.add_argument("--out", help="also write the results as JSON here")
+    args = ap.parse_args()
+
+    proc = None
+    if args.url:
+        url, model_id = args.url.rstrip("/"), args.model_id
+    else:
+        import socket
+
+        model = Path(args.model) if args.model else bark_gguf(ROOT, args.quant)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        proc = start_server(model, port, args.threads)
+        url = f"http://127.0.0.1:{port}"
+        model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        print(f"serving {model} as {model_id!r} on {url}")
+    try:
+        asyncio.run(run_level(url, model_id, 4, 100, args.max_tokens))  # warm-up, not reported
+        results = [asyncio.run(run_level(url, model_id, c, args.requests, args.max_tokens)) for c in args.clients]
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+    cols = ["clients", "requests", "ok", "4xx", "5xx", "dropped", "contract_ok", "req_per_s", "p50_ms", "p90_ms",
+            "p99_ms", "max_ms"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    level8 = next((r for r in results if r["clients"] == 8), None)
+    if level8:
+        ok = level8["p50_ms"] <= 20 and level8["p99_ms"] <= 100
+        print(f"targets at 8 clients (p50 <= 20 ms, p99 <= 100 ms): {'met' if ok else 'NOT met'}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
