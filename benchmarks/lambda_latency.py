@@ -77,15 +77,22 @@ def main() -> None:
     result = {
         "artifact": params.deploy.artifact, "backend": backend, "model_file": str(files["model"]),
         "release_bytes": size, "reply": reply,
-        "cold_start_s": {k: statistics.median(c[k] for c in colds) for k in colds[0]},
+        # The first cold start also imports the serving stack (FastAPI, llama.cpp), as a new Lambda
+        # container does; later ones in this process reuse the imports (a container with a warm
+        # import cache but an empty /tmp), so both are reported.
+        "first_cold_start_s": colds[0],
+        "cold_start_s": {k: statistics.median(c[k] for c in colds[1:] or colds) for k in colds[0]},
         "cold_starts": len(colds),
         "warm_generate_ms": {"p50": 1000 * pct(warm, 0.5), "p99": 1000 * pct(warm, 0.99),
                              "mean": 1000 * statistics.mean(warm), "n": len(warm)},
         "warm_health_ms": {"p50": 1000 * pct(health, 0.5), "p99": 1000 * pct(health, 0.99)},
     }
-    c = result["cold_start_s"]
+    c, f = result["cold_start_s"], result["first_cold_start_s"]
     print(f"{args.pipeline} {result['artifact']} ({backend}), release {size:,} bytes; reply {reply!r}")
-    print(f"cold start (median of {len(colds)}): manifest {c['manifest_s']*1000:.1f} ms, download+sha256 "
+    print(f"first cold start (incl. imports): download+sha256 {f['download_verify_s']*1000:.1f} ms, load "
+          f"{f['load_s']*1000:.1f} ms, total {f['cold_start_s']*1000:.1f} ms; first request incl. cold start "
+          f"{f['first_request_total_s']*1000:.1f} ms")
+    print(f"cold start (median of {max(1, len(colds) - 1)}, imports cached): manifest {c['manifest_s']*1000:.1f} ms, download+sha256 "
           f"{c['download_verify_s']*1000:.1f} ms, load {c['load_s']*1000:.1f} ms, total {c['cold_start_s']*1000:.1f} ms; "
           f"first request incl. cold start {c['first_request_total_s']*1000:.1f} ms")
     w = result["warm_generate_ms"]
