@@ -20,7 +20,7 @@ from barkgpt.deploy.events import function_url_event, response_json
 from barkgpt.deploy.lambda_fn import (FunctionSpec, alias_version, ensure_function, ensure_role, ensure_url,
                                       move_alias, publish, published_versions)
 from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MODEL_DIR, AppFactory, LambdaApp
-from barkgpt.deploy.release import MIB, TransferSettings, build_manifest, ensure_bucket, manifest_uri, upload_release
+from barkgpt.deploy.release import MIB, TransferSettings, build_manifest, ensure_bucket, upload_release
 from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, write_json
 from barkgpt.params import DeployParams, Params
