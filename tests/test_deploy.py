@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -258,6 +259,7 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     assert fn["changed"] == ["created"] and fn["version"] == "1" and fn["previous_version"] is None
     assert set(first["smoke"]["reply"].split()) <= BARKS and first["smoke"]["reply"]
     assert first["smoke"]["requests"][0]["status"] == 200
+    assert not [t for t in threading.enumerate() if t.name == "barkgpt-model" and t.is_alive()]  # smoke app closed
     lam, s3 = target.client("lambda"), target.client("s3")
     assert lam.get_alias(FunctionName=fn["name"], Name="live")["FunctionVersion"] == "1"
     url = lam.get_function_url_config(FunctionName=fn["name"], Qualifier="live")
@@ -367,6 +369,8 @@ def test_handler_function_url_and_api_gateway_events(released, tmp_path):
     assert app.asgi is loaded and app.timings == timings  # warm: loaded once, reused
     missing = app(function_url_event("GET", "/no-such-route"))
     assert missing["statusCode"] == 404
+    app.close()  # what the in-process smoke test does: the server's worker thread stops
+    assert not app.app.state.worker.thread.is_alive()
 
 
 def test_handler_refuses_tampered_model(released, tmp_path):

@@ -231,20 +231,12 @@ def smoke_test(target: AwsTarget, name: str, version: str, cfg: DeployParams, mo
             env = lam.get_function_configuration(FunctionName=name, Qualifier=version).get(
                 "Environment", {}).get("Variables", {})
             container = LambdaApp({**env, ENV_MODEL_DIR: tmp}, s3=target.client("s3"), app_factory=app_factory)
-        for label, event in events:
-            started = time.perf_counter()
-            try:
-                response = container(event) if container else _invoke_remote(lam, name, version, event)
-            except BarkError:
-                raise
-            except Exception as err:  # the handler crashed: that is the smoke test's answer
-                raise SmokeTestFailed(f"{label} on version {version} raised {type(err).__name__}: {err}") from None
-            seconds = time.perf_counter() - started
-            status = response.get("statusCode")
-            body = _safe_json(response)
-            if status != 200:
-                raise SmokeTestFailed(f"{label} on version {version} answered {status}: {str(body)[:300]}")
-            results.append({"request": label, "status": status, "seconds": round(seconds, 4), "body": body})
+        try:
+            for label, event in events:
+                results.append(_smoke_request(container, lam, name, version, label, event))
+        finally:
+            if container is not None:
+                container.close()  # stop the in-process server's worker thread
         reply = (results[-1]["body"] or {}).get("message") if isinstance(results[-1]["body"], dict) else None
         if not reply or not str(reply).strip():
             raise SmokeTestFailed(f"POST /v1/model/generate on version {version} returned no message: "
@@ -252,6 +244,22 @@ def smoke_test(target: AwsTarget, name: str, version: str, cfg: DeployParams, mo
     log(f"smoke test passed on version {version} ({mode}): {cfg.smoke_prompt!r} -> {reply!r}")
     return {"mode": mode, "version": version, "requests": results, "reply": reply,
             "cold_start": container.timings if container else None}
+
+
+def _smoke_request(container, lam, name: str, version: str, label: str, event: dict) -> dict:
+    started = time.perf_counter()
+    try:
+        response = container(event) if container else _invoke_remote(lam, name, version, event)
+    except BarkError:
+        raise
+    except Exception as err:  # the handler crashed: that is the smoke test's answer
+        raise SmokeTestFailed(f"{label} on version {version} raised {type(err).__name__}: {err}") from None
+    seconds = time.perf_counter() - started
+    status = response.get("statusCode")
+    body = _safe_json(response)
+    if status != 200:
+        raise SmokeTestFailed(f"{label} on version {version} answered {status}: {str(body)[:300]}")
+    return {"request": label, "status": status, "seconds": round(seconds, 4), "body": body}
 
 
 def _invoke_remote(lam, name: str, version: str, event: dict) -> dict:

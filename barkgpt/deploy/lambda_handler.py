@@ -45,6 +45,29 @@ def serving_app(files: dict[str, Path], manifest: dict, env: Mapping[str, str]):
     return app
 
 
+def _on_helper_thread(coro_fn) -> None:
+    """Run an async callable to completion on a fresh thread and loop; re-raise its error here.
+
+    Not asyncio.run: on exit it finalizes every async generator the loop started, which would
+    close the app's lifespan generator before its shutdown half could ever run."""
+    failure: list[BaseException] = []
+
+    def run():
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(coro_fn())
+        except BaseException as err:
+            failure.append(err)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="barkgpt-lifespan")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def start_lifespan(app) -> None:
     """Run the app's start-up (model load, worker thread) once for the container's life.
 
@@ -52,20 +75,16 @@ def start_lifespan(app) -> None:
     start-up runs on a helper thread with its own event loop, so it also works when the caller
     already runs a loop (an in-process smoke test inside an async flow)."""
     ctx = app.router.lifespan_context(app)
-    failure: list[BaseException] = []
-
-    def enter():
-        try:
-            asyncio.run(ctx.__aenter__())
-        except BaseException as err:  # re-raised on the calling thread
-            failure.append(err)
-
-    thread = threading.Thread(target=enter, name="barkgpt-lifespan")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
+    _on_helper_thread(ctx.__aenter__)
     app.state.lambda_lifespan = ctx  # the context stays open until the container ends
+
+
+def stop_lifespan(app) -> None:
+    """The app's shutdown (worker thread stops); for in-process use, where the process lives on."""
+    ctx = getattr(getattr(app, "state", None), "lambda_lifespan", None)
+    if ctx is not None:
+        app.state.lambda_lifespan = None
+        _on_helper_thread(lambda: ctx.__aexit__(None, None, None))
 
 
 def refusal(status: int, kind: str, message: str) -> dict:
@@ -81,7 +100,8 @@ class LambdaApp:
         self.env = dict(env)
         self._s3 = s3
         self.app_factory = app_factory or serving_app
-        self.asgi = None          # the Mangum handler once loaded
+        self.app = None           # the ASGI app once loaded
+        self.asgi = None          # the Mangum handler around it
         self.refused: str | None = None
         self.manifest: dict | None = None
         self.files: dict[str, Path] = {}
@@ -118,13 +138,18 @@ class LambdaApp:
         t_download = time.perf_counter()
         app = self.app_factory(files, manifest, self.env)
         # lifespan off: Mangum would otherwise run startup/shutdown on every invocation.
-        self.asgi = Mangum(app, lifespan="off")
+        self.app, self.asgi = app, Mangum(app, lifespan="off")
         t_load = time.perf_counter()
         self.manifest, self.files = manifest, files
         self.timings = {"manifest_s": t_manifest - started, "download_verify_s": t_download - t_manifest,
                         "load_s": t_load - t_download, "cold_start_s": t_load - started}
         print(json.dumps({"barkgpt": "cold_start", "release_id": manifest["release_id"], **self.timings}),
               file=sys.stderr)
+
+    def close(self) -> None:
+        """Shut the app down (a Lambda container never does; an in-process smoke test must)."""
+        if self.app is not None:
+            stop_lifespan(self.app)
 
     def __call__(self, event: dict, context=None) -> dict:
         self.invocations += 1
