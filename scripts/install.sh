@@ -15,13 +15,32 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+
+# llama-cpp-python compiles llama.cpp. We build it ourselves, once, into a wheelhouse keyed by
+# version and flags: with -march=native on a CPU with AMX, llama.cpp moves quantized weights into
+# AMX buffers and crashes on the first forward pass (llama.cpp issue #20824), so we build with
+# AVX-512 but without AMX. LLAMA_CMAKE_ARGS overrides the flags (e.g. for an older CPU).
+llama_version=$(sed -n 's/^llama-cpp-python==//p' constraints.txt)
+llama_cmake_args="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF}"
+install_llama_cpp() {
+  local key wheelhouse
+  key=$(printf '%s %s' "$llama_version" "$llama_cmake_args" | sha256sum | cut -c1-12)
+  wheelhouse="${BARKGPT_WHEELHOUSE:-$HOME/.cache/barkgpt/wheels}/llama-$key"
+  if ! ls "$wheelhouse"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "==> compiling llama-cpp-python $llama_version (about 4 minutes on 2 cores; cached after)"
+    CMAKE_ARGS="$llama_cmake_args" "${pip[@]}" wheel -q --no-cache-dir --no-deps -w "$wheelhouse" \
+      "llama-cpp-python==$llama_version"
+  fi
+  "${pip[@]}" install -q -c constraints.txt "$wheelhouse"/llama_cpp_python-*.whl
+}
 stamp="$venv/.installed-$extras"
 # Re-install only when the dependency list changed (pip is slow even when nothing changes).
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  echo "==> installing barkgpt[$extras] (llama-cpp-python compiles on first install, ~4 min)"
+  echo "==> installing barkgpt[$extras]"
   "${pip[@]}" install -q --upgrade pip setuptools wheel
   # torch first, from the pinned CPU build, so no dependency can pull another one.
   "${pip[@]}" install -q -c constraints.txt torch==2.13.0
+  install_llama_cpp
   "${pip[@]}" install -q -c constraints.txt -e ".[$extras]"
   touch "$stamp"
 fi
