@@ -64,7 +64,14 @@ def _client(params: Params, root: Path):
 
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
-    mlflow.set_tracking_uri(uri)
+    user_setting = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model, register_model)
+    # MLflow also exports the URI to the environment; undo that, or the next stage call in this
+    # process (another project root, a test) would silently log into this project's store.
+    if user_setting is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_setting
     return mlflow, mlflow.MlflowClient(uri)
 
 

@@ -173,9 +173,10 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     assert alias["run_id"] == run_id
 
 
-def test_champion_loads_with_pyfunc_and_barks(stack, deployed_run):
+def test_champion_loads_with_pyfunc_and_barks(stack, deployed_run, monkeypatch):
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])  # restored after the test
     mlflow.set_tracking_uri(stack["mlflow"])
     model = mlflow.pyfunc.load_model("models:/barkgpt-bark@champion")
     out = model.predict(["User: speak Assistant:", "User: speak Assistant:"])
@@ -319,6 +320,7 @@ def test_cli_door_tracks_one_run_across_train_resume_and_evaluate(tmp_path):
     """Embedded store: a crashed training resumed with --resume and then evaluated is one MLflow run."""
     import mlflow
 
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 200, "val_conversations": 50},
                                             "train": {"max_steps": 6, "log_every": 2, "eval_every": 3,
                                                       "checkpoint_every": 2},
@@ -342,3 +344,4 @@ def test_cli_door_tracks_one_run_across_train_resume_and_evaluate(tmp_path):
     assert [m.step for m in client.get_metric_history(first, "loss")] == [2, 4, 6]
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert (root / "mlruns").is_dir()
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # this store did not leak to later calls
