@@ -150,7 +150,7 @@ def mlflow_provenance(root: Path, name: str) -> dict | None:
         import mlflow
         from mlflow.artifacts import download_artifacts
 
-        client = mlflow.MlflowClient(tracking_uri=info.get("tracking_uri"))
+        client = mlflow.MlflowClient(tracking_uri=info.get("tracking_uri"), registry_uri=info.get("tracking_uri"))
         versions = client.search_model_versions(f"run_id = '{info['run_id']}'")
         if not versions:
             return out
@@ -159,8 +159,10 @@ def mlflow_provenance(root: Path, name: str) -> dict | None:
         out.update({"registered_model": v.name, "version": int(v.version),
                     "aliases": sorted(a for a, ver in (model.aliases or {}).items() if str(ver) == str(v.version))})
         with tempfile.TemporaryDirectory() as tmp:
-            local = Path(download_artifacts(artifact_uri=f"models:/{v.name}/{v.version}", dst_path=tmp,
-                                            tracking_uri=info.get("tracking_uri")))
+            # The version's own location, not "models:/...": that form resolves against the
+            # process-wide registry URI, which need not be this project's store.
+            local = Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(v.name, v.version),
+                                            dst_path=tmp, tracking_uri=info.get("tracking_uri")))
             from barkgpt.fileio import sha256_file
 
             out["artifact_sha256"] = {p.name: sha256_file(p) for p in sorted(local.rglob("*"))

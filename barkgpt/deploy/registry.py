@@ -28,7 +28,7 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
     uri = resolve_uri(params.tracking, root)
     model = f"{params.tracking.model_prefix}-{name}"
     alias = alias or params.tracking.champion_alias
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     try:
         mv = client.get_model_version(model, str(version)) if version else client.get_model_version_by_alias(model, alias)
     except Exception as err:
@@ -43,7 +43,9 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
     for folder in (models, data, reports):
         folder.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(download_artifacts(artifact_uri=f"models:/{model}/{mv.version}", dst_path=tmp, tracking_uri=uri))
+        # The version's own location: "models:/..." would resolve against the process-wide registry.
+        local = Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(model, mv.version),
+                                        dst_path=tmp, tracking_uri=uri))
         found = {p.name: p for p in local.rglob("*") if p.is_file()}
         for file, dest in (("best.pt", models), ("best.pt.json", models), ("tokenizer.json", data)):
             if file not in found:
