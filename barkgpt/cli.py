@@ -42,6 +42,7 @@ def cmd_webtext_tokenizer(args) -> None:
     print(f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
           f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
 
+
 def cmd_validate(args) -> None:
     from barkgpt import stages
 
@@ -115,17 +116,6 @@ def cmd_generate(args) -> None:
         print(f"{args.prompt} {completion}".strip())
 
 
-def cmd_deploy(args) -> None:
-    from barkgpt import stages
-
-    report = stages.deploy(_params(args), args.pipeline)
-    fn, rel = report["function"], report["release"]
-    print(f"release {rel['id']} ({rel['status']}) at {rel['manifest_uri']}")
-    print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
-          f"{', '.join(fn['changed']) or 'nothing'}) on {report['target']}")
-    print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
-
-
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -147,6 +137,17 @@ def cmd_chat(args) -> None:
     from barkgpt.chat.terminal import run_chat
 
     run_chat(args.url, api_key=args.api_key, temperature=args.temperature, max_tokens=args.max_tokens)
+
+
+def cmd_deploy(args) -> None:
+    from barkgpt import stages
+
+    report = stages.deploy(_params(args), args.pipeline)
+    fn, rel = report["function"], report["release"]
+    print(f"release {rel['id']} ({rel['status']}) at {rel['manifest_uri']}")
+    print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
+          f"{', '.join(fn['changed']) or 'nothing'}) on {report['target']}")
+    print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,10 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=1)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
-                                      "(a local AWS API server when no AWS configuration exists)")
-    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES)
-    p.set_defaults(fn=cmd_deploy)
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")
     p.add_argument("--host", help="default: serve.host (env BARKGPT_SERVE_HOST)")
     p.add_argument("--port", type=int, help="default: serve.port (env BARKGPT_SERVE_PORT)")
@@ -218,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
+                                      "(a local AWS API server when no AWS configuration exists)")
+    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES)
+    p.set_defaults(fn=cmd_deploy)
     return parser
 
 

@@ -142,67 +142,6 @@ class BarkPipeline(Strict):
     gates: BarkGates = BarkGates()
 
 
-class DeployParams(Strict):
-    """S3 release + Lambda function (barkgpt/deploy). Where AWS is comes from the environment
-    (credentials, AWS_REGION, AWS_ENDPOINT_URL); with none, a local AWS API server is started."""
-
-    target: Literal["auto", "local", "aws"] = Field(
-        "auto", description="auto: real AWS when any AWS configuration exists, else a local moto server")
-    region: str = Field("us-east-1", description="region when the environment names none")
-    bucket: str = Field("barkgpt-artifacts", min_length=3, max_length=63)
-    prefix: str = Field("releases", description="key prefix; releases go to <prefix>/<pipeline>/<release id>/")
-    artifact: Literal["gguf", "checkpoint"] = Field(
-        "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
-    quantization: str | None = Field(
-        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
-    require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
-    function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
-    role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")
-    image_repository: str = Field("barkgpt-lambda", description="ECR repository of the function image")
-    image_uri: str | None = Field(None, description="None = <account>.dkr.ecr.<region>.amazonaws.com/<repo>:<code hash>")
-    architecture: Literal["x86_64", "arm64"] = "x86_64"
-    memory_mb: int = Field(1024, ge=128, le=10240)
-    timeout_s: int = Field(30, ge=1, le=900)
-    ephemeral_storage_mb: int = Field(1024, ge=512, le=10240, description="/tmp size; holds the model")
-    environment: dict[str, str] = Field(default_factory=dict, description="extra function environment")
-    alias: str = Field("live", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,127}$")
-    url_auth_type: Literal["AWS_IAM", "NONE"] = "AWS_IAM"
-    multipart_threshold_mb: float = Field(64, gt=0, description="files at least this big upload in parts")
-    multipart_chunk_mb: float = Field(16, ge=5, description="part size (S3 minimum 5 MiB)")
-    upload_attempts: int = Field(3, ge=1, le=10)
-    smoke: Literal["auto", "remote", "in_process"] = Field(
-        "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
-    smoke_prompt: str = Field("speak", description="user message the smoke test sends to /v1/model/generate")
-
-
-class ServeParams(Strict):
-    """`barkgpt serve`: where it listens, which model it loads, and the limits in front of it.
-
-    The API key is never written here: it comes from the BARKGPT_API_KEY environment variable.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    backend: Literal["llama", "torch"] = "llama"
-    model: str | None = Field(None, description="GGUF or .pt path; None = the pipeline's deploy model")
-    pipeline: str = "bark"
-    quant: str | None = Field(None, description="GGUF quantization the llama backend loads; None = export.deploy_quantization")
-    model_id: str | None = Field(None, description="name in /v1/models; None = derived from the file")
-    chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
-    n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
-    threads: int = Field(1, ge=1, description="decode threads; more help only big models on idle cores")
-    queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
-    request_timeout_s: float = Field(30.0, gt=0)
-    default_max_tokens: int = Field(32, ge=1)
-    max_tokens_limit: int = Field(512, ge=1)
-    max_prompt_chars: int = Field(16000, ge=1)
-    max_messages: int = Field(64, ge=1)
-    retry_after_s: int = Field(1, ge=1)
-    cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
-    llama_extra_buffers: bool = Field(
-        False, description="llama.cpp's repacked CPU weight buffers (AMX); off: they crash decode on some CPUs")
-
-
 QUANTIZATIONS = ("q8_0", "q4_0", "q4_k_m")
 Quantization = Literal["q8_0", "q4_0", "q4_k_m"]
 
@@ -298,6 +237,35 @@ class WebtextPipeline(Strict):
     eval: WebtextEvalParams = WebtextEvalParams()
     gates: WebtextGates = WebtextGates()
 
+
+class ServeParams(Strict):
+    """`barkgpt serve`: where it listens, which model it loads, and the limits in front of it.
+
+    The API key is never written here: it comes from the BARKGPT_API_KEY environment variable.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    backend: Literal["llama", "torch"] = "llama"
+    model: str | None = Field(None, description="GGUF or .pt path; None = the pipeline's deploy model")
+    pipeline: str = "bark"
+    quant: str | None = Field(None, description="GGUF quantization the llama backend loads; None = export.deploy_quantization")
+    model_id: str | None = Field(None, description="name in /v1/models; None = derived from the file")
+    chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
+    n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
+    threads: int = Field(1, ge=1, description="decode threads; more help only big models on idle cores")
+    queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
+    request_timeout_s: float = Field(30.0, gt=0)
+    default_max_tokens: int = Field(32, ge=1)
+    max_tokens_limit: int = Field(512, ge=1)
+    max_prompt_chars: int = Field(16000, ge=1)
+    max_messages: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
+    llama_extra_buffers: bool = Field(
+        False, description="llama.cpp's repacked CPU weight buffers (AMX); off: they crash decode on some CPUs")
+
+
 class TrackingParams(Strict):
     """MLflow tracking and registry (barkgpt/tracking.py). MLFLOW_TRACKING_URI overrides `uri`."""
 
@@ -310,14 +278,47 @@ class TrackingParams(Strict):
     server_timeout_s: float = Field(5.0, gt=0, description="a tracking server must answer within this")
 
 
+class DeployParams(Strict):
+    """S3 release + Lambda function (barkgpt/deploy). Where AWS is comes from the environment
+    (credentials, AWS_REGION, AWS_ENDPOINT_URL); with none, a local AWS API server is started."""
+
+    target: Literal["auto", "local", "aws"] = Field(
+        "auto", description="auto: real AWS when any AWS configuration exists, else a local moto server")
+    region: str = Field("us-east-1", description="region when the environment names none")
+    bucket: str = Field("barkgpt-artifacts", min_length=3, max_length=63)
+    prefix: str = Field("releases", description="key prefix; releases go to <prefix>/<pipeline>/<release id>/")
+    artifact: Literal["gguf", "checkpoint"] = Field(
+        "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
+    quantization: str | None = Field(
+        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
+    require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
+    function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
+    role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")
+    image_repository: str = Field("barkgpt-lambda", description="ECR repository of the function image")
+    image_uri: str | None = Field(None, description="None = <account>.dkr.ecr.<region>.amazonaws.com/<repo>:<code hash>")
+    architecture: Literal["x86_64", "arm64"] = "x86_64"
+    memory_mb: int = Field(1024, ge=128, le=10240)
+    timeout_s: int = Field(30, ge=1, le=900)
+    ephemeral_storage_mb: int = Field(1024, ge=512, le=10240, description="/tmp size; holds the model")
+    environment: dict[str, str] = Field(default_factory=dict, description="extra function environment")
+    alias: str = Field("live", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,127}$")
+    url_auth_type: Literal["AWS_IAM", "NONE"] = "AWS_IAM"
+    multipart_threshold_mb: float = Field(64, gt=0, description="files at least this big upload in parts")
+    multipart_chunk_mb: float = Field(16, ge=5, description="part size (S3 minimum 5 MiB)")
+    upload_attempts: int = Field(3, ge=1, le=10)
+    smoke: Literal["auto", "remote", "in_process"] = Field(
+        "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
+    smoke_prompt: str = Field("speak", description="user message the smoke test sends to /v1/model/generate")
+
+
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
-    deploy: DeployParams = DeployParams()
-    serve: ServeParams = ServeParams()
     export: ExportParams = ExportParams()
     webtext: WebtextPipeline = WebtextPipeline()
+    serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
+    deploy: DeployParams = DeployParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -102,6 +102,7 @@ class Paths:
     def tokenizer_report(self) -> Path:
         return self.reports / "tokenizer.json"
 
+    @property
     def validation_report(self) -> Path:
         return self.reports / "validation.json"
 
@@ -211,24 +212,6 @@ def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | Non
     return {**metrics, "mlflow": registry}
 
 
-def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
-    from barkgpt.loss_eval import evaluate_lm
-
-    paths = paths_for(name, root)
-    cfg = pipeline_params(params, name)
-    model, tok = load_model(paths.checkpoint)
-    val_ids, manifest = load_shard(paths.shard("val"))
-    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
-        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
-                        "re-run the tokenize and train stages (dvc repro)")
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, cfg.train.dtype, cfg.train.threads)
-    metrics["val_text_bytes"] = manifest.get("text_bytes")
-    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
-    write_json(paths.metrics, metrics)
-    write_json(paths.samples, samples)
-    return metrics
-
 
 # --- export (barkgpt/export/) -------------------------------------------------------------------
 
@@ -329,6 +312,25 @@ def tokenize_text(params: Params, name: str, root: Path | str = ".") -> dict:
             "bytes_per_token": text_bytes / max(len(ids), 1),
         })
     return out
+
+
+def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
+    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
+    from barkgpt.loss_eval import evaluate_lm
+
+    paths = paths_for(name, root)
+    cfg = pipeline_params(params, name)
+    model, tok = load_model(paths.checkpoint)
+    val_ids, manifest = load_shard(paths.shard("val"))
+    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
+        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
+                        "re-run the tokenize and train stages (dvc repro)")
+    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, cfg.train.dtype, cfg.train.threads)
+    metrics["val_text_bytes"] = manifest.get("text_bytes")
+    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
+    write_json(paths.metrics, metrics)
+    write_json(paths.samples, samples)
+    return metrics
 
 
 # --- deploy (barkgpt/deploy/) -------------------------------------------------------------------
