@@ -10,6 +10,7 @@ install:
 
 install-dev:
 	scripts/install.sh all,dev
+	scripts/install-test-tools.sh
 
 run: install
 	dvc repro

@@ -34,12 +34,23 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()  # (max_len, head_dim/2)
 
 
+def rope_pairs(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, D/2) tables -> (T, D) tables for `apply_rope`: cos repeated per pair, sin as (-sin, +sin)."""
+    return cos.repeat_interleave(2, dim=-1).to(dtype), torch.stack((-sin, sin), dim=-1).flatten(-2).to(dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D/2). Rotates adjacent pairs."""
-    x2 = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = x2[..., 0], x2[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate adjacent pairs: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos).
+
+    x: (..., T, D) with cos/sin (T, D/2) from `rope_tables`, or any layout with full-width tables
+    from `rope_pairs` that broadcast to it (the model passes (T, 1, D) for (B, T, heads, D)).
+    Written as x*cos + swap(x)*sin: two multiplies in the activations' own dtype (bf16 under
+    autocast) instead of an fp32 round trip, which made RoPE a top CPU cost.
+    """
+    if cos.size(-1) * 2 == x.size(-1):
+        cos, sin = rope_pairs(cos, sin, x.dtype)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return x * cos + swapped * sin
 
 
 class KVCache:
@@ -71,13 +82,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        qk, v = self.wqkv(x).split([(self.n_head + self.n_kv) * self.head_dim, self.n_kv * self.head_dim], dim=-1)
+        # q and k rotate together in one op, in (B, T, heads, D) layout; cos/sin: (T, 1, D).
+        qk = apply_rope(qk.view(B, T, self.n_head + self.n_kv, self.head_dim), cos, sin)
+        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv], dim=1)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if cache is not None:
             start = cache.pos
@@ -113,10 +122,13 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        # Dropout on each residual branch regularises small corpora; a no-op at inference.
+        drop = (lambda y: F.dropout(y, self.dropout)) if self.training and self.dropout > 0 else (lambda y: y)
+        x = x + drop(self.attn(self.attn_norm(x), cos, sin, cache))
+        return x + drop(self.ffn(self.ffn_norm(x)))
 
 
 class GPT(nn.Module):
@@ -150,7 +162,9 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.block_size}")
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.tok_emb.weight.dtype
+        cos, sin = rope_pairs(self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         x = self.tok_emb(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache)

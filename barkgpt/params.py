@@ -52,6 +52,7 @@ class ModelParams(Strict):
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1, description="training only (residual branches); not part of the weights")
 
     @model_validator(mode="after")
     def _check_shapes(self):
@@ -193,7 +194,7 @@ class WebtextSplitParams(Strict):
 
 class WebtextTokenizerParams(Strict):
     kind: Literal["bpe", "tiktoken"] = "bpe"
-    vocab_size: int = Field(4096, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
+    vocab_size: int = Field(2048, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
     min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
     name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
     threads: int = Field(2, ge=1, description="encoding threads")
@@ -216,12 +217,13 @@ class WebtextGates(Strict):
 
 
 def _webtext_model() -> ModelParams:
-    return ModelParams(n_layer=4, n_head=4, n_embd=256, block_size=256)
+    return ModelParams(n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.1)
 
 
 def _webtext_train() -> TrainParams:
     return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
-                       dtype="bfloat16", threads=2, eval_every=200, checkpoint_every=200, max_seconds=300)
+                       dtype="bfloat16", threads=2, eval_every=100, eval_batches=10,
+                       checkpoint_every=200, max_seconds=300)
 
 
 class WebtextPipeline(Strict):

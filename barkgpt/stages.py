@@ -325,7 +325,8 @@ def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
     if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
         raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
                         "re-run the tokenize and train stages (dvc repro)")
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, cfg.train.dtype, cfg.train.threads)
+    # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
+    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
     metrics["val_text_bytes"] = manifest.get("text_bytes")
     metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
     write_json(paths.metrics, metrics)

@@ -124,6 +124,8 @@ def door(name: str, project: Path, env: dict, deployment: dict | None) -> float:
 
 
 def main() -> None:
+    # A SIGTERM (e.g. from `timeout`) must still run the cleanup below and stop the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="bark.train.max_steps (default: params.yaml)")
     parser.add_argument("--doors", default=",".join(DOORS), help=f"comma list of {DOORS}")
