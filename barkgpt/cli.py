@@ -139,6 +139,17 @@ def cmd_chat(args) -> None:
     run_chat(args.url, api_key=args.api_key, temperature=args.temperature, max_tokens=args.max_tokens)
 
 
+def cmd_deploy(args) -> None:
+    from barkgpt import stages
+
+    report = stages.deploy(_params(args), args.pipeline)
+    fn, rel = report["function"], report["release"]
+    print(f"release {rel['id']} ({rel['status']}) at {rel['manifest_uri']}")
+    print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
+          f"{', '.join(fn['changed']) or 'nothing'}) on {report['target']}")
+    print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
@@ -204,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
+                                      "(a local AWS API server when no AWS configuration exists)")
+    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES)
+    p.set_defaults(fn=cmd_deploy)
     return parser
 
 

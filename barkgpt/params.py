@@ -280,6 +280,39 @@ class TrackingParams(Strict):
     server_timeout_s: float = Field(5.0, gt=0, description="a tracking server must answer within this")
 
 
+class DeployParams(Strict):
+    """S3 release + Lambda function (barkgpt/deploy). Where AWS is comes from the environment
+    (credentials, AWS_REGION, AWS_ENDPOINT_URL); with none, a local AWS API server is started."""
+
+    target: Literal["auto", "local", "aws"] = Field(
+        "auto", description="auto: real AWS when any AWS configuration exists, else a local moto server")
+    region: str = Field("us-east-1", description="region when the environment names none")
+    bucket: str = Field("barkgpt-artifacts", min_length=3, max_length=63)
+    prefix: str = Field("releases", description="key prefix; releases go to <prefix>/<pipeline>/<release id>/")
+    artifact: Literal["gguf", "checkpoint"] = Field(
+        "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
+    quantization: str | None = Field(
+        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
+    require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
+    function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
+    role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")
+    image_repository: str = Field("barkgpt-lambda", description="ECR repository of the function image")
+    image_uri: str | None = Field(None, description="None = <account>.dkr.ecr.<region>.amazonaws.com/<repo>:<code hash>")
+    architecture: Literal["x86_64", "arm64"] = "x86_64"
+    memory_mb: int = Field(1024, ge=128, le=10240)
+    timeout_s: int = Field(30, ge=1, le=900)
+    ephemeral_storage_mb: int = Field(1024, ge=512, le=10240, description="/tmp size; holds the model")
+    environment: dict[str, str] = Field(default_factory=dict, description="extra function environment")
+    alias: str = Field("live", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,127}$")
+    url_auth_type: Literal["AWS_IAM", "NONE"] = "AWS_IAM"
+    multipart_threshold_mb: float = Field(64, gt=0, description="files at least this big upload in parts")
+    multipart_chunk_mb: float = Field(16, ge=5, description="part size (S3 minimum 5 MiB)")
+    upload_attempts: int = Field(3, ge=1, le=10)
+    smoke: Literal["auto", "remote", "in_process"] = Field(
+        "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
+    smoke_prompt: str = Field("speak", description="user message the smoke test sends to /v1/model/generate")
+
+
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
@@ -287,6 +320,7 @@ class Params(Strict):
     webtext: WebtextPipeline = WebtextPipeline()
     serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
+    deploy: DeployParams = DeployParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -332,3 +332,17 @@ def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
     write_json(paths.metrics, metrics)
     write_json(paths.samples, samples)
     return metrics
+
+
+# --- deploy (barkgpt/deploy/) -------------------------------------------------------------------
+
+def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict:
+    """Release the gated model to S3 and serve it from AWS Lambda (local AWS API by default).
+
+    options: target, provenance (MLflow run id / model version), app_factory, transfer, log;
+    see barkgpt.deploy.deployer.deploy_pipeline. Imported late: boto3/moto cost import time.
+    """
+    from barkgpt.deploy.deployer import deploy_pipeline
+
+    paths_for(name, root)  # validates the pipeline name
+    return deploy_pipeline(params, name, root, **options)

@@ -17,6 +17,7 @@ from prefect import flow
 
 from tasks import bark
 from tasks.common import run_stage
+from tasks.deploy import deploy, deploy_blocker
 
 
 @flow(name="bark-pipeline", log_prints=True)
@@ -29,7 +30,13 @@ def bark_pipeline(overrides: dict | None = None, root: str = ".", params_file: s
     metrics = run_stage(bark.evaluate, params, root)
     print(f"contract accuracy {metrics['contract_accuracy']:.3f}, gate passed: {metrics['gate_passed']}, "
           f"mlflow: {metrics.get('mlflow')}")
-    return {"train": trained, "metrics": metrics}
+    # Last: ship to S3 + Lambda, only when the evaluation (and, for a GGUF, quantization) gates passed.
+    deployed, blocker = None, deploy_blocker(params, root, "bark")
+    if blocker:
+        print(f"deploy skipped: {blocker}")
+    else:
+        deployed = deploy(params, root, "bark")
+    return {"train": trained, "metrics": metrics, "deploy": deployed}
 
 
 def parse_set(items: list[str]) -> dict:
