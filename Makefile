@@ -12,8 +12,10 @@ install-dev:
 	scripts/install.sh all,dev
 	scripts/install-test-tools.sh
 
+# The main job: the bark-pipeline Prefect flow in-process, on embedded defaults (local Prefect API,
+# MLflow on SQLite, local AWS API), from data to deployment; then one completion from the model.
 run: install
-	dvc repro
+	python -m flows.bark_pipeline
 	barkgpt generate --prompt "User: speak Assistant:" --seed 0
 
 test: install-dev
@@ -23,4 +25,4 @@ bench: install
 	python benchmarks/bark_train.py
 
 clean:
-	rm -rf data/bark models reports/bark
+	rm -rf data/bark data/webtext models exports reports/bark reports/webtext

@@ -191,26 +191,33 @@ def _both(*fns):
 
 
 def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | None = None) -> dict:
+    """Evaluate the trained model, log the metrics to its MLflow run and register it (champion
+    alias only when the pipeline's gates pass)."""
     paths = paths_for(name, root)
-    if name != "bark":
-        return evaluate_text(params, name, root)
-    cfg = pipeline_params(params, name)
-    model, tok = load_model(paths.checkpoint)
-    val_ids, _ = load_shard(paths.shard("val"))
+    if not paths.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
+        load_model(paths.checkpoint)
     run = tracking.reopen_run(params, name, paths, tags)
     try:
-        metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval,
-                                         cfg.train.dtype)
+        metrics = evaluate_bark_stage(params, root) if name == "bark" else evaluate_text(params, name, root)
     except BaseException:
         if run:
             run.fail()
         raise
-    metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
-    write_json(paths.metrics, metrics)
-    write_json(paths.samples, samples)
     registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
     return {**metrics, "mlflow": registry}
 
+
+def evaluate_bark_stage(params: Params, root: Path | str = ".") -> dict:
+    """Validation loss, perplexity, prompt-contract accuracy and the OOD probe, plus samples."""
+    paths = paths_for("bark", root)
+    cfg = params.bark
+    model, tok = load_model(paths.checkpoint)
+    val_ids, _ = load_shard(paths.shard("val"))
+    metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval, cfg.train.dtype)
+    metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
+    write_json(paths.metrics, metrics)
+    write_json(paths.samples, samples)
+    return metrics
 
 
 # --- export (barkgpt/export/) -------------------------------------------------------------------

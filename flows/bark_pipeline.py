@@ -1,4 +1,5 @@
-"""The `bark-pipeline` flow: data -> validate -> tokenize -> train -> evaluate (MLflow run + registry).
+"""The `bark-pipeline` flow: data -> validate -> tokenize -> train -> evaluate (MLflow run + registry)
+-> export -> quantize -> parity (gate) -> deploy (S3 + Lambda).
 
 Parameters default to params.yaml; `overrides` changes any of them for one run, nested
 ({"bark": {"train": {"max_steps": 100}}}) or dotted ({"bark.train.max_steps": 100}).
@@ -30,13 +31,16 @@ def bark_pipeline(overrides: dict | None = None, root: str = ".", params_file: s
     metrics = run_stage(bark.evaluate, params, root)
     print(f"contract accuracy {metrics['contract_accuracy']:.3f}, gate passed: {metrics['gate_passed']}, "
           f"mlflow: {metrics.get('mlflow')}")
+    run_stage(bark.export, params, root)
+    run_stage(bark.quantize, params, root)
+    parity = run_stage(bark.parity, params, root)  # raises when the deploy quantization fails its gate
     # Last: ship to S3 + Lambda, only when the evaluation (and, for a GGUF, quantization) gates passed.
     deployed, blocker = None, deploy_blocker(params, root, "bark")
     if blocker:
         print(f"deploy skipped: {blocker}")
     else:
         deployed = deploy(params, root, "bark")
-    return {"train": trained, "metrics": metrics, "deploy": deployed}
+    return {"train": trained, "metrics": metrics, "parity": parity, "deploy": deployed}
 
 
 def parse_set(items: list[str]) -> dict:

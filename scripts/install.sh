@@ -35,12 +35,12 @@ install_llama_cpp() {
 }
 stamp="$venv/.installed-$extras"
 # Re-install only when the dependency list changed (pip is slow even when nothing changes).
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
   echo "==> installing barkgpt[$extras]"
   "${pip[@]}" install -q --upgrade pip setuptools wheel
   # torch first, from the pinned CPU build, so no dependency can pull another one.
   "${pip[@]}" install -q -c constraints.txt torch==2.13.0
   install_llama_cpp
-  "${pip[@]}" install -q -c constraints.txt -e ".[$extras]"
+  "${pip[@]}" install -q -c constraints.txt -c requirements.lock -e ".[$extras]"
   touch "$stamp"
 fi

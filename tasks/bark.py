@@ -101,3 +101,32 @@ def publish_evaluation(metrics: dict, paths, name: str) -> None:
         lines += ["", f"Out-of-distribution prompt `{prompt}`:"] + [f"- `{c}`" for c in outs]
     create_markdown_artifact(key=f"{name}-samples", markdown="\n".join(lines),
                              description=f"{name} completions sampled by the evaluation")
+
+
+@stage_task("export")
+def export(params: dict, root: str = ".", name: str = "bark") -> dict:
+    return stages.export(to_params(params), name, root)
+
+
+@stage_task("quantize")
+def quantize(params: dict, root: str = ".", name: str = "bark") -> dict:
+    return stages.quantize(to_params(params), name, root)
+
+
+@stage_task("parity", retries=0)  # a failed gate is a verdict, not a transient error
+def parity(params: dict, root: str = ".", name: str = "bark") -> dict:
+    try:
+        result = stages.parity(to_params(params), name, root)
+    finally:  # publish the table also when the gate fails: that is when a person needs it most
+        path = stages.paths_for(name, root).parity_report
+        if path.exists():
+            publish_parity(json.loads(path.read_text()), name)
+    return result
+
+
+def publish_parity(report: dict, name: str) -> None:
+    rows = [{"file": q, "status": e.get("status"), "metric": e.get("metric"), "value": e.get("value"),
+             "delta_vs_f32": e.get("delta"), "size_ratio_vs_f32": e.get("size_ratio_vs_f32")}
+            for q, e in report.get("quantizations", {}).items()]
+    create_table_artifact(key=f"{name}-parity", table=rows,
+                          description=f"{name}: llama.cpp quantizations vs F32 (gate: {report.get('gate')})")

@@ -33,12 +33,15 @@ def _dvc_stages(dvc_yaml: str, mtime: float) -> dict:
 
 
 def dvc_stage(root: Path, stage: str) -> dict:
-    """The stage's entry in dvc.yaml (the project's, else the code checkout's)."""
-    dvc_yaml = root / "dvc.yaml" if (root / "dvc.yaml").exists() else REPO / "dvc.yaml"
-    stages = _dvc_stages(str(dvc_yaml), dvc_yaml.stat().st_mtime)
-    if stage not in stages:
-        raise BarkError(f"stage {stage!r} is not in {dvc_yaml}; add it there so Prefect and DVC agree")
-    return stages[stage]
+    """The stage's entry in dvc.yaml or pipelines/<pipeline>/dvc.yaml (the project's, else the code
+    checkout's). Stages there run in the project root (wdir), so their paths are root-relative too."""
+    base = root if (root / "dvc.yaml").exists() else REPO
+    files = [base / "dvc.yaml", *sorted(base.glob("pipelines/*/dvc.yaml"))]
+    for dvc_yaml in files:
+        stages = _dvc_stages(str(dvc_yaml), dvc_yaml.stat().st_mtime)
+        if stage in stages:
+            return stages[stage]
+    raise BarkError(f"stage {stage!r} is in none of {[str(f) for f in files]}; add it so Prefect and DVC agree")
 
 
 def _paths(entries) -> list[str]:
