@@ -164,9 +164,6 @@ class ExportParams(Strict):
     bpb_tokens: int = Field(8192, ge=64, description="webtext validation tokens scored per file")
     greedy_max_new_tokens: int = Field(24, ge=1)
     threads: int = Field(1, ge=1, description="llama.cpp threads for quantizing and parity")
-    llama_extra_buffers: bool = Field(
-        False, description="let llama.cpp repack weights (AMX/CPU_REPACK); off: AMX segfaults, llama.cpp #20824"
-    )
 
     @model_validator(mode="after")
     def _check_deploy(self):
@@ -264,8 +261,6 @@ class ServeParams(Strict):
     max_messages: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
-    llama_extra_buffers: bool = Field(
-        False, description="llama.cpp's repacked CPU weight buffers (AMX); off: they crash decode on some CPUs")
 
 
 class TrackingParams(Strict):

@@ -92,12 +92,6 @@ def test_stock_llama_cpp_completion_barks(exported):
     gguf = root / "exports/bark/bark-q8_0.gguf"
     out = _run(f"""
         import llama_cpp
-        # llama.cpp's AMX weight buffers segfault on AMX CPUs (llama.cpp #20824); use plain CPU buffers.
-        import llama_cpp.llama as L
-        default = llama_cpp.llama_model_default_params
-        def params():
-            p = default(); p.use_extra_bufts = False; return p
-        L.llama_cpp.llama_model_default_params = params
         llm = llama_cpp.Llama(model_path={str(gguf)!r}, verbose=False, seed=1)
         out = llm.create_completion("User: speak Assistant:", max_tokens=16)
         print(repr(out["choices"][0]["text"]), out["choices"][0]["finish_reason"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,33 +17,7 @@ from barkgpt.engine import Sampling, stream
 from barkgpt.export.gguf_file import preflight
 
 
-@contextmanager
-def _without_extra_buffers():
-    """Load weights without llama.cpp's "extra buffer types" (AMX / CPU repack).
-
-    On CPUs with AMX (Sapphire Rapids and later) llama-cpp-python 0.3.36's AMX matmul segfaults on
-    every quantized model we tried (llama.cpp issue #20824); plain CPU buffers run the same
-    quantized kernels without it. llama-cpp-python has no argument for this, so the default
-    model params are swapped in for the duration of one load.
-    """
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
-    original = llama_cpp.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    llama_module.llama_cpp.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = original
-
-
-def open_llama(path: Path, n_ctx: int, threads: int = 1, extra_buffers: bool = False):
+def open_llama(path: Path, n_ctx: int, threads: int = 1):
     """A llama_cpp.Llama for `path` after BarkGPT's own header checks; quiet, all logits kept.
 
     The KV cache is F32 (llama.cpp defaults to F16) so F32 parity measures the export, not the
@@ -56,10 +29,7 @@ def open_llama(path: Path, n_ctx: int, threads: int = 1, extra_buffers: bool = F
     kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                   n_threads=threads, n_threads_batch=threads, verbose=False,
                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    if extra_buffers:
-        return llama_cpp.Llama(**kwargs)
-    with _without_extra_buffers():
-        return llama_cpp.Llama(**kwargs)
+    return llama_cpp.Llama(**kwargs)
 
 
 def close_llama(llm) -> None:

@@ -127,7 +127,7 @@ def parity_report(checkpoint: Path, export_dir: Path, name: str, val_lines: list
     f32_size = files["f32"].stat().st_size
     base_quality = None
     for variant, path in files.items():
-        llm = P.open_llama(path, n_ctx, p.threads, p.llama_extra_buffers)
+        llm = P.open_llama(path, n_ctx, p.threads)
         try:
             entry = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
                      "size_ratio_vs_f32": path.stat().st_size / f32_size,

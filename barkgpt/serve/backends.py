@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,50 +113,21 @@ class TorchBackend:
         yield from self.complete(bark_prompt(messages, self.n_ctx - 2), g, should_stop)
 
 
-_LOAD_LOCK = threading.Lock()
-
-
-@contextmanager
-def _extra_buffers(enabled: bool):
-    """llama-cpp-python has no argument for llama.cpp's `use_extra_bufts` (repacked CPU weights,
-    AMX); with them, decode segfaults on some CPUs (seen with Gemma 3 Q4_K on an AMX Xeon). The
-    flag is set on the default model params that Llama() reads while it loads."""
-    from llama_cpp import llama_cpp  # the module whose functions Llama() calls
-
-    if enabled:
-        yield
-        return
-    original = llama_cpp.llama_model_default_params
-
-    def without_extra_buffers():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    with _LOAD_LOCK:
-        llama_cpp.llama_model_default_params = without_extra_buffers
-        try:
-            yield
-        finally:
-            llama_cpp.llama_model_default_params = original
-
-
 class LlamaBackend:
     """A GGUF through llama-cpp-python. A bark GGUF (its vocabulary holds the contract words) gets
     the contract prompt; any other chat GGUF gets its own chat template (create_chat_completion)."""
 
     def __init__(self, path: Path, threads: int, model_id: str, n_ctx: int = 0,
-                 chat_format: str | None = None, extra_buffers: bool = False):
+                 chat_format: str | None = None):
         from llama_cpp import Llama
 
-        with _extra_buffers(extra_buffers):
-            probe = Llama(model_path=str(path), vocab_only=True, verbose=False)
-            trained = int(probe.metadata.get(f"{probe.metadata.get('general.architecture')}.context_length", 2048))
-            self.vocab = self._small_vocab(probe)
-            del probe
-            self.n_ctx = n_ctx or min(trained, 4096)
-            self.llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=threads, n_threads_batch=threads,
-                             n_batch=min(512, self.n_ctx), chat_format=chat_format, verbose=False)
+        probe = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        trained = int(probe.metadata.get(f"{probe.metadata.get('general.architecture')}.context_length", 2048))
+        self.vocab = self._small_vocab(probe)
+        del probe
+        self.n_ctx = n_ctx or min(trained, 4096)
+        self.llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=threads, n_threads_batch=threads,
+                         n_batch=min(512, self.n_ctx), chat_format=chat_format, verbose=False)
         self.kind = "bark" if self.vocab and BARK_WORDS <= self.vocab else "chat"
         self.model_id = model_id
 
@@ -262,7 +232,7 @@ def load_backend(serve, root: Path):
     """Load once per process: an app's lifespan may run again for the same model (Mangum runs it
     on every AWS Lambda invocation), and a warm Lambda must not reload its model each time."""
     key = (str(resolve_model(serve, root).resolve()), serve.backend, serve.threads, serve.n_ctx,
-           serve.chat_format, serve.llama_extra_buffers, serve.model_id, serve.pipeline)
+           serve.chat_format, serve.model_id, serve.pipeline)
     with _LOADED_LOCK:
         if key not in _LOADED:
             _LOADED[key] = _load_backend(serve, root)
@@ -276,4 +246,4 @@ def _load_backend(serve, root: Path):
     if path.suffix != ".gguf":
         raise BarkError(f"{path}: not a .gguf or .pt file; the llama backend serves GGUF models")
     return LlamaBackend(path, serve.threads, serve.model_id or path.stem, serve.n_ctx,
-                        serve.chat_format, serve.llama_extra_buffers)
+                        serve.chat_format)
