@@ -90,6 +90,7 @@ from barkgpt.params import load_params
 p = load_params("params.yaml")
 stages.bark_data(p); stages.validate(p, "bark"); stages.tokenize(p, "bark")
 stages.train(p, "bark", progress=False); stages.evaluate(p, "bark")
+stages.export(p, "bark"); stages.quantize(p, "bark"); stages.parity(p, "bark")
 """
 
 
@@ -100,14 +101,14 @@ def door(name: str, project: Path, env: dict, deployment: dict | None) -> float:
     if name == "cli":
         total = 0.0
         for args in (["bark-data"], ["validate", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"],
-                     ["evaluate", "bark"]):
+                     ["evaluate", "bark"], ["export", "bark"], ["quantize", "bark"], ["parity", "bark"]):
             total += run([str(BIN / "barkgpt"), *args], project, env)
         return total
     if name == "dvc":
         run(["git", "init", "-q"], project, env)
         return run([str(BIN / "dvc"), "repro"], project, env)
     if name == "prefect":
-        return run([py, "-m", "flows.bark_pipeline"], project, env)
+        return run([py, "-m", "flows.bark_pipeline", "--no-deploy"], project, env)
     if name == "deployment":
         env = {**env, **deployment["env"]}
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], project, env)
@@ -116,7 +117,8 @@ def door(name: str, project: Path, env: dict, deployment: dict | None) -> float:
                                   start_new_session=True)
         try:
             time.sleep(3)  # the worker is up and polling, as it would be in steady state
-            return run([str(BIN / "prefect"), "deployment", "run", "bark-pipeline/local", "--watch",
+            return run([str(BIN / "prefect"), "deployment", "run", "bark-pipeline/local", "--param",
+                        "deploy_model=false", "--watch",
                         "--watch-interval", "1"], project, env)
         finally:
             stop(worker)

@@ -22,7 +22,8 @@ from tasks.deploy import deploy, deploy_blocker
 
 
 @flow(name="bark-pipeline", log_prints=True)
-def bark_pipeline(overrides: dict | None = None, root: str = ".", params_file: str = "params.yaml") -> dict:
+def bark_pipeline(overrides: dict | None = None, root: str = ".", params_file: str = "params.yaml",
+                  deploy_model: bool = True) -> dict:
     params = bark.resolve_params(params_file, overrides)
     run_stage(bark.bark_data, params, root)
     run_stage(bark.validate, params, root)  # a failure stops the flow here, before training
@@ -35,7 +36,7 @@ def bark_pipeline(overrides: dict | None = None, root: str = ".", params_file: s
     run_stage(bark.quantize, params, root)
     parity = run_stage(bark.parity, params, root)  # raises when the deploy quantization fails its gate
     # Last: ship to S3 + Lambda, only when the evaluation (and, for a GGUF, quantization) gates passed.
-    deployed, blocker = None, deploy_blocker(params, root, "bark")
+    deployed, blocker = None, deploy_blocker(params, root, "bark") if deploy_model else "deploy_model=False"
     if blocker:
         print(f"deploy skipped: {blocker}")
     else:
@@ -59,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a params.yaml value, e.g. bark.train.max_steps=100 (repeatable)")
     parser.add_argument("--root", default=".")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-deploy", action="store_true", help="stop after the parity gate")
     args = parser.parse_args(argv)
     from barkgpt.errors import BarkError
 
     try:
-        result = bark_pipeline(overrides=parse_set(args.set), root=args.root, params_file=args.params)
+        result = bark_pipeline(overrides=parse_set(args.set), root=args.root, params_file=args.params,
+                               deploy_model=not args.no_deploy)
     except BarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
