@@ -16,7 +16,7 @@ from barkgpt.data.bark import write_bark_data
 from barkgpt.data.shards import load_shard, write_shard
 from barkgpt.errors import BarkError
 from barkgpt.evaluate import evaluate_bark
-from barkgpt.fileio import sha256_file, write_json
+from barkgpt.fileio import read_json, sha256_file, write_json
 from barkgpt.params import PIPELINES, Params
 from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
 from barkgpt.train import LogFn, train as train_loop
@@ -246,8 +246,14 @@ def parity(params: Params, name: str, root: Path | str = ".") -> dict:
     from barkgpt.export.pipeline import parity_report
 
     paths = paths_for(name, root)
-    report = parity_report(paths.checkpoint, paths.exports, name, read_lines(paths.val_text), params.export,
-                           paths.parity_report, seed=params.seed)
+    stale = paths.parity_report.stat().st_mtime_ns if paths.parity_report.exists() else None
+    try:
+        report = parity_report(paths.checkpoint, paths.exports, name, read_lines(paths.val_text), params.export,
+                               paths.parity_report, seed=params.seed)
+    finally:  # the report is worth keeping with the run, also (above all) when the gate failed
+        if paths.parity_report.exists() and paths.parity_report.stat().st_mtime_ns != stale:
+            tracking.log_export(params, name, paths, sorted(paths.exports.glob("*.gguf")),
+                                read_json(paths.parity_report))
     return {"report": str(paths.parity_report), "gate": report["gate"],
             "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
             "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}

@@ -298,3 +298,44 @@ def log_and_register(run: TrainingRun, gate_passed: bool) -> dict:
 def run_summary(paths) -> dict | None:
     f = paths.models / RUN_FILE
     return json.loads(f.read_text()) if f.exists() else None
+
+
+def log_export(params: Params, name: str, paths, files: list[Path], report: dict) -> dict | None:
+    """Attach the GGUF files and the parity report to the run that trained the model, and tag the
+    model versions registered from that run with the parity verdict and the deploy file's sha256.
+    Skipped (None) when tracking is off or the checkpoint's run is not in this store."""
+    if not params.tracking.enabled:
+        return None
+    run_file = paths.models / RUN_FILE
+    if not run_file.exists():
+        return None
+    _, client = _client(params, paths.root)
+    run_id = read_json(run_file).get("run_id")
+    try:
+        client.get_run(run_id)
+    except Exception:  # MlflowException: e.g. the checkpoint came from another store via dvc pull
+        return None
+    for f in files:
+        client.log_artifact(run_id, str(f), "gguf")
+    client.log_artifact(run_id, str(paths.parity_report), "reports")
+    if paths.quantization_report.exists():
+        client.log_artifact(run_id, str(paths.quantization_report), "reports")
+    f32 = report.get("f32_parity", {})
+    metrics = {"parity.logits_max_abs_diff": f32.get("logits_max_abs_diff"),
+               "parity.tokenization_agreement": f32.get("tokenization_agreement")}
+    for quant, entry in report.get("quantizations", {}).items():
+        metrics[f"parity.{quant}.{entry.get('metric')}"] = entry.get("value")
+        metrics[f"parity.{quant}.size_ratio_vs_f32"] = entry.get("size_ratio_vs_f32")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)):
+            client.log_metric(run_id, key, float(value))
+    gate = report.get("gate", {})
+    deploy_file = paths.root / gate["deploy_file"] if gate.get("deploy_file") else None
+    tags = {"parity.deploy_passed": str(gate.get("deploy_passed")).lower(),
+            "gguf.deploy_file": Path(gate.get("deploy_file") or "").name,
+            "gguf.deploy_sha256": sha256_file(deploy_file) if deploy_file and deploy_file.exists() else ""}
+    versions = client.search_model_versions(f"run_id='{run_id}'")
+    for mv in versions:
+        for key, value in tags.items():
+            client.set_model_version_tag(mv.name, mv.version, key, value)
+    return {"run_id": run_id, "model_versions": [f"{mv.name}/{mv.version}" for mv in versions]}

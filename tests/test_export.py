@@ -258,3 +258,23 @@ def test_bpe_gguf_parity(wikitext_path, tmp_path):
     ids = tok.encode(lines[0])[:64]
     with torch.no_grad():
         assert float((hf_model(torch.tensor([ids])).logits[0] - model(torch.tensor([ids]))[0]).abs().max()) < 1e-4
+
+
+def test_gguf_files_and_parity_report_are_in_the_mlflow_run(exported):
+    """The parity stage attaches the GGUFs and its report to the training run and tags the
+    registered model version with the gate verdict and the deploy file's sha256."""
+    import mlflow
+
+    from barkgpt.fileio import sha256_file
+
+    root, report = exported
+    run_id = json.loads((root / "models/bark/mlflow_run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    gguf = {Path(a.path).name for a in client.list_artifacts(run_id, "gguf")}
+    assert {"bark-f32.gguf", "bark-q8_0.gguf", "bark-q4_k_m.gguf"} <= gguf
+    assert "reports/parity.json" in {a.path for a in client.list_artifacts(run_id, "reports")}
+    assert client.get_run(run_id).data.metrics["parity.logits_max_abs_diff"] <= 1e-3
+    (version,) = client.search_model_versions(f"run_id='{run_id}'")
+    deploy_file = root / report["gate"]["deploy_file"]
+    assert version.tags["gguf.deploy_sha256"] == sha256_file(deploy_file)
+    assert version.tags["parity.deploy_passed"] == "true"

@@ -32,6 +32,9 @@ OVERRIDES = {
     "bark.train.max_steps": 80, "bark.train.batch_size": 16, "bark.train.eval_every": 40,
     "bark.train.checkpoint_every": 40, "bark.eval.contract_samples": 50,
     "bark.gates.min_contract_accuracy": 0.5,
+    # a quick model: its llama.cpp gate is lowered like its evaluation gate; one quantization
+    "export.min_contract_accuracy": 0.5, "export.contract_samples": 50, "export.quantizations": ["q8_0"],
+    "export.f16": False, "export.hf": False,
 }
 
 
@@ -141,14 +144,19 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     tasks = post_json(f"{api}/task_runs/filter",
                       {"flow_runs": {"id": {"any_": [deployed_run["id"]]}}, "limit": 50})
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}
-    assert {"resolve-params", "data", "validate", "tokenize", "train", "evaluate"} <= names, names
+    assert {"resolve-params", "data", "validate", "tokenize", "train", "evaluate", "export", "quantize", "parity",
+            "deploy"} <= names, names
     assert all(t["state_type"] == "COMPLETED" for t in tasks)
     keys = {a["key"] for a in post_json(f"{api}/artifacts/filter",
                                         {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
-    assert {"bark-metrics", "bark-samples", "bark-validation"} <= keys
+    assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-deploy"} <= keys
     for f in ("data/bark/train.txt", "reports/bark/validation.html", "models/bark/best.pt",
-              "reports/bark/metrics.json", "reports/bark/loss_curve.png"):
+              "reports/bark/metrics.json", "reports/bark/loss_curve.png", "exports/bark/bark-q8_0.gguf"):
         assert (project / f).exists(), f
+    # The flow ended by shipping the gated GGUF: a release on S3 and the `live` alias on a new version.
+    deployed = json.loads((project / "reports/bark/deploy.json").read_text())
+    assert deployed["function"]["alias"] == "live" and deployed["release"]["manifest_uri"].startswith("s3://")
+    assert any(str(k).endswith("bark-q8_0.gguf") for k in json.dumps(deployed["release"]).split('"'))
 
     # The MLflow run, through the tracking server's REST API.
     ml = stack["mlflow"] + "/api/2.0/mlflow"
