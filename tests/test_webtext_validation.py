@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from barkgpt.data.shards import manifest_path
 from barkgpt.errors import BarkError
 from barkgpt.params import load_params
 
-from conftest import make_project
+from conftest import ROOT, make_project
 
 
 @pytest.fixture(scope="module")
@@ -106,5 +108,18 @@ def test_shard_from_another_tokenizer_fails(project):
     shard = project / "data/webtext/tokens/train.bin"
     manifest = json.loads(manifest_path(shard).read_text())
     manifest_path(shard).write_text(json.dumps({**manifest, "tokenizer_hash": "0" * 64}))
-    with pytest.raises(BarkError, match=r"expect_column_pair_values_to_be_equal\(manifest_hash,tokenizer_hash\) failed; split train"):
+    with pytest.raises(BarkError, match=r"to_be_equal\(manifest_hash,tokenizer_hash\) failed; split train"):
         stages.validate(load_params(project / "params.yaml"), "webtext", project, tokens=True)
+
+
+def test_cli_validate_webtext_exits_2_on_bad_data(project):
+    def validate(*extra):
+        return subprocess.run([sys.executable, "-m", "barkgpt", "validate", "webtext", *extra], cwd=project,
+                              capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+
+    ok = validate("--tokens")
+    assert ok.returncode == 0 and "all 5 expectations passed" in ok.stdout and "validation_tokens.html" in ok.stdout
+    (project / "data/webtext/val.txt").write_bytes(b"fine line\n\xff\xfe\n")
+    bad = validate()
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "webtext.val.text: expect_column_values_to_be_in_set(valid_utf8) failed; line 2" in bad.stderr
