@@ -46,9 +46,9 @@ def cmd_webtext_tokenizer(args) -> None:
 def cmd_validate(args) -> None:
     from barkgpt import stages
 
-    report = stages.validate(_params(args), args.pipeline)
+    report = stages.validate(_params(args), args.pipeline, tokens=args.tokens)
     print(f"{args.pipeline}: all {report['expectations']} expectations passed; "
-          f"report: reports/{args.pipeline}/validation.html")
+          f"report: reports/{args.pipeline}/validation{'_tokens' if args.tokens else ''}.html")
 
 
 def cmd_tokenize(args) -> None:
@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_webtext_tokenizer)
 
     p = sub.add_parser("validate", help="check a pipeline's data with Great Expectations suites")
-    p.add_argument("pipeline", choices=["bark"])
+    p.add_argument("pipeline", choices=PIPELINES)
+    p.add_argument("--tokens", action="store_true",
+                   help="check the token shards (ids, manifest counts, tokenizer hash) instead of the text")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")

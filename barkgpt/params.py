@@ -182,6 +182,14 @@ class WebtextCleanParams(Strict):
     dedup: bool = Field(True, description="drop exact duplicate lines, keeping the first occurrence")
 
 
+class WebtextValidationParams(Strict):
+    """Great Expectations suite settings for the webtext text splits (barkgpt/validation.py)."""
+
+    max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="max share of repeated lines per split")
+    min_letter_share: float = Field(0.3, ge=0, le=1,
+                                    description="min mean share of letters among non-space characters")
+
+
 class WebtextSplitParams(Strict):
     mode: Literal["head", "random"] = Field(
         "head", description="head: first lines train, last val_fraction val (file order); random: seeded by line")
@@ -229,6 +237,7 @@ class WebtextPipeline(Strict):
     text_field: str = Field("text", description="column holding the text (jsonl, parquet, hub)")
     hub_timeout_s: float = Field(20.0, gt=0, description="give up on the hub after this long")
     clean: WebtextCleanParams = WebtextCleanParams()
+    validation: WebtextValidationParams = WebtextValidationParams()
     split: WebtextSplitParams = WebtextSplitParams()
     tokenizer: WebtextTokenizerParams = WebtextTokenizerParams()
     model: ModelParams = Field(default_factory=_webtext_model)

@@ -131,11 +131,12 @@ def bark_data(params: Params, root: Path | str = ".") -> dict:
     return {name: str(path) for name, path in out.items()}
 
 
-def validate(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Great Expectations suites over the pipeline's data; BarkError (before training) on failure."""
+def validate(params: Params, name: str, root: Path | str = ".", tokens: bool = False) -> dict:
+    """Great Expectations suites over the pipeline's data (tokens=True: its token shards);
+    BarkError (before training) on failure."""
     from barkgpt.validation import validate_pipeline  # GX import (~3 s) only in this stage
 
-    return validate_pipeline(params, name, paths_for(name, root))
+    return validate_pipeline(params, name, paths_for(name, root), tokens=tokens)
 
 
 def tokenize(params: Params, name: str, root: Path | str = ".") -> dict:

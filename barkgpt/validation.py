@@ -94,7 +94,100 @@ def bark_suites(params: Params, paths) -> list[Suite]:
     return suites
 
 
-SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {"bark": bark_suites}
+# --- the webtext suites ---------------------------------------------------------------------------
+
+def letter_share(line: str) -> float:
+    """Letters over non-space characters: prose is mostly letters; markup, tables and numbers are not."""
+    chars = [c for c in line if not c.isspace()]
+    return sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
+
+
+def read_text_rows(path: Path) -> list[tuple[str, bool]]:
+    """(text, valid UTF-8) per line. Decoded line by line so one bad line is reported, not fatal."""
+    raw = path.read_bytes().split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()  # the final newline ends the last row
+    rows = []
+    for line in raw:
+        try:
+            rows.append((line.decode("utf-8"), True))
+        except UnicodeDecodeError:
+            rows.append((line.decode("utf-8", errors="replace"), False))
+    return rows
+
+
+def webtext_suites(params: Params, paths) -> list[Suite]:
+    """Text suites per split: what webtext-ingest promises and what the tokenizer and model need."""
+    import pandas as pd
+
+    _, gxe = _gx()
+    clean, v = params.webtext.clean, params.webtext.validation
+    suites = []
+    for split, path in (("train", paths.train_text), ("val", paths.val_text)):
+        if not path.exists():
+            raise BarkError(f"{path}: not found; run the ingest stage first (barkgpt webtext-ingest)")
+        rows = read_text_rows(path)
+        frame = pd.DataFrame({
+            "line": range(1, len(rows) + 1),
+            "text": [text if text.strip() else None for text, _ in rows],
+            "chars": [len(text) for text, _ in rows],
+            "valid_utf8": [ok for _, ok in rows],
+            "letter_share": [letter_share(text) for text, _ in rows],
+        })
+        suites.append(Suite(f"webtext.{split}.text", frame, [
+            gxe.ExpectColumnValuesToNotBeNull(column="text"),
+            gxe.ExpectColumnValuesToBeInSet(column="valid_utf8", value_set=[True]),
+            gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=clean.min_line_chars,
+                                              max_value=clean.max_line_chars),
+            # unique share >= 1 - max duplicate rate (ingest deduplicates, so this is normally 1.0)
+            gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(column="text",
+                                                                min_value=1.0 - v.max_duplicate_rate),
+            # over the corpus, not per line: headings ("= = Reception = =") and score lines are fine
+            gxe.ExpectColumnMeanToBeBetween(column="letter_share", min_value=v.min_letter_share),
+        ]))
+    return suites
+
+
+def webtext_token_suites(params: Params, paths) -> list[Suite]:
+    """Shard suites: ids below the vocabulary, counts matching the manifest, the tokenizer's hash."""
+    import numpy as np
+    import pandas as pd
+
+    from barkgpt.data.shards import manifest_path
+    from barkgpt.fileio import read_json
+    from barkgpt.tokenizer import load_tokenizer, tokenizer_hash
+
+    _, gxe = _gx()
+    if not paths.tokenizer.exists():
+        raise BarkError(f"{paths.tokenizer}: not found; run the tokenizer stage first (barkgpt webtext-tokenizer)")
+    tok = load_tokenizer(paths.tokenizer)
+    expected_hash = tokenizer_hash(tok)
+    suites, manifests = [], []
+    for split in ("train", "val"):
+        shard = paths.shard(split)
+        if not shard.exists() or not manifest_path(shard).exists():
+            raise BarkError(f"{shard}: token shard or its manifest is missing; run barkgpt tokenize webtext")
+        manifest = read_json(manifest_path(shard))
+        ids = np.fromfile(shard, dtype=np.dtype(manifest["dtype"]))  # not load_shard: it stops at a bad count
+        manifests.append({"split": split, "file_tokens": int(ids.size), "manifest_tokens": manifest["tokens"],
+                          "manifest_vocab_size": manifest["vocab_size"], "tokenizer_vocab_size": tok.vocab_size,
+                          "manifest_hash": manifest.get("tokenizer_hash"), "tokenizer_hash": expected_hash})
+        frame = pd.DataFrame({"position": np.arange(ids.size), "id": ids.astype(np.int64)})
+        suites.append(Suite(f"webtext.{split}.token_ids", frame, [
+            gxe.ExpectColumnValuesToBeBetween(column="id", min_value=0, max_value=tok.vocab_size - 1),
+        ], index_column="position"))
+    suites.append(Suite("webtext.shards.manifest", pd.DataFrame(manifests), [
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="file_tokens", column_B="manifest_tokens"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_vocab_size", column_B="tokenizer_vocab_size"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_hash", column_B="tokenizer_hash"),
+    ], index_column="split"))
+    return suites
+
+
+SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {
+    "bark": bark_suites, "webtext": webtext_suites}
+# Suites over token shards, run after the tokenize stage (`barkgpt validate <pipeline> --tokens`).
+TOKEN_SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {"webtext": webtext_token_suites}
 
 
 # --- running suites -----------------------------------------------------------------------------
@@ -131,7 +224,9 @@ def run_suite(suite: Suite, context=None) -> dict:
         rows = sorted(set(rows), key=rows.index)
         checks.append({
             "expectation": cfg.type,
-            "column": cfg.kwargs.get("column"),
+            # a pair expectation (column_A, column_B) is named by both columns
+            "column": cfg.kwargs.get("column") or ",".join(
+                str(cfg.kwargs[k]) for k in ("column_A", "column_B") if cfg.kwargs.get(k)) or None,
             "kwargs": {k: v for k, v in cfg.kwargs.items() if k not in ("column", "batch_id")},
             "success": bool(r.success),
             "element_count": res.get("element_count"),
@@ -158,25 +253,29 @@ def _short(value, limit: int = 120):
     return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
 
 
-def validate_pipeline(params: Params, name: str, paths) -> dict:
-    builder = SUITE_BUILDERS.get(name)
+def validate_pipeline(params: Params, name: str, paths, tokens: bool = False) -> dict:
+    """Text suites (or, with tokens=True, token-shard suites, reported as validation_tokens.*)."""
+    builders = TOKEN_SUITE_BUILDERS if tokens else SUITE_BUILDERS
+    builder = builders.get(name)
     if builder is None:
-        raise BarkError(f"no validation suites for pipeline {name!r}; known: {sorted(SUITE_BUILDERS)}")
+        raise BarkError(f"no {'token ' if tokens else ''}validation suites for pipeline {name!r}; "
+                        f"known: {sorted(builders)}")
     context = gx_context()
     results = [run_suite(s, context) for s in builder(params, paths)]
     report = {"pipeline": name, "success": all(r["success"] for r in results),
               "expectations": sum(len(r["checks"]) for r in results),
               "failed": sum(not c["success"] for r in results for c in r["checks"]),
               "suites": results}
-    json_path, html_path = paths.reports / "validation.json", paths.reports / "validation.html"
+    stem = "validation_tokens" if tokens else "validation"
+    json_path, html_path = paths.reports / f"{stem}.json", paths.reports / f"{stem}.html"
     write_json(json_path, report)
     write_text(html_path, render_html(report))
     if not report["success"]:
-        raise BarkError(failure_message(report, html_path))
+        raise BarkError(failure_message(report, html_path, tokens))
     return report
 
 
-def failure_message(report: dict, html_path: Path) -> str:
+def failure_message(report: dict, html_path: Path, tokens: bool = False) -> str:
     lines = [f"data validation failed for pipeline {report['pipeline']!r} "
              f"({report['failed']} of {report['expectations']} expectations):"]
     for suite in report["suites"]:
@@ -192,7 +291,10 @@ def failure_message(report: dict, html_path: Path) -> str:
             values = f"; e.g. {c['unexpected_values'][:3]}" if c["unexpected_values"] else ""
             lines.append(f"  {suite['suite']}: {c['expectation']}({c['column']}) failed{detail}"
                          f"{where}{values}")
-    lines.append(f"fix or regenerate the data (barkgpt bark-data); full report: {html_path}")
+    redo = {"bark": "barkgpt bark-data", "webtext": "barkgpt webtext-ingest"}.get(report["pipeline"], "dvc repro")
+    if tokens:
+        redo = f"barkgpt tokenize {report['pipeline']}"
+    lines.append(f"fix or regenerate the data ({redo}); full report: {html_path}")
     return "\n".join(lines)
 
 

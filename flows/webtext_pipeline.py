@@ -1,5 +1,6 @@
-"""The `webtext-pipeline` flow: ingest -> BPE tokenizer -> tokenize -> train -> evaluate (bits per
-byte, MLflow) -> export -> quantize -> parity (gate) -> deploy (S3 + Lambda).
+"""The `webtext-pipeline` flow: ingest -> validate (Great Expectations) -> BPE tokenizer -> tokenize
+-> validate tokens -> train -> evaluate (bits per byte, MLflow) -> export -> quantize -> parity (gate)
+-> deploy (S3 + Lambda).
 
 Same stage functions as `dvc repro pipelines/webtext/dvc.yaml`. Point it at a local corpus:
     python -m flows.webtext_pipeline --set webtext.source=../shared/data/wikitext-2-valid.txt
@@ -25,8 +26,10 @@ NAME = "webtext"
 def webtext_pipeline(overrides: dict | None = None, root: str = ".", params_file: str = "params.yaml") -> dict:
     params = bark.resolve_params(params_file, overrides)
     ingested = run_stage(webtext.ingest, params, root, NAME)
+    run_stage(bark.validate, params, root, NAME)  # a failed suite stops the flow before training
     run_stage(webtext.tokenizer, params, root, NAME)
     run_stage(bark.tokenize, params, root, NAME)
+    run_stage(webtext.validate_tokens, params, root, NAME)
     trained = run_stage(bark.train, params, root, NAME)
     metrics = run_stage(bark.evaluate, params, root, NAME)
     print(f"validation bits per byte {metrics.get('val_bpb')}, gate passed: {metrics.get('gate_passed')}")

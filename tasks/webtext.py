@@ -19,3 +19,22 @@ def ingest(params: dict, root: str = ".", name: str = "webtext") -> dict:
 @stage_task("tokenizer")
 def tokenizer(params: dict, root: str = ".", name: str = "webtext") -> dict:
     return stages.webtext_tokenizer(to_params(params), root)
+
+
+@stage_task("validate-tokens", retries=0)  # a failed suite is a verdict, not a transient error
+def validate_tokens(params: dict, root: str = ".", name: str = "webtext") -> dict:
+    """Great Expectations on the token shards (dvc stage `webtext-validate-tokens`)."""
+    import json
+
+    from barkgpt.errors import BarkError
+    from tasks.bark import publish_validation
+
+    try:
+        report = stages.validate(to_params(params), name, root, tokens=True)
+    except BarkError:
+        path = stages.paths_for(name, root).reports / "validation_tokens.json"
+        if path.exists():
+            publish_validation(json.loads(path.read_text()), f"{name}-tokens")
+        raise
+    publish_validation(report, f"{name}-tokens")
+    return {k: v for k, v in report.items() if k != "suites"}
