@@ -8,14 +8,12 @@ Run in-process on Prefect's local API (no server needed):
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import flows  # noqa: F401  (PREFECT_HOME default before prefect loads)
-import yaml
 from prefect import flow
 
+from flows.cli import run_flow
 from tasks import bark
 from tasks.common import run_stage
 from tasks.deploy import deploy, deploy_blocker
@@ -44,34 +42,8 @@ def bark_pipeline(overrides: dict | None = None, root: str = ".", params_file: s
     return {"train": trained, "metrics": metrics, "parity": parity, "deploy": deployed}
 
 
-def parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)  # YAML scalars: 100, 0.5, true, [a, b]
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the bark pipeline flow in this process.")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml value, e.g. bark.train.max_steps=100 (repeatable)")
-    parser.add_argument("--root", default=".")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--no-deploy", action="store_true", help="stop after the parity gate")
-    args = parser.parse_args(argv)
-    from barkgpt.errors import BarkError
-
-    try:
-        result = bark_pipeline(overrides=parse_set(args.set), root=args.root, params_file=args.params,
-                               deploy_model=not args.no_deploy)
-    except BarkError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result["metrics"], indent=2, default=str))
-    return 0
+    return run_flow(bark_pipeline, "Run the bark pipeline flow in this process.", "bark.train.max_steps=100", argv)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@ Same stage functions as `dvc repro pipelines/webtext/dvc.yaml`. Point it at a lo
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import flows  # noqa: F401  (PREFECT_HOME default before prefect loads)
 from prefect import flow
 
-from flows.bark_pipeline import parse_set
+from flows.cli import run_flow
 from tasks import bark, webtext
 from tasks.common import run_stage
 from tasks.deploy import deploy, deploy_blocker
@@ -23,7 +21,8 @@ NAME = "webtext"
 
 
 @flow(name="webtext-pipeline", log_prints=True)
-def webtext_pipeline(overrides: dict | None = None, root: str = ".", params_file: str = "params.yaml") -> dict:
+def webtext_pipeline(overrides: dict | None = None, root: str = ".", params_file: str = "params.yaml",
+                     deploy_model: bool = True) -> dict:
     params = bark.resolve_params(params_file, overrides)
     ingested = run_stage(webtext.ingest, params, root, NAME)
     run_stage(bark.validate, params, root, NAME)  # a failed suite stops the flow before training
@@ -36,7 +35,7 @@ def webtext_pipeline(overrides: dict | None = None, root: str = ".", params_file
     run_stage(bark.export, params, root, NAME)
     run_stage(bark.quantize, params, root, NAME)
     parity = run_stage(bark.parity, params, root, NAME)
-    deployed, blocker = None, deploy_blocker(params, root, NAME)
+    deployed, blocker = None, deploy_blocker(params, root, NAME) if deploy_model else "deploy_model=False"
     if blocker:
         print(f"deploy skipped: {blocker}")
     else:
@@ -45,21 +44,8 @@ def webtext_pipeline(overrides: dict | None = None, root: str = ".", params_file
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the WebText-2 pipeline flow in this process.")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params.yaml value, e.g. webtext.train.max_seconds=60 (repeatable)")
-    parser.add_argument("--root", default=".")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    from barkgpt.errors import BarkError
-
-    try:
-        result = webtext_pipeline(overrides=parse_set(args.set), root=args.root, params_file=args.params)
-    except BarkError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result["metrics"], indent=2, default=str))
-    return 0
+    return run_flow(webtext_pipeline, "Run the WebText-2 pipeline flow in this process.",
+                    "webtext.train.max_seconds=60", argv)
 
 
 if __name__ == "__main__":
