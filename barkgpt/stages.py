@@ -5,7 +5,6 @@ Each stage returns a small dict describing what it wrote, for whichever door cal
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,104 +16,20 @@ from barkgpt.data.shards import load_shard, write_shard
 from barkgpt.errors import BarkError
 from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import read_json, sha256_file, write_json
+from barkgpt.layout import Layout
 from barkgpt.params import PIPELINES, Params
 from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
 from barkgpt.train import LogFn, train as train_loop
 
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Where each pipeline's files live, relative to the project root."""
-
-    name: str
-    root: Path = Path(".")
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data" / self.name
-
-    @property
-    def train_text(self) -> Path:
-        return self.data / "train.txt"
-
-    @property
-    def val_text(self) -> Path:
-        return self.data / "val.txt"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.data / "tokenizer.json"
-
-    @property
-    def tokens(self) -> Path:
-        return self.data / "tokens"
-
-    def shard(self, split: str) -> Path:
-        return self.tokens / f"{split}.bin"
-
-    @property
-    def models(self) -> Path:
-        return self.root / "models" / self.name
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.models / "best.pt"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports" / self.name
-
-    @property
-    def metrics(self) -> Path:
-        return self.reports / "metrics.json"
-
-    @property
-    def samples(self) -> Path:
-        return self.reports / "samples.json"
-
-    @property
-    def train_log(self) -> Path:
-        return self.reports / "train_log.csv"
-
-    @property
-    def train_summary(self) -> Path:
-        return self.reports / "train.json"
-
-    @property
-    def exports(self) -> Path:
-        """GGUF files (<name>-f32.gguf, -f16, -q8_0, ...) and the Hugging Face folder hf/."""
-        return self.root / "exports" / self.name
-
-    @property
-    def quantization_report(self) -> Path:
-        return self.reports / "quantization.json"
-
-    @property
-    def parity_report(self) -> Path:
-        return self.reports / "parity.json"
-
-    @property
-    def ingest_report(self) -> Path:
-        return self.reports / "ingest.json"
-
-    @property
-    def tokenizer_report(self) -> Path:
-        return self.reports / "tokenizer.json"
-
-    @property
-    def validation_report(self) -> Path:
-        return self.reports / "validation.json"
-
-    @property
-    def validation_html(self) -> Path:
-        return self.reports / "validation.html"
+Paths = Layout  # the stage functions' name for a pipeline's file layout
 
 
-def paths_for(name: str, root: Path | str = ".") -> Paths:
+def paths_for(name: str, root: Path | str = ".") -> Layout:
     if name not in PIPELINES:
         raise BarkError(f"unknown pipeline {name!r}; choose one of {list(PIPELINES)}")
-    return Paths(name, Path(root))
+    return Layout(name, Path(root))
 
 
 def read_lines(path: Path) -> list[str]:
@@ -228,7 +143,7 @@ def export(params: Params, name: str, root: Path | str = ".") -> dict:
     from barkgpt.export.pipeline import export_files
 
     paths = paths_for(name, root)
-    return export_files(paths.checkpoint, paths.exports, name, params.export)
+    return export_files(paths, params.export)
 
 
 def quantize(params: Params, name: str, root: Path | str = ".") -> dict:
@@ -236,7 +151,7 @@ def quantize(params: Params, name: str, root: Path | str = ".") -> dict:
     from barkgpt.export.pipeline import quantize_files
 
     paths = paths_for(name, root)
-    return quantize_files(paths.exports, name, params.export, paths.quantization_report)
+    return quantize_files(paths, params.export)
 
 
 def parity(params: Params, name: str, root: Path | str = ".") -> dict:
@@ -249,8 +164,7 @@ def parity(params: Params, name: str, root: Path | str = ".") -> dict:
     paths = paths_for(name, root)
     stale = paths.parity_report.stat().st_mtime_ns if paths.parity_report.exists() else None
     try:
-        report = parity_report(paths.checkpoint, paths.exports, name, read_lines(paths.val_text), params.export,
-                               paths.parity_report, seed=params.seed)
+        report = parity_report(paths, read_lines(paths.val_text), params.export, seed=params.seed)
     finally:  # the report is worth keeping with the run, also (above all) when the gate failed
         if paths.parity_report.exists() and paths.parity_report.stat().st_mtime_ns != stale:
             tracking.log_export(params, name, paths, sorted(paths.exports.glob("*.gguf")),

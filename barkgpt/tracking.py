@@ -23,7 +23,6 @@ from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
 
-RUN_FILE = "mlflow_run.json"
 
 
 # --- where and whether to track -----------------------------------------------------------------
@@ -155,7 +154,7 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
 
     The run id is written next to the checkpoint at once, so a resumed training (--resume)
     continues the same run, and evaluate finds it."""
-    run_file = paths.models / RUN_FILE
+    run_file = paths.run_record
     previous = read_json(run_file).get("run_id") if resume and run_file.exists() else None
     run_file.unlink(missing_ok=True)  # a stale id must never receive another model's metrics
     if not params.tracking.enabled:
@@ -189,7 +188,7 @@ def finish_training(run: TrainingRun | None, summary: dict) -> None:
                                           if isinstance(v, (int, float)) and v is not None})
     if p.train_log.exists():
         run.client.log_artifact(run.run_id, str(p.train_log), "reports")
-        png = loss_curve_png(p.train_log, p.reports / "loss_curve.png")
+        png = loss_curve_png(p.train_log, p.loss_curve)
         if png:
             run.client.log_artifact(run.run_id, str(png), "reports")
     if p.train_summary.exists():
@@ -229,7 +228,7 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
     if not params.tracking.enabled:
         return None
     mlflow, client = _client(params, paths.root)
-    run_file = paths.models / RUN_FILE
+    run_file = paths.run_record
     run_id = read_json(run_file).get("run_id") if run_file.exists() else None
     if run_id:
         try:
@@ -296,7 +295,7 @@ def log_and_register(run: TrainingRun, gate_passed: bool) -> dict:
 
 
 def run_summary(paths) -> dict | None:
-    f = paths.models / RUN_FILE
+    f = paths.run_record
     return json.loads(f.read_text()) if f.exists() else None
 
 
@@ -306,7 +305,7 @@ def log_export(params: Params, name: str, paths, files: list[Path], report: dict
     Skipped (None) when tracking is off or the checkpoint's run is not in this store."""
     if not params.tracking.enabled:
         return None
-    run_file = paths.models / RUN_FILE
+    run_file = paths.run_record
     if not run_file.exists():
         return None
     _, client = _client(params, paths.root)

@@ -266,8 +266,8 @@ def validate_pipeline(params: Params, name: str, paths, tokens: bool = False) ->
               "expectations": sum(len(r["checks"]) for r in results),
               "failed": sum(not c["success"] for r in results for c in r["checks"]),
               "suites": results}
-    stem = "validation_tokens" if tokens else "validation"
-    json_path, html_path = paths.reports / f"{stem}.json", paths.reports / f"{stem}.html"
+    json_path = paths.token_validation_report if tokens else paths.validation_report
+    html_path = paths.token_validation_html if tokens else paths.validation_html
     write_json(json_path, report)
     write_text(html_path, render_html(report))
     if not report["success"]:

@@ -32,7 +32,7 @@ def validate_tokens(params: dict, root: str = ".", name: str = "webtext") -> dic
     try:
         report = stages.validate(to_params(params), name, root, tokens=True)
     except BarkError:
-        path = stages.paths_for(name, root).reports / "validation_tokens.json"
+        path = stages.paths_for(name, root).token_validation_report
         if path.exists():
             publish_validation(json.loads(path.read_text()), f"{name}-tokens")
         raise

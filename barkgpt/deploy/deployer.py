@@ -23,6 +23,7 @@ from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MO
 from barkgpt.deploy.release import MIB, TransferSettings, build_manifest, ensure_bucket, upload_release
 from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, write_json
+from barkgpt.layout import layout
 from barkgpt.params import DeployParams, Params
 
 # What goes into the function image; its hash tags the image so new code means a new image.
@@ -41,12 +42,9 @@ def deploy_quantization(params: Params) -> str:
 
 def release_files(params: Params, name: str, root: Path) -> tuple[dict[str, Path], str]:
     """{role: path} of what ships, and the serving backend (barkgpt.serve) that reads it."""
-    from barkgpt.export.pipeline import gguf_path
-    from barkgpt.stages import paths_for
-
-    paths = paths_for(name, root)
+    paths = layout(name, root)
     if params.deploy.artifact == "gguf":
-        return {"model": gguf_path(paths.exports, name, deploy_quantization(params)),
+        return {"model": paths.gguf(deploy_quantization(params)),
                 "tokenizer": paths.tokenizer}, "llama"
     # PyTorch checkpoint: the weights, their checksum file (checked at load) and the tokenizer.
     return {"model": paths.checkpoint, "model_sha256": Path(str(paths.checkpoint) + ".json"),
@@ -56,8 +54,8 @@ def release_files(params: Params, name: str, root: Path) -> tuple[dict[str, Path
 def check_gates(params: Params, name: str, root: Path) -> dict:
     """The evaluation gate (and the quantization gate for GGUF) must have passed."""
     cfg = params.deploy
-    reports = root / "reports" / name
-    metrics_path = reports / "metrics.json"
+    paths = layout(name, root)
+    metrics_path = paths.metrics
     summary: dict = {}
     if metrics_path.exists():
         metrics = read_json(metrics_path)
@@ -70,7 +68,7 @@ def check_gates(params: Params, name: str, root: Path) -> dict:
         raise BarkError(f"{metrics_path}: the evaluation gate did not pass; not deploying "
                         "(improve the model, or set deploy.require_gates: false to override)")
     if cfg.artifact == "gguf":
-        parity_path = reports / "parity.json"
+        parity_path = paths.parity_report
         if not parity_path.exists():
             raise BarkError(f"{parity_path}: not found; run export and quantization before deploying")
         parity = read_json(parity_path)
@@ -100,7 +98,7 @@ def quantization_verdict(parity: dict, quant: str):
 
 
 def parity_summary(root: Path, name: str, quant: str) -> dict | None:
-    path = root / "reports" / name / "parity.json"
+    path = layout(name, root).parity_report
     if not path.exists():
         return None
     parity = read_json(path)
@@ -141,7 +139,7 @@ def mlflow_provenance(root: Path, name: str) -> dict | None:
     """The MLflow run that trained the model (models/<name>/mlflow_run.json, written by the train
     stage) and the registered model version made from it, with the sha256 of that version's files,
     so the manifest can be checked against the registry. None when the run was not tracked."""
-    run_file = root / "models" / name / "mlflow_run.json"
+    run_file = layout(name, root).run_record
     if not run_file.exists():
         return None
     info = read_json(run_file)
@@ -352,5 +350,5 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
             "smoke": smoke, "provenance": manifest["provenance"], "registry_matches": registry_matches(manifest),
             "seconds": round(time.perf_counter() - started, 3),
         }
-    write_json(root / "reports" / name / "deploy.json", report)
+    write_json(layout(name, root).deploy_report, report)
     return report

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_json
+from barkgpt.layout import layout
 from barkgpt.params import Params
 
 
@@ -39,7 +40,8 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
         raise BarkError(f"{model} version {mv.version} did not pass its gates; only gated versions are deployed")
     staged = root / ".deploy-staging" / f"{name}-v{mv.version}"
     shutil.rmtree(staged, ignore_errors=True)
-    models, data, reports = staged / "models" / name, staged / "data" / name, staged / "reports" / name
+    lay = layout(name, staged)
+    models, data, reports = lay.models, lay.data, lay.reports
     for folder in (models, data, reports):
         folder.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +57,7 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
                                               tracking_uri=uri))
         if (metrics_dir / "metrics.json").exists():
             shutil.copy2(metrics_dir / "metrics.json", reports / "metrics.json")
-    write_json(models / "mlflow_run.json", {"run_id": mv.run_id, "tracking_uri": uri})
+    write_json(lay.run_record, {"run_id": mv.run_id, "tracking_uri": uri})
     return staged, {"registered_model": model, "version": int(mv.version), "run_id": mv.run_id,
                     "staged_root": str(staged)}
 
@@ -70,5 +72,5 @@ def redeploy_model_version(params: Params, name: str, root: Path | str = ".", ve
     checkpoint_params = parse_params(deep_merge(params.model_dump(), {"deploy": {"artifact": "checkpoint"}}))
     report = deploy_pipeline(checkpoint_params, name, staged, **options)
     report["registered"] = info
-    write_json(Path(root) / "reports" / name / "deploy.json", report)
+    write_json(layout(name, root).deploy_report, report)
     return report

@@ -16,6 +16,7 @@ from barkgpt.export import parity as P
 from barkgpt.export.gguf_file import write_gguf
 from barkgpt.export.quantize import quantize, tensor_report
 from barkgpt.fileio import sha256_file, write_json
+from barkgpt.layout import Layout
 from barkgpt.params import ExportParams
 
 
@@ -23,29 +24,26 @@ class GateError(BarkError):
     """The quality gate failed for the deploy file; the report names what failed."""
 
 
-def gguf_path(export_dir: Path, name: str, variant: str) -> Path:
-    return Path(export_dir) / f"{name}-{variant}.gguf"
-
-
-def export_files(checkpoint: Path, export_dir: Path, name: str, p: ExportParams) -> dict:
+def export_files(lay: Layout, p: ExportParams) -> dict:
     """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint."""
-    model, tok = load_model(checkpoint)
-    out = {"f32": str(write_gguf(model, tok, gguf_path(export_dir, name, "f32"), "f32", name=f"barkgpt-{name}"))}
+    model, tok = load_model(lay.checkpoint)
+    name = f"barkgpt-{lay.pipeline}"
+    out = {"f32": str(write_gguf(model, tok, lay.gguf("f32"), "f32", name=name))}
     if p.f16:
-        out["f16"] = str(write_gguf(model, tok, gguf_path(export_dir, name, "f16"), "f16", name=f"barkgpt-{name}"))
+        out["f16"] = str(write_gguf(model, tok, lay.gguf("f16"), "f16", name=name))
     if p.hf:
         from barkgpt.export.hf import write_hf
 
-        out["hf"] = str(write_hf(model, tok, Path(export_dir) / "hf"))
+        out["hf"] = str(write_hf(model, tok, lay.hf))
     return out
 
 
-def quantize_files(export_dir: Path, name: str, p: ExportParams, report_path: Path) -> dict:
+def quantize_files(lay: Layout, p: ExportParams) -> dict:
     """llama.cpp quantizations of the F32 file, and per-tensor types actually used."""
-    src = gguf_path(export_dir, name, "f32")
+    src, report_path = lay.gguf("f32"), lay.quantization_report
     report, out = {}, {}
     for q in p.quantizations:
-        dst = quantize(src, gguf_path(export_dir, name, q), q, threads=p.threads)
+        dst = quantize(src, lay.gguf(q), q, threads=p.threads)
         report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q)}
         out[q] = str(dst)
     write_json(report_path, report)
@@ -100,8 +98,7 @@ def _gate(metric: str, value: float, base: float, quant: str, p: ExportParams) -
     return ok, f"bpb delta {rel:+.2%} {'<=' if ok else '>'} {limit:.2%}"
 
 
-def parity_report(checkpoint: Path, export_dir: Path, name: str, val_lines: list[str], p: ExportParams,
-                  report_path: Path, seed: int = 0) -> dict:
+def parity_report(lay: Layout, val_lines: list[str], p: ExportParams, seed: int = 0) -> dict:
     """Compare every exported file with PyTorch; gate the quantizations; write the JSON report.
 
     Raises GateError (after writing the report) when F32 parity fails or the deploy
@@ -110,14 +107,15 @@ def parity_report(checkpoint: Path, export_dir: Path, name: str, val_lines: list
     import llama_cpp
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    checkpoint, name, report_path = lay.checkpoint, lay.pipeline, lay.parity_report
     model, tok = load_model(checkpoint)
     n_ctx = model.cfg.block_size
     logit_prompts, greedy_prompts = _prompts(tok, val_lines, n_ctx)
-    files = {"f32": gguf_path(export_dir, name, "f32")}
+    files = {"f32": lay.gguf("f32")}
     if p.f16:
-        files["f16"] = gguf_path(export_dir, name, "f16")
+        files["f16"] = lay.gguf("f16")
     for q in p.quantizations:
-        files[q] = gguf_path(export_dir, name, q)
+        files[q] = lay.gguf(q)
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
         raise BarkError(f"exported files are missing: {missing}; run the export and quantize stages first")
@@ -153,7 +151,7 @@ def parity_report(checkpoint: Path, export_dir: Path, name: str, val_lines: list
         "logits_tolerance": p.logits_tolerance,
         "greedy_identical": f"{f32['greedy']['identical']}/{f32['greedy']['prompts']}",
     }
-    quant_types = _read_quant_report(report_path.parent / "quantization.json")
+    quant_types = _read_quant_report(lay.quantization_report)
     for q in p.quantizations:
         e = report["files"][q]
         metric, value = e["quality"]["metric"], e["quality"]["value"]

@@ -202,7 +202,7 @@ class LlamaBackend:
 
 def resolve_model(serve, root: Path) -> Path:
     """The model file to serve: serve.model, else the pipeline's deploy GGUF or checkpoint."""
-    from barkgpt.stages import paths_for
+    from barkgpt.layout import layout
 
     if serve.model:
         path = Path(serve.model)
@@ -210,13 +210,13 @@ def resolve_model(serve, root: Path) -> Path:
         if not path.exists():
             raise BarkError(f"{path}: model file not found; check serve.model / BARKGPT_MODEL / --model")
         return path
-    paths = paths_for(serve.pipeline, root)
+    paths = layout(serve.pipeline, root)
     if serve.backend == "torch":
         if not paths.checkpoint.exists():
             raise BarkError(f"{paths.checkpoint}: checkpoint not found; run the pipeline first (dvc repro)")
         return paths.checkpoint
     quant = (serve.quant or "q8_0").lower()
-    gguf = paths.exports / f"{serve.pipeline}-{quant}.gguf"  # what the bark-quantize stage writes
+    gguf = paths.gguf(quant)
     if not gguf.exists():
         raise BarkError(f"{gguf}: not found; run the pipeline through quantization (dvc repro "
                         f"{serve.pipeline}-quantize), pass --model FILE.gguf, or serve the checkpoint with "

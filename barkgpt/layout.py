@@ -1,0 +1,148 @@
+"""Where every file of a pipeline lives. The one module that spells a path.
+
+A leaf: it imports nothing from barkgpt, so serving, deployment and the Lambda handler can ask
+where a model is without importing the stages (or torch). Paths are relative to the project root.
+
+    data/<p>/        train.txt, val.txt, tokenizer.json, tokens/{train,val}.bin (+ .json manifests)
+    models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
+    exports/<p>/     <p>-f32.gguf, <p>-f16.gguf, <p>-<quant>.gguf, hf/
+    reports/<p>/     one JSON per stage (validation, train, metrics, quantization, parity, deploy)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    pipeline: str
+    root: Path = Path(".")
+
+    # --- data ---------------------------------------------------------------------------------
+    @property
+    def data(self) -> Path:
+        return self.root / "data" / self.pipeline
+
+    @property
+    def train_text(self) -> Path:
+        return self.data / "train.txt"
+
+    @property
+    def val_text(self) -> Path:
+        return self.data / "val.txt"
+
+    def text(self, split: str) -> Path:
+        return self.data / f"{split}.txt"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.data / "tokenizer.json"
+
+    @property
+    def tokens(self) -> Path:
+        return self.data / "tokens"
+
+    def shard(self, split: str) -> Path:
+        return self.tokens / f"{split}.bin"
+
+    # --- models ---------------------------------------------------------------------------------
+    @property
+    def models(self) -> Path:
+        return self.root / "models" / self.pipeline
+
+    @property
+    def checkpoint(self) -> Path:
+        """The pipeline's current model: what evaluation, export and serving read."""
+        return self.models / "best.pt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """The newest step of the latest training, for --resume."""
+        return self.models / "last.pt"
+
+    @property
+    def run_record(self) -> Path:
+        """The MLflow run that trained the current model (read by evaluate, parity and deploy)."""
+        return self.models / "mlflow_run.json"
+
+    # --- exports --------------------------------------------------------------------------------
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports" / self.pipeline
+
+    def gguf(self, variant: str) -> Path:
+        """variant: f32, f16 or a quantization (q8_0, q4_0, q4_k_m)."""
+        return self.exports / f"{self.pipeline}-{variant.lower()}.gguf"
+
+    @property
+    def hf(self) -> Path:
+        return self.exports / "hf"
+
+    # --- reports --------------------------------------------------------------------------------
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports" / self.pipeline
+
+    def report(self, stage: str) -> Path:
+        return self.reports / f"{stage}.json"
+
+    @property
+    def ingest_report(self) -> Path:
+        return self.report("ingest")
+
+    @property
+    def tokenizer_report(self) -> Path:
+        return self.report("tokenizer")
+
+    @property
+    def validation_report(self) -> Path:
+        return self.report("validation")
+
+    @property
+    def validation_html(self) -> Path:
+        return self.reports / "validation.html"
+
+    @property
+    def token_validation_report(self) -> Path:
+        return self.report("validation_tokens")
+
+    @property
+    def token_validation_html(self) -> Path:
+        return self.reports / "validation_tokens.html"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.report("train")
+
+    @property
+    def train_log(self) -> Path:
+        return self.reports / "train_log.csv"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.reports / "loss_curve.png"
+
+    @property
+    def metrics(self) -> Path:
+        return self.report("metrics")
+
+    @property
+    def samples(self) -> Path:
+        return self.report("samples")
+
+    @property
+    def quantization_report(self) -> Path:
+        return self.report("quantization")
+
+    @property
+    def parity_report(self) -> Path:
+        return self.report("parity")
+
+    @property
+    def deploy_report(self) -> Path:
+        return self.report("deploy")
+
+
+def layout(pipeline: str, root: str | Path = ".") -> Layout:
+    return Layout(pipeline, Path(root))
