@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a pipeline's model")
     p.add_argument("pipeline", choices=PIPELINES)
-    p.add_argument("--resume", action="store_true", help="continue from models/<pipeline>/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in runs/<pipeline>/, else train models/<pipeline>/last.pt further")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from barkgpt import tracking
+from barkgpt import runs, tracking
 from barkgpt.checkpoint import load_model
 from barkgpt.data.bark import write_bark_data
 from barkgpt.data.shards import load_shard, write_shard
@@ -76,28 +76,35 @@ def pipeline_params(params: Params, name: str):
 
 def train(params: Params, name: str, root: Path | str = ".", resume: bool = False,
           on_log: LogFn | None = None, progress: bool = True, tags: dict | None = None) -> dict:
-    """`tags` go on the MLflow run (e.g. the Prefect flow run id from the Prefect door)."""
+    """Train in a run folder of its own; promote it to models/<name>/ only if it ends finite
+    (barkgpt/runs.py). `tags` go on the MLflow run (e.g. the Prefect flow run id)."""
     paths = paths_for(name, root)
     cfg = pipeline_params(params, name)
     tok = load_tokenizer(paths.tokenizer)
     train_ids, _ = load_shard(paths.shard("train"))
     val_ids, _ = load_shard(paths.shard("val"))
     token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
-    run = tracking.start_training_run(params, name, paths, tags, resume)  # before training: fail fast
-    log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
-    try:
-        result = train_loop(
-            model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-            out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
-            resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
-        )
-    except BaseException:
-        if run:
-            run.fail()
-        raise
-    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    write_json(paths.train_summary, summary)
-    tracking.finish_training(run, summary)
+    with runs.writer_lock(paths, f"train {name}"):
+        folder = runs.open_run(paths, resume, log=print if progress else (lambda *_: None))
+        run = tracking.start_training_run(params, name, paths, tags, resume, record=folder.run_record)  # fail fast
+        log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
+        try:
+            result = train_loop(
+                model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+                out_dir=folder.path, log_path=folder.train_log, params_dict=params.model_dump(),
+                resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
+            )
+            summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+            runs.promote(paths, folder, summary)
+        except runs.TrainingDiverged as err:
+            if run:
+                run.fail()
+            raise runs.discard(paths, folder, err) from None
+        except BaseException:  # interrupted: the run folder stays resumable (--resume)
+            if run:
+                run.fail()
+            raise
+        tracking.finish_training(run, summary)
     return {**summary, "mlflow_run_id": run.run_id if run else None}
 
 
@@ -112,14 +119,15 @@ def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | Non
     paths = paths_for(name, root)
     if not paths.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
         load_model(paths.checkpoint)
-    run = tracking.reopen_run(params, name, paths, tags)
-    try:
-        metrics = evaluate_bark_stage(params, root) if name == "bark" else evaluate_text(params, name, root)
-    except BaseException:
-        if run:
-            run.fail()
-        raise
-    registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
+    with runs.writer_lock(paths, f"evaluate {name}"):  # the model and its run record stay a pair
+        run = tracking.reopen_run(params, name, paths, tags)
+        try:
+            metrics = evaluate_bark_stage(params, root) if name == "bark" else evaluate_text(params, name, root)
+        except BaseException:
+            if run:
+                run.fail()
+            raise
+        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
     return {**metrics, "mlflow": registry}
 
 

@@ -24,6 +24,7 @@ from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
 from barkgpt.model import GPT
 from barkgpt.params import ModelParams, TrainParams
+from barkgpt.runs import TrainingDiverged
 from barkgpt.tokenizer import Tokenizer
 
 LogFn = Callable[[int, dict], None]
@@ -87,6 +88,12 @@ def mean_loss(model, ids: np.ndarray, block: int, batch: int, max_batches: int |
     return total / count
 
 
+def require_finite(what: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training diverged at step {step}: {what} is {value}; stopped early "
+                               "(lower learning_rate, add warmup_steps or grad_clip)")
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -121,6 +128,8 @@ def train(
         state = load_checkpoint(last_path)
         if state["model_params"] != model_params.model_dump():
             raise BarkError(f"{last_path}: was trained with other model parameters; remove it or drop --resume")
+        if not state.get("optimizer") or not state.get("rng") or "history" not in state.get("extra", {}):
+            raise BarkError(f"{last_path}: holds no training state (optimizer, RNG); drop --resume to start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -161,6 +170,7 @@ def train(
         val = mean_loss(model, val_ids, model_params.block_size, p.batch_size, p.eval_batches, p.dtype, token_bytes)
         if token_bytes is not None:
             val, last_bpb[0] = val
+        require_finite("validation loss", val, step)
         if best_val is None or val < best_val:
             best_val = val
             checkpoint(best_path)
@@ -168,7 +178,11 @@ def train(
 
     bar = tqdm(total=p.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
-    loss_value, val, window_start, window_tokens = float("nan"), None, time.perf_counter(), 0
+    # A resumed run that had already reached its end reports what it ended with.
+    loss_value = history[-1]["loss"] if history else float("nan")
+    val = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
+    last_bpb[0] = next((r["val_bpb"] for r in reversed(history) if r.get("val_bpb") is not None), None)
+    window_start, window_tokens = time.perf_counter(), 0
     while step < p.max_steps and progress_fraction() < 1.0:
         lr = lr_at(step, progress_fraction(), p)
         for group in optimizer.param_groups:
@@ -180,6 +194,7 @@ def train(
                 _, loss = step_fn(x, y)
             (loss / p.grad_accum).backward()
             loss_sum += float(loss.detach())
+        require_finite("train loss", loss_sum, step + 1)  # before the update: no NaN reaches a checkpoint
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
