@@ -61,8 +61,15 @@ def cmd_tokenize(args) -> None:
 
 def cmd_train(args) -> None:
     from barkgpt import stages
+    from barkgpt.distributed import from_env
+    from barkgpt.params import load_params
 
-    summary = stages.train(_params(args), args.pipeline, resume=args.resume, progress=not args.quiet)
+    overrides = {args.pipeline: {"train": {"nproc": args.nproc}}} if args.nproc else None
+    tags = dict(t.split("=", 1) for t in args.tag)
+    summary = stages.train(load_params(args.params, overrides), args.pipeline, resume=args.resume,
+                           progress=not args.quiet, tags=tags or None)
+    if not from_env().is_main:
+        return
     bpb = f", val bpb {summary['val_bpb']:.4f}" if summary.get("val_bpb") is not None else ""
     print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
           f"({summary['tokens_per_s']:,.0f} tok/s); val loss {summary['best_val_loss']:.4f}{bpb}")
@@ -150,6 +157,25 @@ def cmd_deploy(args) -> None:
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
 
 
+def _tag(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return text
+
+
+def _log_to_stderr() -> None:
+    """barkgpt's own log lines (training progress, notes) on stderr, plain; other libraries untouched."""
+    import logging
+
+    logger = logging.getLogger("barkgpt")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
@@ -174,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a pipeline's model")
     p.add_argument("pipeline", choices=PIPELINES)
     p.add_argument("--resume", action="store_true", help="continue from models/<pipeline>/last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar; a progress line every 10 s instead (as when stderr is not a terminal)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel processes, launched with torchrun (default: <pipeline>.train.nproc)")
+    p.add_argument("--tag", action="append", default=[], type=_tag, metavar="KEY=VALUE",
+                   help="an extra tag on the MLflow run (repeatable)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
@@ -227,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         args.fn(args)
     except BarkError as err:

@@ -12,7 +12,7 @@ import numpy as np
 from barkgpt import tracking
 from barkgpt.checkpoint import load_model
 from barkgpt.data.bark import write_bark_data
-from barkgpt.data.shards import load_shard, write_shard
+from barkgpt.data.shards import SHARD_TOKENS, ShardWriter, load_tokens
 from barkgpt.errors import BarkError
 from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import read_json, sha256_file, write_json
@@ -61,13 +61,29 @@ def tokenize(params: Params, name: str, root: Path | str = ".") -> dict:
         return tokenize_text(params, name, root)
     tok = WordTokenizer()
     save_tokenizer(tok, paths.tokenizer)
-    meta = {"tokenizer_hash": tokenizer_hash(tok)}
-    out = {}
-    for split, text in (("train", paths.train_text), ("val", paths.val_text)):
-        ids = np.fromiter((i for line in read_lines(text) for i in tok.encode(line)), dtype=np.int64)
-        out[split] = write_shard(paths.shard(split), ids, tok.vocab_size,
-                                 {**meta, "source_sha256": sha256_file(text)})
-    return out
+    # A bark line already ends each turn with <EOS>: no extra EOS per line.
+    return {split: encode_split(paths, split, tok, eos_per_line=False) for split in ("train", "val")}
+
+
+def encode_split(paths: Layout, split: str, tok, eos_per_line: bool, workers: int = 1, threads: int = 1,
+                 shard_tokens: int = SHARD_TOKENS) -> dict:
+    """Stream a text split through the tokenizer (in `workers` processes) into fixed-size shards;
+    return the manifest. Memory: a few chunks of text and one shard, whatever the file size."""
+    from barkgpt.data.encode import encode_file
+
+    for stale in paths.token_shard_files(split):  # a shorter re-encoding must not leave old shards behind
+        stale.unlink()
+    writer = ShardWriter(paths.token_manifest(split), lambda i: paths.token_shard(split, i), tok.vocab_size,
+                         shard_tokens)
+    stats = encode_file(tok, paths.text(split), writer, workers, eos_per_line, threads)
+    return writer.close({"split": split, "tokenizer_hash": tokenizer_hash(tok), "source_sha256": stats.sha256,
+                         "lines": stats.lines, "text_bytes": stats.text_bytes,
+                         "bytes_per_token": stats.text_bytes / max(writer.tokens, 1)})
+
+
+def load_split(paths: Layout, split: str, tok) -> tuple:
+    """A split's token stream and manifest, checked against `tok` (see shards.load_tokens)."""
+    return load_tokens(paths.token_manifest(split), tok, f"re-run the tokenize stage (barkgpt tokenize {paths.pipeline})")
 
 
 def pipeline_params(params: Params, name: str):
@@ -76,29 +92,78 @@ def pipeline_params(params: Params, name: str):
 
 def train(params: Params, name: str, root: Path | str = ".", resume: bool = False,
           on_log: LogFn | None = None, progress: bool = True, tags: dict | None = None) -> dict:
-    """`tags` go on the MLflow run (e.g. the Prefect flow run id from the Prefect door)."""
+    """`tags` go on the MLflow run (e.g. the Prefect flow run id from the Prefect door).
+
+    With `train.nproc` > 1 (and not already under torchrun) this launches torchrun with nproc
+    processes and returns rank 0's summary; `on_log` is then not called (other processes)."""
+    from barkgpt import distributed
+    from barkgpt.device import resolve_device
+
     paths = paths_for(name, root)
     cfg = pipeline_params(params, name)
+    dist = distributed.from_env()
+    device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
+    if cfg.train.nproc > 1 and not distributed.under_torchrun():
+        return train_distributed(params, name, root, cfg.train.nproc, resume, progress, tags)
     tok = load_tokenizer(paths.tokenizer)
-    train_ids, _ = load_shard(paths.shard("train"))
-    val_ids, _ = load_shard(paths.shard("val"))
+    train_ids, _ = load_split(paths, "train", tok)
+    val_ids, _ = load_split(paths, "val", tok)
     token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
-    run = tracking.start_training_run(params, name, paths, tags, resume)  # before training: fail fast
-    log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
-    try:
-        result = train_loop(
-            model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-            out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
-            resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
-        )
-    except BaseException:
-        if run:
-            run.fail()
-        raise
+    with distributed.process_group(dist, device):
+        # Rank 0 alone opens the MLflow run (before training: fail fast) and writes every file.
+        run = tracking.start_training_run(params, name, paths, tags, resume) if dist.is_main else None
+        log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
+        try:
+            result = train_loop(
+                model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+                out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
+                resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
+                device=device, dist=dist,
+            )
+        except BaseException:
+            if run:
+                run.fail()
+            raise
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    write_json(paths.train_summary, summary)
-    tracking.finish_training(run, summary)
+    summary.update(device=str(device), nproc=dist.world_size)
+    if dist.is_main:
+        write_json(paths.train_summary, summary)
+        tracking.finish_training(run, summary)
     return {**summary, "mlflow_run_id": run.run_id if run else None}
+
+
+def train_distributed(params: Params, name: str, root: Path | str, nproc: int, resume: bool = False,
+                      progress: bool = True, tags: dict | None = None) -> dict:
+    """`barkgpt train <name>` in `nproc` processes under torchrun, in the project root; rank 0's summary."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    import barkgpt
+
+    paths = paths_for(name, root)
+    tok = load_tokenizer(paths.tokenizer)  # bad input stops here, once, before nproc processes start
+    load_split(paths, "train", tok)
+    load_split(paths, "val", tok)
+    paths.train_summary.unlink(missing_ok=True)  # read back below: it must be this run's
+    with tempfile.TemporaryDirectory(prefix="barkgpt-train-") as scratch:
+        params_file = Path(scratch) / "params.yaml"  # the resolved params, overrides included
+        params_file.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        argv = ["--params", str(params_file), "train", name, *(["--resume"] if resume else []),
+                *([] if progress else ["--quiet"]), *[f"--tag={k}={v}" for k, v in (tags or {}).items()]]
+        code_dir = str(Path(barkgpt.__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_dir, os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run([sys.executable, "-m", "barkgpt.distributed", f"--nproc={nproc}", "--", *argv],
+                              cwd=paths.root, env=env)
+    if done.returncode != 0 or not paths.train_summary.exists():
+        raise BarkError(f"training in {nproc} processes under torchrun failed (exit code {done.returncode}); "
+                        "the messages above say why")
+    summary = read_json(paths.train_summary)
+    run = tracking.run_summary(paths) if params.tracking.enabled else None
+    return {**summary, "mlflow_run_id": (run or {}).get("run_id")}
 
 
 def _both(*fns):
@@ -128,7 +193,7 @@ def evaluate_bark_stage(params: Params, root: Path | str = ".") -> dict:
     paths = paths_for("bark", root)
     cfg = params.bark
     model, tok = load_model(paths.checkpoint)
-    val_ids, _ = load_shard(paths.shard("val"))
+    val_ids, _ = load_split(paths, "val", tok)
     metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval, cfg.train.dtype)
     metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
     write_json(paths.metrics, metrics)
@@ -188,7 +253,9 @@ def webtext_ingest(params: Params, root: Path | str = ".") -> dict:
 
 
 def webtext_tokenizer(params: Params, root: Path | str = ".") -> dict:
-    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash."""
+    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash.
+    Both splits are streamed: the trainer keeps word counts, not the text."""
+    from barkgpt.data.encode import TextStats, encode_chunk, line_chunks
     from barkgpt.tokenizer import BPETokenizer, train_bpe
 
     paths = paths_for("webtext", root)
@@ -196,50 +263,27 @@ def webtext_tokenizer(params: Params, root: Path | str = ".") -> dict:
     if p.kind == "tiktoken":
         tok = BPETokenizer.from_tiktoken(p.name)
     else:
-        tok = train_bpe(read_lines(paths.train_text), p.vocab_size, p.min_frequency)
+        tok = train_bpe(line_chunks(paths.train_text, TextStats()), p.vocab_size, p.min_frequency)
     save_tokenizer(tok, paths.tokenizer)
-    val_lines = read_lines(paths.val_text)
-    val_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(val_lines, p.threads))  # +1: the EOS per line
-    val_bytes = sum(len(line.encode("utf-8")) + 1 for line in val_lines)  # +1: the newline the EOS stands for
+    val = TextStats()  # +1 per line in both counts: the EOS, and the newline it stands for
+    val_tokens = sum(len(encode_chunk(tok, lines, True, p.threads)) for lines in line_chunks(paths.val_text, val))
     report = {
         "kind": tok.kind, "name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val_bytes,
-        "val_bytes_per_token": val_bytes / max(val_tokens, 1),
+        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val.text_bytes,
+        "val_bytes_per_token": val.text_bytes / max(val_tokens, 1),
     }
     write_json(paths.tokenizer_report, report)
     return report
 
 
-def encode_lines(tok, lines: list[str], threads: int = 2, chunk: int = 8192, desc: str = "encode") -> np.ndarray:
-    """Each line's ids followed by the EOS, concatenated; encoded in parallel by tiktoken's threads."""
-    from tqdm import tqdm
-
-    parts = []
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    with tqdm(total=len(lines), desc=desc, unit="line", disable=len(lines) < 4 * chunk) as bar:
-        for i in range(0, len(lines), chunk):
-            for ids in tok.encode_batch(lines[i : i + chunk], threads):
-                parts += [np.asarray(ids, dtype=np.int64), eos]
-            bar.update(min(chunk, len(lines) - i))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
 def tokenize_text(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Encode the text splits with the saved tokenizer into shards (uint16, uint32 past 65,536 ids)."""
+    """Encode the text splits with the saved tokenizer into shards (uint16, uint32 past 65,536 ids),
+    streaming, in `tokenizer.workers` processes."""
     paths = paths_for(name, root)
-    cfg = pipeline_params(params, name)
+    p = pipeline_params(params, name).tokenizer
     tok = load_tokenizer(paths.tokenizer)
-    meta = {"tokenizer_hash": tokenizer_hash(tok)}
-    out = {}
-    for split, text in (("train", paths.train_text), ("val", paths.val_text)):
-        lines = read_lines(text)
-        ids = encode_lines(tok, lines, cfg.tokenizer.threads, desc=f"encode {split}")
-        text_bytes = sum(len(line.encode("utf-8")) + 1 for line in lines)
-        out[split] = write_shard(paths.shard(split), ids, tok.vocab_size, {
-            **meta, "source_sha256": sha256_file(text), "lines": len(lines), "text_bytes": text_bytes,
-            "bytes_per_token": text_bytes / max(len(ids), 1),
-        })
-    return out
+    return {split: encode_split(paths, split, tok, True, p.workers, p.threads, p.shard_tokens)
+            for split in ("train", "val")}
 
 
 def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
@@ -249,10 +293,9 @@ def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
     paths = paths_for(name, root)
     cfg = pipeline_params(params, name)
     model, tok = load_model(paths.checkpoint)
-    val_ids, manifest = load_shard(paths.shard("val"))
-    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
-        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
-                        "re-run the tokenize and train stages (dvc repro)")
+    val_ids, manifest = load_tokens(paths.token_manifest("val"), tok,
+                                    f"the model {paths.checkpoint} and the shards disagree: re-run the tokenize "
+                                    f"and train stages (barkgpt tokenize {name}; barkgpt train {name})")
     # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
     metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
     metrics["val_text_bytes"] = manifest.get("text_bytes")
