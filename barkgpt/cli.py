@@ -61,15 +61,15 @@ def cmd_tokenize(args) -> None:
 
 def cmd_train(args) -> None:
     from barkgpt import stages
-    from barkgpt.distributed import from_env
+    from barkgpt.distributed import from_env, under_torchrun
     from barkgpt.params import load_params
 
     overrides = {args.pipeline: {"train": {"nproc": args.nproc}}} if args.nproc else None
     tags = dict(t.split("=", 1) for t in args.tag)
     summary = stages.train(load_params(args.params, overrides), args.pipeline, resume=args.resume,
                            progress=not args.quiet, tags=tags or None)
-    if not from_env().is_main:
-        return
+    if not from_env().is_main or (summary["nproc"] > 1 and not under_torchrun()):
+        return  # rank 0 of the launched processes has printed it
     bpb = f", val bpb {summary['val_bpb']:.4f}" if summary.get("val_bpb") is not None else ""
     print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
           f"({summary['tokens_per_s']:,.0f} tok/s); val loss {summary['best_val_loss']:.4f}{bpb}")

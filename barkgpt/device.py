@@ -47,7 +47,7 @@ def prepare(device: torch.device, compile_model: bool) -> None:
     """Process-wide settings for the device: TF32 on CUDA; the compile cache when compiling."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (10-bit mantissa inputs)
+        torch.set_float32_matmul_precision("high")  # TF32: fp32 matmuls on tensor cores (10-bit mantissa inputs)
         torch.backends.cudnn.allow_tf32 = True
     if compile_model:
         from barkgpt.layout import compile_cache

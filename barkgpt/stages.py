@@ -104,6 +104,7 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
     dist = distributed.from_env()
     device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
     if cfg.train.nproc > 1 and not distributed.under_torchrun():
+        resolve_device(cfg.train.device, cfg.train.nproc - 1)  # on CUDA: a GPU for every process
         return train_distributed(params, name, root, cfg.train.nproc, resume, progress, tags)
     tok = load_tokenizer(paths.tokenizer)
     train_ids, _ = load_split(paths, "train", tok)

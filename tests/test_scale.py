@@ -290,3 +290,11 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, caplog):
     step_time = duration / (steps - 1)
     # every gap is at most the interval plus the step that crossed it (3x the mean step: load varies)
     assert len(lines) >= duration / (0.2 + 3 * step_time), (len(lines), duration)
+
+
+def test_gpu_benchmark_smoke_check_runs_on_the_cpu():
+    run = subprocess.run([sys.executable, "benchmarks/gpu_train.py", "--tiny", "--device", "cpu", "--no-compile",
+                          "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "batch 4 x 64 tokens" in run.stdout and "tokens/s: " in run.stdout and "MFU: n/a" in run.stdout
