@@ -97,6 +97,7 @@ def bark_suites(params: Params, paths) -> list[Suite]:
 
 # --- the webtext suites ---------------------------------------------------------------------------
 
+SAMPLE_ROWS = 50_000  # row-level sample size for pipelines whose params do not set one
 FLAGGED_ROWS_KEPT = 100  # per rule: offending lines always reach the row-level checks, up to this many
 EXACT_DISTINCT_LINES = 500_000  # duplicates are counted exactly up to this many distinct lines
 
@@ -258,7 +259,7 @@ def token_suites(params: Params, paths) -> list[Suite]:
                        "manifest_vocab_size": manifest["vocab_size"], "tokenizer_vocab_size": tok.vocab_size,
                        "manifest_hash": manifest.get("tokenizer_hash"), "tokenizer_hash": expected_hash})
         stream = TokenStream(parts, names)
-        n, k = len(stream), params.webtext.validation.sample_rows
+        n, k = len(stream), getattr(getattr(params, name).validation, "sample_rows", SAMPLE_ROWS)
         if n <= k:
             positions = np.arange(n)
         else:  # a seeded sample, plus every position the streaming pass flagged (first FLAGGED_ROWS_KEPT)
@@ -268,7 +269,8 @@ def token_suites(params: Params, paths) -> list[Suite]:
         suites.append(Suite(f"{name}.{split}.token_ids", pd.DataFrame({"position": positions, "id": ids}), [
             gxe.ExpectColumnValuesToBeBetween(column="id", min_value=0, max_value=tok.vocab_size - 1),
         ], index_column="position",
-            coverage="every token" if n <= k else f"a seeded sample of {k:,} of {n:,} token positions"))
+            coverage="every token" if n <= k else f"{len(positions):,} of {n:,} token positions: a seeded "
+            f"sample plus every position the streaming pass flagged (first {FLAGGED_ROWS_KEPT})"))
     suites.append(Suite(f"{name}.shards.files", pd.DataFrame(files), [
         gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
         gxe.ExpectColumnValuesToBeBetween(column="bytes_remainder", min_value=0, max_value=0),
