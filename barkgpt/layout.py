@@ -6,7 +6,8 @@ where a model is without importing the stages (or torch). Paths are relative to 
     data/<p>/        train.txt, val.txt, tokenizer.json, tokens/{train,val}.bin (+ .json manifests)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
     exports/<p>/     <p>-f32.gguf, <p>-f16.gguf, <p>-<quant>.gguf, hf/
-    reports/<p>/     one JSON per stage (validation, train, metrics, quantization, parity, deploy)
+    reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
+                     validation/: Great Expectations' Data Docs
 """
 from __future__ import annotations
 
@@ -130,6 +131,11 @@ class Layout:
     @property
     def samples(self) -> Path:
         return self.report("samples")
+
+    @property
+    def export_report(self) -> Path:
+        """sha256 of each file the export stage wrote (checked before quantize, parity, serving)."""
+        return self.report("export")
 
     @property
     def quantization_report(self) -> Path:
