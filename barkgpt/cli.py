@@ -48,7 +48,7 @@ def cmd_validate(args) -> None:
 
     report = stages.validate(_params(args), args.pipeline, tokens=args.tokens)
     print(f"{args.pipeline}: all {report['expectations']} expectations passed; "
-          f"report: reports/{args.pipeline}/validation{'_tokens' if args.tokens else ''}.html")
+          f"Data Docs: {report['data_docs']}")
 
 
 def cmd_tokenize(args) -> None:

@@ -101,16 +101,17 @@ class Layout:
         return self.report("validation")
 
     @property
-    def validation_html(self) -> Path:
-        return self.reports / "validation.html"
+    def validation_docs(self) -> Path:
+        """Great Expectations Data Docs of the text suites (a folder; index.html)."""
+        return self.reports / "validation"
 
     @property
     def token_validation_report(self) -> Path:
         return self.report("validation_tokens")
 
     @property
-    def token_validation_html(self) -> Path:
-        return self.reports / "validation_tokens.html"
+    def token_validation_docs(self) -> Path:
+        return self.reports / "validation_tokens"
 
     @property
     def train_summary(self) -> Path:
