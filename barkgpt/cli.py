@@ -119,18 +119,25 @@ def cmd_generate(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from barkgpt.serve.app import create_app
-    from barkgpt.serve.backends import resolve_model
+    from barkgpt.serve.app import create_app, uvicorn_options
+    from barkgpt.serve.backends import load_backend, resolve_model
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(args.params, host=args.host, port=args.port, backend=args.backend,
                              model=args.model, chat_format=args.chat_format, model_id=args.model_id,
                              threads=args.threads)
-    resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    path = resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    try:  # load now (the app's start-up reuses it): a damaged model is a clear error, not a uvicorn traceback
+        load_backend(settings.serve, settings.root)
+    except BarkError:
+        raise
+    except Exception as err:
+        raise BarkError(f"{path}: cannot load the model ({type(err).__name__}: {err}); re-export or re-train it, "
+                        "or pass another --model") from None
     s = settings.serve
     print(f"BarkGPT serving on http://{s.host}:{s.port}/ (chat page), OpenAI API at /v1", file=sys.stderr)
     uvicorn.run(create_app(settings), host=s.host, port=s.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, **uvicorn_options(s))
 
 
 def cmd_chat(args) -> None:
