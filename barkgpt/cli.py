@@ -169,42 +169,43 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(fn=cmd_webtext_tokenizer)
 
     p = sub.add_parser("validate", help="check a pipeline's data with Great Expectations suites")
-    p.add_argument("pipeline", choices=PIPELINES)
+    p.add_argument("pipeline", choices=PIPELINES, help="the pipeline whose data to check")
     p.add_argument("--tokens", action="store_true",
                    help="check the token shards (ids, manifest counts, tokenizer hash) instead of the text")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
-    p.add_argument("pipeline", choices=PIPELINES)
+    p.add_argument("pipeline", choices=PIPELINES, help="the pipeline whose text to encode")
     p.set_defaults(fn=cmd_tokenize)
 
     p = sub.add_parser("train", help="train a pipeline's model")
-    p.add_argument("pipeline", choices=PIPELINES)
+    p.add_argument("pipeline", choices=PIPELINES, help="the pipeline whose model to train")
     p.add_argument("--resume", action="store_true", help="continue from models/<pipeline>/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
-    p.add_argument("pipeline", choices=PIPELINES)
+    p.add_argument("pipeline", choices=PIPELINES, help="the pipeline whose model to evaluate")
     p.set_defaults(fn=cmd_evaluate)
 
     for cmd, fn, text in (("export", cmd_export, "write GGUF (F32, F16) and Hugging Face files"),
                           ("quantize", cmd_quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)"),
                           ("parity", cmd_parity, "compare llama.cpp with PyTorch, gate the quantizations")):
         p = sub.add_parser(cmd, help=text)
-        p.add_argument("pipeline", choices=PIPELINES)
+        p.add_argument("pipeline", choices=PIPELINES, help="the pipeline whose model to ship")
         p.set_defaults(fn=fn)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
-    p.add_argument("--prompt", default="User: speak Assistant:")
-    p.add_argument("--pipeline", default="bark", choices=PIPELINES)
+    p.add_argument("--prompt", default="User: speak Assistant:", help="text to continue (default: %(default)r)")
+    p.add_argument("--pipeline", default="bark", choices=PIPELINES, help="whose model (default: %(default)s)")
     p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this probability (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; sample i uses seed + i (default: random)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions to print (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")
@@ -215,19 +216,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the name clients use (default: from the file)")
     p.add_argument("--chat-format", help="llama.cpp chat format for GGUFs without a template, e.g. gemma")
     p.add_argument("--threads", type=int, help="decode threads (default: serve.threads)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a running server in the terminal")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="bearer key (default: env BARKGPT_API_KEY)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=32, help="longest reply in tokens (default: %(default)s)")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
                                       "(a local AWS API server when no AWS configuration exists)")
-    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES)
+    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES, help="whose model (default: %(default)s)")
     p.set_defaults(fn=cmd_deploy)
     return parser
 
