@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.export.gguf_file import preflight, write_gguf
 from barkgpt.export.pipeline import GateError
@@ -26,9 +26,9 @@ def exported(bark_project, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("export") / "project"
     shutil.copytree(bark_project, root)
     params = load_params(root / "params.yaml")
-    stages.export(params, "bark", root)
-    stages.quantize(params, "bark", root)
-    stages.parity(params, "bark", root)
+    run_stage(params, "bark", "export", root)
+    run_stage(params, "bark", "quantize", root)
+    run_stage(params, "bark", "parity", root)
     return root, json.loads((root / "reports/bark/parity.json").read_text())
 
 
@@ -117,7 +117,7 @@ def test_gate_rejects_damaged_quantization(exported, tmp_path):
         model.tok_emb.weight.copy_(torch.randn_like(model.tok_emb.weight))
     write_gguf(model, tok, root / "exports/bark/bark-q4_0.gguf", "f32")
     params = load_params(root / "params.yaml")
-    out = stages.parity(params, "bark", root)  # deploy q8_0 still passes
+    out = run_stage(params, "bark", "parity", root)  # deploy q8_0 still passes
     assert out["quantizations"]["q4_0"]["status"] == "rejected"
     assert out["gate"]["rejected"] == ["q4_0"] and out["gate"]["deploy_passed"]
     # deploying the damaged file: the stage fails (CLI exit 2) after writing the report
