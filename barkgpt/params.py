@@ -306,7 +306,7 @@ class DeployParams(Strict):
     artifact: Literal["gguf", "checkpoint"] = Field(
         "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
     quantization: str | None = Field(
-        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
+        None, description="GGUF released (exports/<p>/quantized/<p>-<q>.gguf); None = export.deploy_quantization")
     require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
     function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
     role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")

@@ -36,7 +36,8 @@ def dvc_repo(root: str | Path):
 
 
 def stale(repo, target: str) -> list:
-    return repo.status(targets=[target]).get(target.split(":")[-1], [])
+    """What DVC says changed for this one stage (its key reads `file:stage` outside the root)."""
+    return [change for changes in repo.status(targets=[target]).values() for change in changes]
 
 
 # Retries only for transient I/O (a BarkError, e.g. a failed gate or bad data, fails at once).

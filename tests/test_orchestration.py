@@ -163,7 +163,7 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
                                         {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
     assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-deploy"} <= keys
     for f in ("data/bark/train.txt", "reports/bark/validation.html", "models/bark/best.pt",
-              "reports/bark/metrics.json", "reports/bark/loss_curve.png", "exports/bark/bark-q8_0.gguf"):
+              "reports/bark/metrics.json", "exports/bark/quantized/bark-q8_0.gguf"):
         assert (project / f).exists(), f
     # The flow ended by shipping the gated GGUF: a release on S3 and the `live` alias on a new version.
     deployed = json.loads((project / "reports/bark/deploy.json").read_text())

@@ -4,7 +4,6 @@ stages; the functions are in barkgpt/stages.py."""
 from __future__ import annotations
 
 from barkgpt import stages
-from barkgpt.params import QUANTIZATIONS
 from barkgpt.pipelines.base import Option, Stage
 
 
@@ -45,7 +44,6 @@ def train_stage(after=lambda lay: []) -> Stage:
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
         metrics=lambda lay: [lay.train_summary],
-        reports=lambda lay: [lay.loss_curve],
         plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
         options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
                         {"action": "store_true"}),
@@ -66,7 +64,7 @@ def export_stage() -> Stage:
         "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
         code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py"),
         deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
-        outs=lambda lay: [lay.gguf("f32"), lay.gguf("f16"), lay.hf])
+        outs=lambda lay: [lay.full_exports])
 
 
 def quantize_stage() -> Stage:
@@ -74,7 +72,7 @@ def quantize_stage() -> Stage:
         "quantize", stages.quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)",
         code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32")],
         params=("export.quantizations",),
-        outs=lambda lay: [lay.gguf(q) for q in QUANTIZATIONS],
+        outs=lambda lay: [lay.quantized_exports],
         reports=lambda lay: [lay.quantization_report])
 
 
@@ -82,7 +80,7 @@ def parity_stage() -> Stage:
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
         code=("barkgpt/export/parity.py", "barkgpt/export/pipeline.py"),
-        deps=lambda lay: [lay.checkpoint, lay.val_text, *(lay.gguf(v) for v in ("f32", "f16", *QUANTIZATIONS))],
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports],
         params=("seed", "export"),
         reports=lambda lay: [lay.parity_report])
 
