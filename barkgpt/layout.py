@@ -140,6 +140,11 @@ class Layout:
         return self.report("metrics")
 
     @property
+    def summary(self) -> Path:
+        """The headline numbers of the evaluation: what `dvc metrics show` lists."""
+        return self.report("summary")
+
+    @property
     def samples(self) -> Path:
         return self.report("samples")
 

@@ -124,6 +124,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
         metrics, samples = pipe.evaluate(params, pipe, lay)
         write_json(lay.metrics, metrics)
         write_json(lay.samples, samples)
+        write_json(lay.summary, {short: metrics[key] for key, short in pipe.summary if key in metrics})
     except BaseException:
         if run:
             run.fail()

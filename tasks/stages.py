@@ -78,8 +78,8 @@ def describe(changes: list) -> str:
 
 def read_metrics(spec, lay: Layout) -> dict:
     out = {}
-    for path in spec.metrics(lay):
-        if path.exists():
+    for path in [*spec.metrics(lay), *spec.reports(lay)]:
+        if path.suffix == ".json" and path.exists():
             out.update(small(json.loads(path.read_text())))
     return out
 

@@ -58,6 +58,8 @@ PIPELINE = Pipeline(
     ),
     metric="contract_accuracy",
     higher_is_better=True,
+    summary=(("contract_accuracy", "contract_accuracy"), ("contract_accuracy_multi_turn", "multi_turn"),
+             ("val_loss", "val_loss"), ("val_perplexity", "perplexity"), ("gate_passed", "gate_passed")),
     evaluate=evaluate,
     prompt_format="bark",
     tokens=word_tokenizer,

@@ -59,6 +59,8 @@ class Pipeline:
     higher_is_better: bool
     evaluate: Callable[..., tuple[dict, dict]]  # (params, pipeline, layout) -> (metrics, samples)
     prompt_format: str  # "bark" (the prompt contract) or "text" (plain continuation)
+    # (metric key, short name): the few numbers `dvc metrics show` lists, so a row stays readable
+    summary: tuple[tuple[str, str], ...] = ()
     tokens: Callable[..., Any] | None = None  # (params, layout) -> tokenizer, for the tokenize stage
     default: bool = False  # in the root dvc.yaml (plain `dvc repro`); others in pipelines/<name>/
     extra: dict = field(default_factory=dict)

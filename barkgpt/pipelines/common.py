@@ -15,7 +15,7 @@ def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) ->
     return Stage(
         "validate", stages.validate, "check the text splits with Great Expectations suites",
         code=("barkgpt/validation.py",), deps=_splits, params=params,
-        metrics=lambda lay: [lay.validation_report], reports=lambda lay: [lay.validation_html])
+        reports=lambda lay: [lay.validation_report, lay.validation_html])
 
 
 def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False) -> Stage:
@@ -33,7 +33,7 @@ def validate_tokens_stage() -> Stage:
         "validate-tokens", stages.validate_tokens,
         "check the token shards (ids, manifest counts, tokenizer hash) with Great Expectations",
         code=("barkgpt/validation.py",), deps=lambda lay: [lay.tokenizer, lay.tokens],
-        metrics=lambda lay: [lay.token_validation_report], reports=lambda lay: [lay.token_validation_html])
+        reports=lambda lay: [lay.token_validation_report, lay.token_validation_html])
 
 
 def train_stage(after=lambda lay: []) -> Stage:
@@ -43,7 +43,7 @@ def train_stage(after=lambda lay: []) -> Stage:
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
-        metrics=lambda lay: [lay.train_summary],
+        reports=lambda lay: [lay.train_summary],
         plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
         options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
                         {"action": "store_true"}),
@@ -56,7 +56,7 @@ def evaluate_stage(code: tuple[str, ...]) -> Stage:
         "evaluate", stages.evaluate, "evaluate the current model with the pipeline's metric and gate",
         code=code, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
         params=("{p}.eval", "{p}.gates"),
-        metrics=lambda lay: [lay.metrics], reports=lambda lay: [lay.samples])
+        metrics=lambda lay: [lay.summary], reports=lambda lay: [lay.metrics, lay.samples])
 
 
 def export_stage() -> Stage:

@@ -92,14 +92,14 @@ def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
         Stage("ingest", ingest, "read, clean and split the corpus (<pipeline>.source)",
               code=("barkgpt/data/webtext.py",), deps=source,
               params=("{p}.source", "{p}.text_field", "{p}.clean", "{p}.split"),
-              outs=lambda lay: [lay.train_text, lay.val_text], metrics=lambda lay: [lay.ingest_report]),
+              outs=lambda lay: [lay.train_text, lay.val_text], reports=lambda lay: [lay.ingest_report]),
         common.validate_stage(),
         Stage("tokenizer", train_tokenizer, "train the byte-level BPE on the training split",
               code=("barkgpt/tokenizer.py",),
               deps=lambda lay: [lay.validation_report, lay.train_text, lay.val_text],
               params=("{p}.tokenizer.kind", "{p}.tokenizer.vocab_size", "{p}.tokenizer.min_frequency",
                       "{p}.tokenizer.name"),
-              outs=lambda lay: [lay.tokenizer], metrics=lambda lay: [lay.tokenizer_report]),
+              outs=lambda lay: [lay.tokenizer], reports=lambda lay: [lay.tokenizer_report]),
         common.tokenize_stage(after=lambda lay: [lay.tokenizer]),
         common.validate_tokens_stage(),
         *common.model_stages(evaluate_code=("barkgpt/loss_eval.py", "barkgpt/engine.py"),
@@ -111,6 +111,8 @@ def text_pipeline(name: str, description: str, local_source: bool = False, **fie
     return Pipeline(
         name=name, description=description, section=lambda params: getattr(params, name),
         stages=text_stages(name, local_source), metric="val_bpb", higher_is_better=False, evaluate=evaluate,
+        summary=(("val_bpb", "val_bpb"), ("val_loss", "val_loss"), ("val_perplexity", "perplexity"),
+                 ("gate_passed", "gate_passed")),
         prompt_format="text", tokens=saved_tokenizer,
         extra={"suites": _text_suites, "token_suites": _token_suites, "eos_per_line": True}, **fields)
 
