@@ -98,3 +98,25 @@ def test_a_third_pipeline_through_dvc_the_cli_and_the_prefect_flow(tmp_path):
     assert "localtext-train: up to date (dvc status); not run" in again.stdout + again.stderr
     assert "changed" not in sh([str(BIN / "dvc"), "status", "pipelines/localtext/dvc.yaml"], project).stdout
     assert not marker.exists() and sorted(p.name for p in storage.iterdir()) == sorted(PLANTED)  # nothing persisted
+
+
+def test_fresh_clone_pulls_the_bark_pipeline_and_every_door_agrees(tmp_path):
+    """A clone gets the trained bark pipeline from the DVC remote that ships in the repository
+    (.dvc-remote/); then DVC, the flow and DVC again all agree that nothing is stale."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: nothing to clone")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, capture_output=True, timeout=120)
+    dvc = str(BIN / "dvc")
+    pull = sh([dvc, "pull"], clone, check=False)
+    assert pull.returncode == 0, ("dvc pull failed in a fresh clone: after changing the bark pipeline, run "
+                                  "`dvc repro && dvc push` and commit dvc.lock, reports/ and .dvc-remote/\n"
+                                  + pull.stdout[-2000:] + pull.stderr[-2000:])
+    stale = sh([dvc, "status"], clone).stdout
+    assert "changed" not in stale, f"dvc.lock is stale: run `dvc repro && dvc push` and commit it\n{stale}"
+    flow = sh([sys.executable, "-m", "flows.pipeline", "bark", "--no-deploy"], clone)
+    log = flow.stdout + flow.stderr
+    for stage in REGISTRY["bark"].stages:
+        assert f"bark-{stage.name}: up to date (dvc status); not run" in log, log[-3000:]
+    assert "changed" not in sh([dvc, "status"], clone).stdout
+    assert "Running stage" not in sh([dvc, "repro"], clone).stdout
