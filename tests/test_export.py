@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.export.gguf_file import preflight, write_gguf
 from barkgpt.export.pipeline import GateError
+from barkgpt.layout import Layout
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,9 +28,9 @@ def exported(bark_project, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("export") / "project"
     shutil.copytree(bark_project, root)
     params = load_params(root / "params.yaml")
-    stages.export(params, "bark", root)
-    stages.quantize(params, "bark", root)
-    stages.parity(params, "bark", root)
+    run_stage(params, "bark", "export", root)
+    run_stage(params, "bark", "quantize", root)
+    run_stage(params, "bark", "parity", root)
     return root, json.loads((root / "reports/bark/parity.json").read_text())
 
 
@@ -73,7 +74,7 @@ def test_llama_tokenizer_matches_word_tokenizer(exported):
 
     root, _ = exported
     _, tok = load_model(root / "models/bark/best.pt")
-    llm = open_llama(root / "exports/bark/bark-f32.gguf", 64)
+    llm = open_llama(root / "exports/bark/full/bark-f32.gguf", 64)
     try:
         for text in ["User: speak Assistant:", "  User:\tspeak \n Assistant:  woof <EOS>  ", "woof", "", "   "]:
             ids = llama_tokenize(llm, text)
@@ -90,7 +91,7 @@ def test_llama_tokenizer_matches_word_tokenizer(exported):
 def test_stock_llama_cpp_completion_barks(exported):
     """No BarkGPT code: llama-cpp-python alone loads the Q8_0 file, tokenizes and completes."""
     root, _ = exported
-    gguf = root / "exports/bark/bark-q8_0.gguf"
+    gguf = root / "exports/bark/quantized/bark-q8_0.gguf"
     out = _run(f"""
         import llama_cpp
         llm = llama_cpp.Llama(model_path={str(gguf)!r}, verbose=False, seed=1)
@@ -116,10 +117,10 @@ def test_gate_rejects_damaged_quantization(exported, tmp_path):
     model, tok = load_model(root / "models/bark/best.pt")
     with torch.no_grad():  # a "quantization" that destroyed the embeddings
         model.tok_emb.weight.copy_(torch.randn_like(model.tok_emb.weight))
-    write_gguf(model, tok, root / "exports/bark/bark-q4_0.gguf", "f32")
+    write_gguf(model, tok, root / "exports/bark/quantized/bark-q4_0.gguf", "f32")
     record_as_quantized(root, "q4_0")  # as if llama.cpp's quantizer itself had written it
     params = load_params(root / "params.yaml")
-    out = stages.parity(params, "bark", root)  # deploy q8_0 still passes
+    out = run_stage(params, "bark", "parity", root)  # deploy q8_0 still passes
     assert out["quantizations"]["q4_0"]["status"] == "rejected"
     assert out["gate"]["rejected"] == ["q4_0"] and out["gate"]["deploy_passed"]
     # deploying the damaged file: the stage fails (CLI exit 2) after writing the report
@@ -140,7 +141,7 @@ def record_as_quantized(root: Path, quant: str) -> None:
 
     path = root / "reports/bark/quantization.json"
     report = json.loads(path.read_text())
-    report[quant].update(file_record(root / f"exports/bark/bark-{quant}.gguf"))
+    report[quant].update(file_record(Layout("bark", root).gguf(quant)))
     path.write_text(json.dumps(report))
 
 
@@ -150,7 +151,8 @@ def test_a_flipped_byte_is_neither_judged_nor_served(exported, tmp_path):
     src, _ = exported
     root = tmp_path / "p"
     shutil.copytree(src, root)
-    gguf = root / "exports/bark/bark-q8_0.gguf"
+    lay = Layout("bark", root)
+    gguf = lay.gguf("q8_0")
     data = bytearray(gguf.read_bytes())
     data[-64] ^= 0x01  # inside the last tensor's data
     gguf.write_bytes(bytes(data))
@@ -163,10 +165,10 @@ def test_a_flipped_byte_is_neither_judged_nor_served(exported, tmp_path):
         assert "bark-q8_0.gguf: sha256" in cli.stderr and "reports/bark/quantization.json" in cli.stderr
         assert "Traceback" not in cli.stderr
     assert json.loads((root / "reports/bark/parity.json").read_text()) == exported[1]  # nothing was judged
-    gguf.write_bytes((src / "exports/bark/bark-q8_0.gguf").read_bytes())
-    (root / "exports/bark/bark-f32.gguf").write_bytes(b"GGUF")  # the export's own file, replaced
+    gguf.write_bytes(Layout("bark", src).gguf("q8_0").read_bytes())
+    lay.gguf("f32").write_bytes(b"GGUF")  # the export's own file, replaced
     with pytest.raises(BarkError, match="bark-f32.gguf: sha256 .* recorded in .*export.json"):
-        stages.quantize(load_params(root / "params.yaml"), "bark", root)
+        run_stage(load_params(root / "params.yaml"), "bark", "quantize", root)
 
 
 def _damaged(good: Path, tmp: Path) -> dict[str, Path]:
@@ -207,7 +209,7 @@ def struct_len(name: bytes) -> bytes:
 
 def test_bad_gguf_files_rejected_without_crash(exported, tmp_path):
     root, _ = exported
-    bad = _damaged(root / "exports/bark/bark-f32.gguf", tmp_path)
+    bad = _damaged(root / "exports/bark/full/bark-f32.gguf", tmp_path)
     for name, path in bad.items():
         start = time.monotonic()
         with pytest.raises(BarkError) as err:
@@ -245,8 +247,8 @@ def test_hf_export_round_trip(exported):
 
     root, _ = exported
     model, tok = load_model(root / "models/bark/best.pt")
-    hf_model = AutoModelForCausalLM.from_pretrained(root / "exports/bark/hf").eval()
-    hf_tok = AutoTokenizer.from_pretrained(root / "exports/bark/hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(root / "exports/bark/full/hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(root / "exports/bark/full/hf")
     assert type(hf_model).__name__ == "LlamaForCausalLM"
     for line in read_lines(root / "data/bark/val.txt")[:50]:
         assert hf_tok(line)["input_ids"] == tok.encode(line)
