@@ -40,8 +40,7 @@ def summarize(stage: str, out: dict, lay) -> str:
     if stage == "tokenize":
         return "\n".join(f"{split}: {m['tokens']:,} tokens" for split, m in out.items())
     if stage in ("validate", "validate-tokens"):
-        page = lay.token_validation_html if stage == "validate-tokens" else lay.validation_html
-        return f"{out['pipeline']}: all {out['expectations']} expectations passed; report: {page}"
+        return f"{out['pipeline']}: all {out['expectations']} expectations passed; Data Docs: {out['data_docs']}"
     if stage == "ingest":
         return (f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
                 f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
@@ -77,18 +76,25 @@ def cmd_generate(args) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    from barkgpt.serve.app import create_app
-    from barkgpt.serve.backends import resolve_model
+    from barkgpt.serve.app import create_app, uvicorn_options
+    from barkgpt.serve.backends import load_backend, resolve_model
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(args.params, host=args.host, port=args.port, backend=args.backend,
                              model=args.model, chat_format=args.chat_format, model_id=args.model_id,
                              threads=args.threads)
-    resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    path = resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    try:  # load now (the app's start-up reuses it): a damaged model is a clear error, not a uvicorn traceback
+        load_backend(settings.serve, settings.root)
+    except BarkError:
+        raise
+    except Exception as err:
+        raise BarkError(f"{path}: cannot load the model ({type(err).__name__}: {err}); re-export or re-train it, "
+                        "or pass another --model") from None
     s = settings.serve
     print(f"BarkGPT serving on http://{s.host}:{s.port}/ (chat page), OpenAI API at /v1", file=sys.stderr)
     uvicorn.run(create_app(settings), host=s.host, port=s.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, **uvicorn_options(s))
 
 
 def cmd_chat(args) -> None:
@@ -153,15 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_stage_commands(sub)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
-    p.add_argument("--prompt", default="User: speak Assistant:")
+    p.add_argument("--prompt", default="User: speak Assistant:", help="text to continue (default: %(default)r)")
     p.add_argument("--pipeline", default="bark", choices=list(REGISTRY), help="default: bark")
     p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this probability (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; sample i uses seed + i (default: random)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions to print (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")
@@ -172,14 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the name clients use (default: from the file)")
     p.add_argument("--chat-format", help="llama.cpp chat format for GGUFs without a template, e.g. gemma")
     p.add_argument("--threads", type=int, help="decode threads (default: serve.threads)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a running server in the terminal")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="bearer key (default: env BARKGPT_API_KEY)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=32, help="longest reply in tokens (default: %(default)s)")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "

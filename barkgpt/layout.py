@@ -6,7 +6,8 @@ where a model is without importing the stages (or torch). Paths are relative to 
     data/<p>/        train.txt, val.txt, tokenizer.json, tokens/{train,val}.bin (+ .json manifests)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
-    reports/<p>/     one JSON per stage (validation, train, metrics, quantization, parity, deploy)
+    reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
+                     validation/: Great Expectations' Data Docs
 """
 from __future__ import annotations
 
@@ -112,16 +113,17 @@ class Layout:
         return self.report("validation")
 
     @property
-    def validation_html(self) -> Path:
-        return self.reports / "validation.html"
+    def validation_docs(self) -> Path:
+        """Great Expectations Data Docs of the text suites (a folder; index.html)."""
+        return self.reports / "validation"
 
     @property
     def token_validation_report(self) -> Path:
         return self.report("validation_tokens")
 
     @property
-    def token_validation_html(self) -> Path:
-        return self.reports / "validation_tokens.html"
+    def token_validation_docs(self) -> Path:
+        return self.reports / "validation_tokens"
 
     @property
     def train_summary(self) -> Path:
@@ -147,6 +149,11 @@ class Layout:
     @property
     def samples(self) -> Path:
         return self.report("samples")
+
+    @property
+    def export_report(self) -> Path:
+        """sha256 of each file the export stage wrote (checked before quantize, parity, serving)."""
+        return self.report("export")
 
     @property
     def quantization_report(self) -> Path:

@@ -280,6 +280,12 @@ class ServeParams(Strict):
     max_messages: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
+                                     description="Host headers answered (DNS-rebinding guard), besides the "
+                                                 "listen address; '*.example.com' patterns, '*' = any")
+    request_header_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive "
+                                            "within this, or 408 and the connection closes (slow clients)")
+    request_body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this, or 408")
 
 
 class TrackingParams(Strict):

@@ -162,7 +162,7 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     keys = {a["key"] for a in post_json(f"{api}/artifacts/filter",
                                         {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
     assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-deploy"} <= keys
-    for f in ("data/bark/train.txt", "reports/bark/validation.html", "models/bark/best.pt",
+    for f in ("data/bark/train.txt", "reports/bark/validation/index.html", "models/bark/best.pt",
               "reports/bark/metrics.json", "exports/bark/quantized/bark-q8_0.gguf"):
         assert (project / f).exists(), f
     # The flow ended by shipping the gated GGUF: a release on S3 and the `live` alias on a new version.
@@ -278,8 +278,11 @@ def test_validation_names_the_corrupted_row(tmp_path):
     msg = str(err.value)
     assert "bark.val.rows" in msg and "line 10" in msg and "line 42" in msg
     assert "expect_column_values_to_not_be_null" in msg
-    html = (root / "reports/bark/validation.html").read_text()
-    assert "FAILED" in html and "expect_column_values_to_match_regex" in html
+    report = json.loads((root / "reports/bark/validation.json").read_text())
+    failed = next(s for s in report["suites"] if s["suite"] == "bark.val.rows")
+    assert not failed["success"] and failed["page"] in msg  # the error names GX's page of the failed suite
+    page = Path(failed["page"]).read_text()  # Great Expectations' Data Docs
+    assert "Failed" in page and "regular expression" in page and (root / "reports/bark/validation/index.html").exists()
 
 
 def test_mix_drift_fails_the_distribution_suite(tmp_path):

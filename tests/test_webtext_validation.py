@@ -47,7 +47,8 @@ def test_wikitext_passes_text_and_token_suites(project):
             "expect_column_proportion_of_unique_values_to_be_between",
             "expect_column_mean_to_be_between"} <= names
     saved = json.loads((project / "reports/webtext/validation.json").read_text())
-    assert saved["success"] and (project / "reports/webtext/validation.html").exists()
+    assert saved["success"] and (project / "reports/webtext/validation/index.html").exists()
+    assert all(Path(s["page"]).exists() for s in saved["suites"])  # GX's Data Docs page per suite
     tokens = run_stage(params, "webtext", "validate-tokens", project)
     assert tokens["success"] and tokens["expectations"] == 5
     assert json.loads((project / "reports/webtext/validation_tokens.json").read_text())["success"]
@@ -118,7 +119,8 @@ def test_cli_validate_webtext_exits_2_on_bad_data(project):
                               capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
 
     ok = validate("validate-tokens")
-    assert ok.returncode == 0 and "all 5 expectations passed" in ok.stdout and "validation_tokens.html" in ok.stdout
+    assert ok.returncode == 0 and "all 5 expectations passed" in ok.stdout
+    assert "validation_tokens/index.html" in ok.stdout
     (project / "data/webtext/val.txt").write_bytes(b"fine line\n\xff\xfe\n")
     bad = validate()
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -15,7 +15,8 @@ def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) ->
     return Stage(
         "validate", stages.validate, "check the text splits with Great Expectations suites",
         code=("barkgpt/validation.py",), deps=_splits, params=params,
-        reports=lambda lay: [lay.validation_report, lay.validation_html])
+        outs=lambda lay: [lay.validation_docs],  # GX Data Docs: a folder of pages, cached
+        reports=lambda lay: [lay.validation_report])
 
 
 def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False) -> Stage:
@@ -33,7 +34,8 @@ def validate_tokens_stage() -> Stage:
         "validate-tokens", stages.validate_tokens,
         "check the token shards (ids, manifest counts, tokenizer hash) with Great Expectations",
         code=("barkgpt/validation.py",), deps=lambda lay: [lay.tokenizer, lay.tokens],
-        reports=lambda lay: [lay.token_validation_report, lay.token_validation_html])
+        outs=lambda lay: [lay.token_validation_docs],
+        reports=lambda lay: [lay.token_validation_report])
 
 
 def train_stage(after=lambda lay: []) -> Stage:
@@ -64,13 +66,14 @@ def export_stage() -> Stage:
         "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
         code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py"),
         deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
-        outs=lambda lay: [lay.full_exports])
+        outs=lambda lay: [lay.full_exports],
+        reports=lambda lay: [lay.export_report])  # each GGUF's sha256, checked before it is used
 
 
 def quantize_stage() -> Stage:
     return Stage(
         "quantize", stages.quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)",
-        code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32")],
+        code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32"), lay.export_report],
         params=("export.quantizations",),
         outs=lambda lay: [lay.quantized_exports],
         reports=lambda lay: [lay.quantization_report])
@@ -80,7 +83,8 @@ def parity_stage() -> Stage:
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
         code=("barkgpt/export/parity.py", "barkgpt/export/pipeline.py"),
-        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports],
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports,
+                          lay.export_report, lay.quantization_report],
         params=("seed", "export"),
         reports=lambda lay: [lay.parity_report])
 
