@@ -1,7 +1,9 @@
-"""Pipeline stages: one plain function per step, `(params, paths) -> outputs on disk`.
+"""The stages every pipeline shares: one plain function per step, `(params, pipeline, layout) -> dict`.
 
-The CLI, dvc.yaml and the Prefect tasks all call these functions; none re-implements a step.
-Each stage returns a small dict describing what it wrote, for whichever door called it.
+Pipeline-specific steps (bark's data generator, WebText's ingestion and BPE) live in the
+pipeline's own module (barkgpt/pipelines/); what differs between pipelines here is asked of the
+pipeline object (its tokenizer, its evaluation), never switched on its name. Each stage returns a
+small dict describing what it wrote, for whichever door called it (CLI, DVC, Prefect).
 """
 from __future__ import annotations
 
@@ -9,115 +11,102 @@ from pathlib import Path
 
 import numpy as np
 
-from barkgpt import tracking
-from barkgpt.checkpoint import load_model
-from barkgpt.data.bark import write_bark_data
-from barkgpt.data.shards import SHARD_TOKENS, ShardWriter, load_tokens
+from barkgpt.data.shards import SHARD_TOKENS
 from barkgpt.errors import BarkError
-from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import read_json, sha256_file, write_json
 from barkgpt.layout import Layout
-from barkgpt.params import PIPELINES, Params
-from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
-from barkgpt.train import LogFn, train as train_loop
-
-
-
-Paths = Layout  # the stage functions' name for a pipeline's file layout
-
-
-def paths_for(name: str, root: Path | str = ".") -> Layout:
-    if name not in PIPELINES:
-        raise BarkError(f"unknown pipeline {name!r}; choose one of {list(PIPELINES)}")
-    return Layout(name, Path(root))
+from barkgpt.params import Params
 
 
 def read_lines(path: Path) -> list[str]:
     if not path.exists():
-        raise BarkError(f"{path}: not found; run the data stage first (dvc repro)")
+        raise BarkError(f"{path}: not found; run the pipeline's data stage first")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-# --- stages ------------------------------------------------------------------------------------
-
-def bark_data(params: Params, root: Path | str = ".") -> dict:
-    paths = paths_for("bark", root)
-    out = write_bark_data(params.bark.data, params.seed, paths.data)
-    return {name: str(path) for name, path in out.items()}
-
-
-def validate(params: Params, name: str, root: Path | str = ".", tokens: bool = False) -> dict:
-    """Great Expectations suites over the pipeline's data (tokens=True: its token shards);
-    BarkError (before training) on failure."""
+def validate(params: Params, pipe, lay: Layout) -> dict:
+    """Great Expectations suites over the text splits; BarkError (before training) on failure."""
     from barkgpt.validation import validate_pipeline  # GX import (~3 s) only in this stage
 
-    return validate_pipeline(params, name, paths_for(name, root), tokens=tokens)
+    first = pipe.stages[0]
+    return validate_pipeline(params, lay, pipe.extra["suites"], redo=f"barkgpt {first.name} {pipe.name}")
 
 
-def tokenize(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Text splits -> token shards (+ the tokenizer itself, for the bark word vocabulary)."""
-    paths = paths_for(name, root)
-    if name != "bark":
-        return tokenize_text(params, name, root)
-    tok = WordTokenizer()
-    save_tokenizer(tok, paths.tokenizer)
-    # A bark line already ends each turn with <EOS>: no extra EOS per line.
-    return {split: encode_split(paths, split, tok, eos_per_line=False) for split in ("train", "val")}
+def validate_tokens(params: Params, pipe, lay: Layout) -> dict:
+    """Great Expectations suites over the token shards (ids, counts, the tokenizer's hash)."""
+    from barkgpt.validation import validate_pipeline
+
+    return validate_pipeline(params, lay, pipe.extra["token_suites"], tokens=True,
+                             redo=f"barkgpt tokenize {pipe.name}")
 
 
-def encode_split(paths: Layout, split: str, tok, eos_per_line: bool, workers: int = 1, threads: int = 1,
+def tokenize(params: Params, pipe, lay: Layout) -> dict:
+    """Text splits -> token shards (uint16, uint32 past 65,536 ids), with the pipeline's tokenizer,
+    streamed through `tokenizer.workers` encoding processes (in-process for pipelines without one)."""
+    tok = pipe.tokens(params, lay)
+    p = getattr(pipe.params(params), "tokenizer", None)
+    return {split: encode_split(lay, split, tok, pipe.extra.get("eos_per_line", True),
+                                workers=getattr(p, "workers", 1), threads=getattr(p, "threads", 1),
+                                shard_tokens=getattr(p, "shard_tokens", SHARD_TOKENS))
+            for split in ("train", "val")}
+
+
+def encode_split(lay: Layout, split: str, tok, eos_per_line: bool, workers: int = 1, threads: int = 1,
                  shard_tokens: int = SHARD_TOKENS) -> dict:
     """Stream a text split through the tokenizer (in `workers` processes) into fixed-size shards;
     return the manifest. Memory: a few chunks of text and one shard, whatever the file size."""
     from barkgpt.data.encode import encode_file
+    from barkgpt.data.shards import ShardWriter
+    from barkgpt.tokenizer import tokenizer_hash
 
-    for stale in paths.token_shard_files(split):  # a shorter re-encoding must not leave old shards behind
+    for stale in lay.token_shard_files(split):  # a shorter re-encoding must not leave old shards behind
         stale.unlink()
-    writer = ShardWriter(paths.token_manifest(split), lambda i: paths.token_shard(split, i), tok.vocab_size,
-                         shard_tokens)
-    stats = encode_file(tok, paths.text(split), writer, workers, eos_per_line, threads)
+    writer = ShardWriter(lay.token_manifest(split), lambda i: lay.token_shard(split, i), tok.vocab_size, shard_tokens)
+    stats = encode_file(tok, lay.text(split), writer, workers, eos_per_line, threads)
     return writer.close({"split": split, "tokenizer_hash": tokenizer_hash(tok), "source_sha256": stats.sha256,
                          "lines": stats.lines, "text_bytes": stats.text_bytes,
                          "bytes_per_token": stats.text_bytes / max(writer.tokens, 1)})
 
 
-def load_split(paths: Layout, split: str, tok) -> tuple:
+def load_split(lay: Layout, split: str, tok, redo: str | None = None) -> tuple:
     """A split's token stream and manifest, checked against `tok` (see shards.load_tokens)."""
-    return load_tokens(paths.token_manifest(split), tok, f"re-run the tokenize stage (barkgpt tokenize {paths.pipeline})")
+    from barkgpt.data.shards import load_tokens
+
+    return load_tokens(lay.token_manifest(split), tok,
+                       redo or f"re-run the tokenize stage (barkgpt tokenize {lay.pipeline})")
 
 
-def pipeline_params(params: Params, name: str):
-    return getattr(params, name)
-
-
-def train(params: Params, name: str, root: Path | str = ".", resume: bool = False,
-          on_log: LogFn | None = None, progress: bool = True, tags: dict | None = None) -> dict:
+def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, progress: bool = True,
+          tags: dict | None = None, nproc: int | None = None) -> dict:
     """`tags` go on the MLflow run (e.g. the Prefect flow run id from the Prefect door).
 
-    With `train.nproc` > 1 (and not already under torchrun) this launches torchrun with nproc
-    processes and returns rank 0's summary; `on_log` is then not called (other processes)."""
-    from barkgpt import distributed
+    `nproc` (default: the pipeline's `train.nproc`) > 1, and not already under torchrun: launch
+    torchrun with that many processes and return rank 0's summary (`on_log` is then not called:
+    it would run in other processes). Under torchrun: this process's share of DDP training."""
+    from barkgpt import distributed, tracking
     from barkgpt.device import resolve_device
+    from barkgpt.tokenizer import load_tokenizer
+    from barkgpt.train import train as train_loop
 
-    paths = paths_for(name, root)
-    cfg = pipeline_params(params, name)
+    cfg = pipe.params(params)
+    nproc = nproc or cfg.train.nproc
     dist = distributed.from_env()
     device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
-    if cfg.train.nproc > 1 and not distributed.under_torchrun():
-        resolve_device(cfg.train.device, cfg.train.nproc - 1)  # on CUDA: a GPU for every process
-        return train_distributed(params, name, root, cfg.train.nproc, resume, progress, tags)
-    tok = load_tokenizer(paths.tokenizer)
-    train_ids, _ = load_split(paths, "train", tok)
-    val_ids, _ = load_split(paths, "val", tok)
+    tok = load_tokenizer(lay.tokenizer)
+    train_ids, _ = load_split(lay, "train", tok)  # bad shards stop here, once, before any process starts
+    val_ids, _ = load_split(lay, "val", tok)
+    if nproc > 1 and not distributed.under_torchrun():
+        resolve_device(cfg.train.device, nproc - 1)  # on CUDA: a GPU for every process
+        return train_distributed(params, pipe, lay, nproc, resume, progress, tags)
     token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
     with distributed.process_group(dist, device):
         # Rank 0 alone opens the MLflow run (before training: fail fast) and writes every file.
-        run = tracking.start_training_run(params, name, paths, tags, resume) if dist.is_main else None
+        run = tracking.start_training_run(params, pipe.name, lay, tags, resume) if dist.is_main else None
         log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
         try:
             result = train_loop(
                 model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-                out_dir=paths.models, log_path=paths.train_log, params_dict=params.model_dump(),
+                out_dir=lay.models, log_path=lay.train_log, params_dict=params.model_dump(),
                 resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
                 device=device, dist=dist,
             )
@@ -128,14 +117,14 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     summary.update(device=str(device), nproc=dist.world_size)
     if dist.is_main:
-        write_json(paths.train_summary, summary)
+        write_json(lay.train_summary, summary)
         tracking.finish_training(run, summary)
     return {**summary, "mlflow_run_id": run.run_id if run else None}
 
 
-def train_distributed(params: Params, name: str, root: Path | str, nproc: int, resume: bool = False,
+def train_distributed(params: Params, pipe, lay: Layout, nproc: int, resume: bool = False,
                       progress: bool = True, tags: dict | None = None) -> dict:
-    """`barkgpt train <name>` in `nproc` processes under torchrun, in the project root; rank 0's summary."""
+    """`barkgpt train <pipeline>` in `nproc` processes under torchrun, in the project root; rank 0's summary."""
     import os
     import subprocess
     import sys
@@ -144,27 +133,23 @@ def train_distributed(params: Params, name: str, root: Path | str, nproc: int, r
     import yaml
 
     import barkgpt
+    from barkgpt import tracking
 
-    paths = paths_for(name, root)
-    tok = load_tokenizer(paths.tokenizer)  # bad input stops here, once, before nproc processes start
-    load_split(paths, "train", tok)
-    load_split(paths, "val", tok)
-    paths.train_summary.unlink(missing_ok=True)  # read back below: it must be this run's
+    lay.train_summary.unlink(missing_ok=True)  # read back below: it must be this run's
     with tempfile.TemporaryDirectory(prefix="barkgpt-train-") as scratch:
         params_file = Path(scratch) / "params.yaml"  # the resolved params, overrides included
         params_file.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-        argv = ["--params", str(params_file), "train", name, *(["--resume"] if resume else []),
+        argv = ["--params", str(params_file), "train", pipe.name, *(["--resume"] if resume else []),
                 *([] if progress else ["--quiet"]), *[f"--tag={k}={v}" for k, v in (tags or {}).items()]]
         code_dir = str(Path(barkgpt.__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_dir, os.environ.get("PYTHONPATH")]))}
         done = subprocess.run([sys.executable, "-m", "barkgpt.distributed", f"--nproc={nproc}", "--", *argv],
-                              cwd=paths.root, env=env)
-    if done.returncode != 0 or not paths.train_summary.exists():
+                              cwd=lay.root, env=env)
+    if done.returncode != 0 or not lay.train_summary.exists():
         raise BarkError(f"training in {nproc} processes under torchrun failed (exit code {done.returncode}); "
                         "the messages above say why")
-    summary = read_json(paths.train_summary)
-    run = tracking.run_summary(paths) if params.tracking.enabled else None
-    return {**summary, "mlflow_run_id": (run or {}).get("run_id")}
+    run = tracking.run_summary(lay) if params.tracking.enabled else None
+    return {**read_json(lay.train_summary), "mlflow_run_id": (run or {}).get("run_id")}
 
 
 def _both(*fns):
@@ -172,15 +157,20 @@ def _both(*fns):
     return (lambda step, row: [f(step, row) for f in fns]) if fns else None
 
 
-def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | None = None) -> dict:
-    """Evaluate the trained model, log the metrics to its MLflow run and register it (champion
-    alias only when the pipeline's gates pass)."""
-    paths = paths_for(name, root)
-    if not paths.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
-        load_model(paths.checkpoint)
-    run = tracking.reopen_run(params, name, paths, tags)
+def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dict:
+    """Evaluate the current model with the pipeline's metric, log it to the model's MLflow run and
+    register it (the champion alias moves only when the pipeline's gate passes)."""
+    from barkgpt import tracking
+    from barkgpt.checkpoint import load_model
+
+    if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
+        load_model(lay.checkpoint)
+    run = tracking.reopen_run(params, pipe.name, lay, tags)
     try:
-        metrics = evaluate_bark_stage(params, root) if name == "bark" else evaluate_text(params, name, root)
+        metrics, samples = pipe.evaluate(params, pipe, lay)
+        write_json(lay.metrics, metrics)
+        write_json(lay.samples, samples)
+        write_json(lay.summary, {short: metrics[key] for key, short in pipe.summary if key in metrics})
     except BaseException:
         if run:
             run.fail()
@@ -189,126 +179,44 @@ def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | Non
     return {**metrics, "mlflow": registry}
 
 
-def evaluate_bark_stage(params: Params, root: Path | str = ".") -> dict:
-    """Validation loss, perplexity, prompt-contract accuracy and the OOD probe, plus samples."""
-    paths = paths_for("bark", root)
-    cfg = params.bark
-    model, tok = load_model(paths.checkpoint)
-    val_ids, _ = load_split(paths, "val", tok)
-    metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval, cfg.train.dtype)
-    metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
-    write_json(paths.metrics, metrics)
-    write_json(paths.samples, samples)
-    return metrics
-
-
 # --- export (barkgpt/export/) -------------------------------------------------------------------
 
-def export(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Checkpoint -> F32 (+F16) GGUF files and a Hugging Face folder under exports/<name>/."""
+def export(params: Params, pipe, lay: Layout) -> dict:
+    """Checkpoint -> F32 (+F16) GGUF files and a Hugging Face folder under exports/<pipeline>/."""
     from barkgpt.export.pipeline import export_files
 
-    paths = paths_for(name, root)
-    return export_files(paths, params.export)
+    return export_files(lay, params.export)
 
 
-def quantize(params: Params, name: str, root: Path | str = ".") -> dict:
-    """F32 GGUF -> llama.cpp quantizations; per-tensor types in reports/<name>/quantization.json."""
+def quantize(params: Params, pipe, lay: Layout) -> dict:
+    """F32 GGUF -> llama.cpp quantizations; per-tensor types in reports/<pipeline>/quantization.json."""
     from barkgpt.export.pipeline import quantize_files
 
-    paths = paths_for(name, root)
-    return quantize_files(paths, params.export)
+    return quantize_files(lay, params.export)
 
 
-def parity(params: Params, name: str, root: Path | str = ".") -> dict:
-    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<name>/parity.json.
+def parity(params: Params, pipe, lay: Layout) -> dict:
+    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<pipeline>/parity.json.
 
     Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
     """
+    from barkgpt import tracking
     from barkgpt.export.pipeline import parity_report
 
-    paths = paths_for(name, root)
-    stale = paths.parity_report.stat().st_mtime_ns if paths.parity_report.exists() else None
+    stale = lay.parity_report.stat().st_mtime_ns if lay.parity_report.exists() else None
     try:
-        report = parity_report(paths, read_lines(paths.val_text), params.export, seed=params.seed)
+        report = parity_report(lay, read_lines(lay.val_text), params.export, seed=params.seed)
     finally:  # the report is worth keeping with the run, also (above all) when the gate failed
-        if paths.parity_report.exists() and paths.parity_report.stat().st_mtime_ns != stale:
-            tracking.log_export(params, name, paths, sorted(paths.exports.glob("*.gguf")),
-                                read_json(paths.parity_report))
-    return {"report": str(paths.parity_report), "gate": report["gate"],
+        if lay.parity_report.exists() and lay.parity_report.stat().st_mtime_ns != stale:
+            tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("*.gguf")),
+                                read_json(lay.parity_report))
+    return {"report": str(lay.parity_report), "gate": report["gate"],
             "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
             "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}
                               for q, e in report["quantizations"].items()}}
 
 
-# --- webtext: real text with a byte-level BPE ------------------------------------------------------
-
-def webtext_ingest(params: Params, root: Path | str = ".") -> dict:
-    """Source (hub id or local file/folder) -> cleaned data/webtext/{train,val}.txt."""
-    from barkgpt.data.webtext import ingest
-
-    paths = paths_for("webtext", root)
-    report = ingest(params.webtext, paths.train_text, paths.val_text)
-    write_json(paths.ingest_report, report)
-    return report
-
-
-def webtext_tokenizer(params: Params, root: Path | str = ".") -> dict:
-    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash.
-    Both splits are streamed: the trainer keeps word counts, not the text."""
-    from barkgpt.data.encode import TextStats, encode_chunk, line_chunks
-    from barkgpt.tokenizer import BPETokenizer, train_bpe
-
-    paths = paths_for("webtext", root)
-    p = params.webtext.tokenizer
-    if p.kind == "tiktoken":
-        tok = BPETokenizer.from_tiktoken(p.name)
-    else:
-        tok = train_bpe(line_chunks(paths.train_text, TextStats()), p.vocab_size, p.min_frequency)
-    save_tokenizer(tok, paths.tokenizer)
-    val = TextStats()  # +1 per line in both counts: the EOS, and the newline it stands for
-    val_tokens = sum(len(encode_chunk(tok, lines, True, p.threads)) for lines in line_chunks(paths.val_text, val))
-    report = {
-        "kind": tok.kind, "name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val.text_bytes,
-        "val_bytes_per_token": val.text_bytes / max(val_tokens, 1),
-    }
-    write_json(paths.tokenizer_report, report)
-    return report
-
-
-def tokenize_text(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Encode the text splits with the saved tokenizer into shards (uint16, uint32 past 65,536 ids),
-    streaming, in `tokenizer.workers` processes."""
-    paths = paths_for(name, root)
-    p = pipeline_params(params, name).tokenizer
-    tok = load_tokenizer(paths.tokenizer)
-    return {split: encode_split(paths, split, tok, True, p.workers, p.threads, p.shard_tokens)
-            for split in ("train", "val")}
-
-
-def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
-    from barkgpt.loss_eval import evaluate_lm
-
-    paths = paths_for(name, root)
-    cfg = pipeline_params(params, name)
-    model, tok = load_model(paths.checkpoint)
-    val_ids, manifest = load_tokens(paths.token_manifest("val"), tok,
-                                    f"the model {paths.checkpoint} and the shards disagree: re-run the tokenize "
-                                    f"and train stages (barkgpt tokenize {name}; barkgpt train {name})")
-    # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
-    metrics["val_text_bytes"] = manifest.get("text_bytes")
-    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
-    write_json(paths.metrics, metrics)
-    write_json(paths.samples, samples)
-    return metrics
-
-
-# --- deploy (barkgpt/deploy/) -------------------------------------------------------------------
-
-def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict:
+def deploy(params: Params, pipe, lay: Layout, **options) -> dict:
     """Release the gated model to S3 and serve it from AWS Lambda (local AWS API by default).
 
     options: target, provenance (MLflow run id / model version), app_factory, transfer, log;
@@ -316,5 +224,4 @@ def deploy(params: Params, name: str, root: Path | str = ".", **options) -> dict
     """
     from barkgpt.deploy.deployer import deploy_pipeline
 
-    paths_for(name, root)  # validates the pipeline name
-    return deploy_pipeline(params, name, root, **options)
+    return deploy_pipeline(params, pipe.name, lay.root, **options)

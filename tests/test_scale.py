@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.cli import main as cli_main
 from barkgpt.params import load_params
@@ -74,8 +74,8 @@ def env_for(tmp: Path, root: Path) -> dict:
 def bark_project(folder: Path, **train) -> Path:
     root = make_project(folder, {"bark": {**BARK["bark"], "train": {**BARK["bark"]["train"], **train}}})
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
     return root
 
 
@@ -106,7 +106,7 @@ def ddp_bark(tmp_path_factory):
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(ddp_bark, tmp_path):
     single = bark_project(tmp_path / "single", grad_accum=2)  # 1 process x 2 micro-batches x 16
-    summary = stages.train(load_params(single / "params.yaml"), "bark", single, progress=False)
+    summary = run_stage(load_params(single / "params.yaml"), "bark", "train", single, progress=False)
     ddp = weights(ddp_bark["root"])
     diff = max_diff(weights(single), ddp)
     assert diff < 1e-5, diff
@@ -170,12 +170,11 @@ def test_webtext_model_under_two_processes_matches_one(wikitext_path, tmp_path):
     single = make_project(tmp_path / "single", {**over, "webtext": {**over["webtext"], "train": {
         **over["webtext"]["train"], "grad_accum": 2}}})
     params = load_params(single / "params.yaml")
-    stages.webtext_ingest(params, single)
-    stages.webtext_tokenizer(params, single)
-    stages.tokenize(params, "webtext", single)
+    for stage in ("ingest", "tokenizer", "tokenize"):
+        run_stage(params, "webtext", stage, single)
     ddp = make_project(tmp_path / "ddp", over)
     shutil.copytree(single / "data", ddp / "data")
-    stages.train(params, "webtext", single, progress=False)
+    run_stage(params, "webtext", "train", single, progress=False)
     done = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "barkgpt", "train",
                            "webtext", "--quiet"], cwd=ddp, env=env_for(tmp_path, ddp), capture_output=True,
                           text=True, timeout=600)
@@ -259,10 +258,10 @@ def test_bad_token_shards_stop_training_with_a_clear_error(bark_copy, corrupt, m
 
 def test_bark_token_suite_passes_then_names_the_bad_shard(bark_copy):
     params = load_params(bark_copy / "params.yaml")
-    report = stages.validate(params, "bark", bark_copy, tokens=True)
+    report = run_stage(params, "bark", "validate-tokens", bark_copy)
     assert report["success"] and report["expectations"] == 10
     corrupt_id_past_vocab(bark_copy / "data/bark/tokens")
-    run = subprocess.run([sys.executable, "-m", "barkgpt", "validate", "bark", "--tokens"], cwd=bark_copy,
+    run = subprocess.run([sys.executable, "-m", "barkgpt", "validate-tokens", "bark"], cwd=bark_copy,
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "bark.train.token_ids: expect_column_values_to_be_between(id) failed; position 123" in run.stderr
@@ -281,7 +280,7 @@ def test_progress_lines_without_a_terminal(tmp_path, monkeypatch, caplog):
     root = bark_project(tmp_path, max_steps=steps, checkpoint_every=steps)
     params = load_params(root / "params.yaml", {"tracking": {"enabled": False}})
     caplog.set_level(logging.INFO, logger="barkgpt.train")
-    stages.train(params, "bark", root, progress=True)  # stderr is not a terminal under pytest: no bar
+    run_stage(params, "bark", "train", root, progress=True)  # stderr is not a terminal under pytest: no bar
     records = [r for r in caplog.records if r.name == "barkgpt.train" and r.getMessage().startswith("step")]
     lines = [r.getMessage() for r in records]
     assert lines[0].startswith(f"step 1/{steps}") and lines[-1].startswith(f"step {steps}/{steps} (100%)")

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path, read_json, write_json
@@ -237,6 +236,8 @@ def first_out_of_vocab(ids: np.ndarray, vocab_size: int) -> int | None:
 
 def random_windows(ids, batch: int, block: int, rng: np.random.Generator):
     """`batch` random (input, target) windows of `block` tokens, targets shifted by one."""
+    import torch  # here, not at the top: tokenizing and validating shards never need torch
+
     if len(ids) < block + 2:
         raise BarkError(f"only {len(ids)} tokens, fewer than one context window ({block} + 1)")
     starts = rng.integers(0, len(ids) - block - 1, size=batch)
@@ -256,6 +257,8 @@ def window_rng(seed: int, step: int, micro: int) -> np.random.Generator:
 
 def sequential_windows(ids, batch: int, block: int, max_batches: int | None = None) -> Iterator:
     """Non-overlapping windows covering the stream in order: exact evaluation over a split."""
+    import torch
+
     n = (len(ids) - 1) // block
     if n == 0:
         raise BarkError(f"only {len(ids)} tokens, fewer than one context window ({block} + 1)")
