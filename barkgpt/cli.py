@@ -28,7 +28,16 @@ def cmd_stage(args) -> None:
     options = {o.dest: getattr(args, o.dest) for o in stage.options}
     lay = Layout(pipe.name)
     result = stage.run(_params(args), pipe, lay, **options)
+    if args.stage == "train" and not _prints_train_summary(result):
+        return
     print(summarize(args.stage, result, lay))
+
+
+def _prints_train_summary(result: dict) -> bool:
+    """Rank 0 prints the summary; not the other ranks, nor a launcher whose rank 0 already did."""
+    from barkgpt.distributed import from_env, under_torchrun
+
+    return from_env().is_main and not (result.get("nproc", 1) > 1 and not under_torchrun())
 
 
 def summarize(stage: str, out: dict, lay) -> str:
@@ -112,6 +121,19 @@ def cmd_deploy(args) -> None:
     print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
           f"{', '.join(fn['changed']) or 'nothing'}) on {report['target']}")
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
+
+
+def _log_to_stderr() -> None:
+    """barkgpt's own log lines (training progress, notes) on stderr, plain; other libraries untouched."""
+    import logging
+
+    logger = logging.getLogger("barkgpt")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def cmd_dvc_yaml(args) -> None:
@@ -206,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         args.fn(args)
     except BarkError as err:

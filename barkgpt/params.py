@@ -94,8 +94,12 @@ class TrainParams(Strict):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    compile: bool = False
-    threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
+    nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes (DDP under torchrun); "
+                                                     "one per GPU on CUDA")
+    compile: bool = Field(False, description="torch.compile the model (compiled code cached per machine)")
+    threads: int | None = Field(None, ge=1, description="torch threads (per process); None = all cores")
     seed: int = 1337
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
@@ -187,6 +191,8 @@ class WebtextValidationParams(Strict):
     max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="max share of repeated lines per split")
     min_letter_share: float = Field(0.3, ge=0, le=1,
                                     description="min mean share of letters among non-space characters")
+    sample_rows: int = Field(50_000, ge=100, description="row-level checks run on at most this many lines "
+                             "per split (a seeded sample); counts and means stream over every line")
 
 
 class WebtextSplitParams(Strict):
@@ -201,7 +207,9 @@ class WebtextTokenizerParams(Strict):
     vocab_size: int = Field(2048, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
     min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
     name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
-    threads: int = Field(2, ge=1, description="encoding threads")
+    threads: int = Field(2, ge=1, description="encoding threads (tokenizer stage)")
+    workers: int = Field(2, ge=1, le=256, description="tokenize stage: encoding processes (1 = in-process)")
+    shard_tokens: int = Field(2**24, ge=1024, description="tokens per shard file (the last one is shorter)")
 
 
 class WebtextEvalParams(Strict):
