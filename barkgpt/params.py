@@ -14,10 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from barkgpt.errors import BarkError
 
 BARKS = ("woof", "arf", "ruff", "grrr")
-PIPELINES = ("bark", "webtext")
 # Words of an environment variable name that mark it as a secret (API_KEY, HF_TOKEN, DB_PASSWORD...).
 SECRET_WORDS = {"KEY", "APIKEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS",
-                "PRIVATE"}  # each is a section of Params and a data/<name>, models/<name> tree
+                "PRIVATE"}
 
 
 class Strict(BaseModel):
@@ -99,8 +98,12 @@ class TrainParams(Strict):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    compile: bool = False
-    threads: int | None = Field(None, ge=1, description="torch threads; None = all cores")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
+    nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes (DDP under torchrun); "
+                                                     "one per GPU on CUDA")
+    compile: bool = Field(False, description="torch.compile the model (compiled code cached per machine)")
+    threads: int | None = Field(None, ge=1, description="torch threads (per process); None = all cores")
     seed: int = 1337
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
@@ -192,6 +195,8 @@ class WebtextValidationParams(Strict):
     max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="max share of repeated lines per split")
     min_letter_share: float = Field(0.3, ge=0, le=1,
                                     description="min mean share of letters among non-space characters")
+    sample_rows: int = Field(50_000, ge=100, description="row-level checks run on at most this many lines "
+                             "per split (a seeded sample); counts and means stream over every line")
 
 
 class WebtextSplitParams(Strict):
@@ -206,7 +211,9 @@ class WebtextTokenizerParams(Strict):
     vocab_size: int = Field(2048, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
     min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
     name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
-    threads: int = Field(2, ge=1, description="encoding threads")
+    threads: int = Field(2, ge=1, description="encoding threads (tokenizer stage)")
+    workers: int = Field(2, ge=1, le=256, description="tokenize stage: encoding processes (1 = in-process)")
+    shard_tokens: int = Field(2**24, ge=1024, description="tokens per shard file (the last one is shorter)")
 
 
 class WebtextEvalParams(Strict):
@@ -250,6 +257,17 @@ class WebtextPipeline(Strict):
     gates: WebtextGates = WebtextGates()
 
 
+class LocaltextPipeline(WebtextPipeline):
+    """Any local text (a file or folder of .txt/.md/.jsonl/.parquet), the WebText stages, a small model."""
+
+    source: str = Field("docs", description="a local .txt/.md/.jsonl/.parquet file or folder")
+    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams(vocab_size=512)
+    model: ModelParams = ModelParams(n_layer=2, n_head=2, n_embd=64, block_size=64)
+    train: TrainParams = TrainParams(max_steps=200, batch_size=16, learning_rate=3e-3, warmup_steps=20,
+                                     threads=2, eval_every=100, eval_batches=4, checkpoint_every=100)
+    gates: WebtextGates = WebtextGates(max_val_bpb=6.0)
+
+
 class ServeParams(Strict):
     """`barkgpt serve`: where it listens, which model it loads, and the limits in front of it.
 
@@ -274,6 +292,12 @@ class ServeParams(Strict):
     max_messages: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
+    allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
+                                     description="Host headers answered (DNS-rebinding guard), besides the "
+                                                 "listen address; '*.example.com' patterns, '*' = any")
+    request_header_timeout_s: float = Field(10.0, gt=0, description="a request's line and headers must arrive "
+                                            "within this, or 408 and the connection closes (slow clients)")
+    request_body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this, or 408")
 
 
 class TrackingParams(Strict):
@@ -300,7 +324,7 @@ class DeployParams(Strict):
     artifact: Literal["gguf", "checkpoint"] = Field(
         "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
     quantization: str | None = Field(
-        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
+        None, description="GGUF released (exports/<p>/quantized/<p>-<q>.gguf); None = export.deploy_quantization")
     require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
     function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
     role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")
@@ -342,6 +366,7 @@ class Params(Strict):
     bark: BarkPipeline = BarkPipeline()
     export: ExportParams = ExportParams()
     webtext: WebtextPipeline = WebtextPipeline()
+    localtext: LocaltextPipeline = LocaltextPipeline()
     serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
     deploy: DeployParams = DeployParams()

@@ -146,6 +146,27 @@ def open_run(paths: Layout, resume: bool = False, log=print) -> RunFolder:
     return folder
 
 
+# From `barkgpt train --nproc N` to its torchrun workers: the run folder it opened under its lock.
+ENV_RUN_FOLDER = "BARKGPT_RUN_FOLDER"
+
+
+def shared_run_folder(paths: Layout, resume: bool, dist, device, launched: str | None = None) -> RunFolder:
+    """This training's run folder, the same on every process: the launcher's, or one rank 0 opens
+    (every rank reads the checkpoint it resumes from; only rank 0 writes)."""
+    if launched:
+        return RunFolder(Path(launched))
+    if not dist.enabled:
+        return open_run(paths, resume)
+    import torch.distributed as td
+
+    buf = torch.zeros(4096, dtype=torch.uint8, device=device)  # bytes, not broadcast_object_list: no pickle
+    if dist.is_main:
+        raw = str(open_run(paths, resume).path.resolve()).encode()
+        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    td.broadcast(buf, 0)
+    return RunFolder(Path(bytes(buf.cpu().tolist()).rstrip(b"\0").decode()))
+
+
 def remove_temp_files(folder: Path) -> None:
     """Temp files of atomic writes that a killed process never renamed (barkgpt.fileio.atomic_path)."""
     for tmp in folder.glob(".*.tmp"):

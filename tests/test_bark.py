@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.checkpoint import load_checkpoint, load_model, seal
 from barkgpt.data.bark import generate
 from barkgpt.errors import BarkError
@@ -98,9 +98,9 @@ def test_resume_is_exact(tmp_path):
                                "warmup_steps": 3}}}
     straight = make_project(tmp_path / "a", over)
     params = load_params(straight / "params.yaml")
-    stages.bark_data(params, straight)
-    stages.tokenize(params, "bark", straight)
-    stages.train(params, "bark", straight, progress=False)
+    run_stage(params, "bark", "data", straight)
+    run_stage(params, "bark", "tokenize", straight)
+    run_stage(params, "bark", "train", straight, progress=False)
 
     class Crash(Exception):
         pass
@@ -110,14 +110,14 @@ def test_resume_is_exact(tmp_path):
             raise Crash
 
     split = make_project(tmp_path / "b", over)
-    stages.bark_data(params, split)
-    stages.tokenize(params, "bark", split)
+    run_stage(params, "bark", "data", split)
+    run_stage(params, "bark", "tokenize", split)
     with pytest.raises(Crash):
-        stages.train(params, "bark", split, on_log=crash_at_5, progress=False)
+        run_stage(params, "bark", "train", split, on_log=crash_at_5, progress=False)
     interrupted = latest_interrupted(layout("bark", split))  # the crashed run's own folder
     assert load_checkpoint(interrupted.last)["step"] == 5
     assert not (split / "models/bark").exists()  # an unfinished run promotes nothing
-    stages.train(params, "bark", split, resume=True, progress=False)
+    run_stage(params, "bark", "train", split, resume=True, progress=False)
 
     a = load_checkpoint(straight / "models/bark/last.pt")
     b = load_checkpoint(split / "models/bark/last.pt")
@@ -131,9 +131,9 @@ def test_bf16_training_runs(tmp_path):
                      "train": {"max_steps": 5, "dtype": "bfloat16"}}}
     root = make_project(tmp_path, over)
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
-    summary = stages.train(params, "bark", root, progress=False)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
+    summary = run_stage(params, "bark", "train", root, progress=False)
     assert summary["step"] == 5 and summary["train_loss"] < 3.0
     assert load_checkpoint(root / "models/bark/last.pt")["model"]["tok_emb.weight"].dtype == torch.float32
 
@@ -176,7 +176,7 @@ def run_cli(*args, cwd):
 
 def test_cli_pipeline_end_to_end(tmp_path):
     root = make_project(tmp_path, {"bark": {"train": {"max_steps": 150}}})
-    for args in (["bark-data"], ["tokenize", "bark"], ["train", "bark", "--quiet"], ["evaluate", "bark"]):
+    for args in (["data", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"], ["evaluate", "bark"]):
         result = run_cli(*args, cwd=root)
         assert result.returncode == 0, result.stderr
     metrics = json.loads((root / "reports/bark/metrics.json").read_text())

@@ -26,6 +26,7 @@ from barkgpt.deploy.release import (ChecksumMismatch, TransferSettings, build_ma
                                     upload_release, verify_object)
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.errors import BarkError
+from barkgpt.layout import Layout
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -349,11 +350,11 @@ def test_keyed_deploy_authenticates_and_the_key_is_nowhere(target, bark_copy, na
     assert [r["status"] for r in smoke["requests"]] == [200, 401, 200]  # /ready, no key, with key
     assert read_api_key(secret, target.client) == key
     # The same params train a model (they are copied into its checkpoints and its MLflow run).
-    from barkgpt import stages
+    from barkgpt.pipelines import run_stage
 
-    stages.train(load_params(bark_copy / "params.yaml", {"deploy": {"api_key_secret": secret},
-                                                         "bark": {"train": {"max_steps": 2}}}),
-                 "bark", bark_copy, progress=False)
+    run_stage(load_params(bark_copy / "params.yaml", {"deploy": {"api_key_secret": secret},
+                                                      "bark": {"train": {"max_steps": 2}}}),
+              "bark", "train", bark_copy, progress=False)
     needle = key.encode()
     leaked = [str(p) for p in bark_copy.rglob("*") if p.is_file() and needle in p.read_bytes()]
     assert leaked == []
@@ -533,9 +534,9 @@ def test_dvc_push_pull_round_trip_on_s3(moto_endpoint, tmp_path):
 def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
     """Put the Q8_0 GGUF where export writes it, and a parity report whose gate says `status`
     (the shape barkgpt.export.pipeline.parity_report writes; its own tests cover how it decides)."""
-    exports = root / "exports" / "bark"
-    exports.mkdir(parents=True, exist_ok=True)
-    shutil.copy(gguf, exports / "bark-q8_0.gguf")
+    dest = Layout("bark", root).gguf("q8_0")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gguf, dest)
     (root / "reports" / "bark" / "parity.json").write_text(json.dumps({
         "f32_parity": {"passed": True, "tokenization_agreement": 1.0, "logits_max_abs_diff": 1e-5},
         "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1.0,
@@ -560,7 +561,7 @@ def test_cli_deploy_gguf_to_local_aws_api(bark_copy, bark_gguf, tmp_path):
     assert fn["url"].startswith("https://") and fn["url_auth_type"] == "AWS_IAM"
     prefix = rel["manifest_uri"].split("/", 3)[3].rsplit("/", 1)[0]
     assert rel["objects"] == sorted([f"{prefix}/bark-q8_0.gguf", f"{prefix}/tokenizer.json", f"{prefix}/manifest.json"])
-    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/bark-q8_0.gguf").read_bytes()).hexdigest()
+    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/quantized/bark-q8_0.gguf").read_bytes()).hexdigest()
     assert report["provenance"]["parity"]["deploy_quantization"]["q8_0"]["status"] == "accepted"
     assert "tensor_types" not in report["provenance"]["parity"]["deploy_quantization"]["q8_0"]
     smoke = report["smoke"]

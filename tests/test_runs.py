@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
-from barkgpt import stages
 from barkgpt.checkpoint import load_checkpoint, save_checkpoint, model_from_checkpoint
 from barkgpt.errors import BarkError
 from barkgpt.layout import layout
 from barkgpt.params import load_params
+from barkgpt.pipelines import run_stage
 from barkgpt.runs import TrainingDiverged, latest_interrupted, writer_lock
 
 from conftest import ROOT, make_project
@@ -49,8 +49,8 @@ def tiny_data(tmp_path_factory) -> Path:
     """A project with the tiny model's data and token shards (not trained)."""
     root = make_project(tmp_path_factory.mktemp("tiny"), TINY)
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
     return root
 
 
@@ -63,7 +63,7 @@ def tiny(tiny_data, tmp_path) -> Path:
 
 def test_checkpoint_is_one_file_and_refuses_garbage(tiny, tmp_path):
     params = load_params(tiny / "params.yaml", {"bark": {"train": {"max_steps": 5}}})
-    stages.train(params, "bark", tiny, progress=False)
+    run_stage(params, "bark", "train", tiny, progress=False)
     models = tiny / "models/bark"
     assert sorted(p.name for p in models.iterdir()) == ["best.pt", "last.pt"]  # no checksum side files
     model, tok = model_from_checkpoint(load_checkpoint(models / "best.pt"))
@@ -75,7 +75,7 @@ def test_checkpoint_is_one_file_and_refuses_garbage(tiny, tmp_path):
     save_checkpoint(bad, model=model, tokenizer=tok, params={}, step=1)  # inference-only: no optimizer
     shutil.copy(bad, tiny / "models/bark/last.pt")
     with pytest.raises(BarkError, match="holds no training state"):
-        stages.train(params, "bark", tiny, resume=True, progress=False)
+        run_stage(params, "bark", "train", tiny, resume=True, progress=False)
 
 
 def test_infinite_learning_rate_stops_with_a_clear_error(bark_copy):
@@ -101,7 +101,7 @@ def test_nan_mid_training_changes_nothing(bark_copy):
     params = load_params(bark_copy / "params.yaml", {"bark": {"train": {"learning_rate": 1000.0, "max_steps": 60,
                                                                          "warmup_steps": 10}}})
     with pytest.raises(TrainingDiverged) as err:
-        stages.train(params, "bark", bark_copy, progress=False)
+        run_stage(params, "bark", "train", bark_copy, progress=False)
     message = str(err.value)
     assert "training diverged at step" in message and "train loss is nan" in message
     assert "nothing was promoted" in message and "best.pt" in message
@@ -130,7 +130,7 @@ def test_second_writer_gets_a_clear_lock_error(tiny):
     params = load_params(tiny / "params.yaml")
     with writer_lock(layout("bark", tiny), "train bark"):
         with pytest.raises(BarkError, match=rf"another process is writing the bark pipeline.*pid {os.getpid()}.*since"):
-            stages.train(params, "bark", tiny, progress=False)
+            run_stage(params, "bark", "train", tiny, progress=False)
     assert not (tiny / "models").exists()
 
 
@@ -155,8 +155,8 @@ def test_two_trainings_started_at_once(tiny):
 ZYGOTE = """
 import os, sys, traceback
 import torch
-from barkgpt import stages
 from barkgpt.params import load_params
+from barkgpt.pipelines import run_stage
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # imports torch._dynamo (seconds) once, here
 root = sys.argv[1]
 for line in sys.stdin:
@@ -164,7 +164,8 @@ for line in sys.stdin:
     if pid == 0:
         os.dup2(2, 1)  # the child's prints must not mix with the protocol on stdout
         try:
-            stages.train(load_params(os.path.join(root, "params.yaml")), "bark", root, resume=True, progress=False)
+            run_stage(load_params(os.path.join(root, "params.yaml")), "bark", "train", root, resume=True,
+                      progress=False)
             os._exit(0)
         except BaseException:
             traceback.print_exc()
@@ -180,7 +181,7 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tiny_data, tmp_pa
     straight = tmp_path / "straight"
     shutil.copytree(tiny_data, straight)
     params = load_params(straight / "params.yaml")
-    stages.train(params, "bark", straight, progress=False)
+    run_stage(params, "bark", "train", straight, progress=False)
 
     killed = tmp_path / "killed"
     shutil.copytree(tiny_data, killed)
