@@ -150,9 +150,28 @@ def cmd_deploy(args) -> None:
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
 
 
+def version_text() -> str:
+    """`barkgpt 0.1.0 (torch 2.13.0, llama-cpp-python 0.3.36, python 3.11.2)`, read from package
+    metadata so that --version imports neither torch nor llama.cpp."""
+    from importlib import metadata
+
+    from barkgpt import __version__
+
+    engines = []
+    for dist in ("torch", "llama-cpp-python"):
+        try:
+            engines.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            engines.append(f"{dist} not installed")
+    engines.append(f"python {sys.version.split()[0]}")
+    return f"barkgpt {__version__} ({', '.join(engines)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of barkgpt and the engines it runs on, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("bark-data", help="generate the synthetic bark conversations").set_defaults(fn=cmd_bark_data)

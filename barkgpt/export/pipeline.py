@@ -12,6 +12,7 @@ import torch
 
 from barkgpt.checkpoint import load_model
 from barkgpt.errors import BarkError
+from barkgpt.export import llama_log
 from barkgpt.export import parity as P
 from barkgpt.export.gguf_file import write_gguf
 from barkgpt.export.quantize import quantize, tensor_report
@@ -39,14 +40,22 @@ def export_files(lay: Layout, p: ExportParams) -> dict:
 
 
 def quantize_files(lay: Layout, p: ExportParams) -> dict:
-    """llama.cpp quantizations of the F32 file, and per-tensor types actually used."""
+    """llama.cpp quantizations of the F32 file, and per-tensor types actually used.
+
+    llama.cpp's warnings (a line per tensor that falls back to another type) go into the report
+    under each quantization's `llama_cpp_warnings`; the log gets one line."""
     src, report_path = lay.gguf("f32"), lay.quantization_report
-    report, out = {}, {}
+    report, out, warned_all = {}, {}, []
     for q in p.quantizations:
-        dst = quantize(src, lay.gguf(q), q, threads=p.threads)
-        report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q)}
+        with llama_log.captured() as warned:
+            dst = quantize(src, lay.gguf(q), q, threads=p.threads)
+        report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q),
+                     "llama_cpp_warnings": llama_log.summary(warned)}
         out[q] = str(dst)
+        warned_all += warned
     write_json(report_path, report)
+    print(llama_log.one_line(f"quantize {lay.pipeline} ({', '.join(p.quantizations)})", warned_all, str(report_path)),
+          flush=True)
     return {**out, "report": str(report_path)}
 
 
@@ -124,8 +133,9 @@ def parity_report(lay: Layout, val_lines: list[str], p: ExportParams, seed: int 
                     "tokenizer": getattr(tok, "kind", type(tok).__name__), "files": {}, "quantizations": {}}
     f32_size = files["f32"].stat().st_size
     base_quality = None
+    warned: list[str] = []  # llama.cpp's warnings while opening the files: into the report, not the log
     for variant, path in files.items():
-        llm = P.open_llama(path, n_ctx, p.threads)
+        llm = P.open_llama(path, n_ctx, p.threads, warned)
         try:
             entry = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
                      "size_ratio_vs_f32": path.stat().st_size / f32_size,
@@ -175,7 +185,9 @@ def parity_report(lay: Layout, val_lines: list[str], p: ExportParams, seed: int 
         "deploy_passed": f32_ok and deploy["status"] == "accepted",
         "rejected": [q for q, e in report["quantizations"].items() if e["status"] == "rejected"],
     }
+    report["llama_cpp_warnings"] = llama_log.summary(warned)
     write_json(report_path, report)
+    print(llama_log.one_line(f"parity {name}", warned, str(report_path)), flush=True)
     if not f32_ok:
         raise GateError(f"F32 GGUF parity failed ({report['f32_parity']}); see {report_path}. The export does not "
                         "reproduce the PyTorch model; fix the exporter before deploying")
