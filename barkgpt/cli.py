@@ -254,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        import errno
+
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full: {err.strerror} writing {err.filename or 'a file'}; free space on that "
+              "filesystem (e.g. old exports/, mlruns/, .dvc/cache: dvc gc) and run the stage again", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -17,6 +17,7 @@ from barkgpt.errors import BarkError
 from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import read_json, sha256_file, write_json
 from barkgpt.layout import Layout
+from barkgpt.memory import check_training_fits
 from barkgpt.params import PIPELINES, Params
 from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
 from barkgpt.train import LogFn, train as train_loop
@@ -80,6 +81,7 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
     paths = paths_for(name, root)
     cfg = pipeline_params(params, name)
     tok = load_tokenizer(paths.tokenizer)
+    check_training_fits(name, cfg.model, cfg.train, tok.vocab_size)  # before any allocation
     train_ids, _ = load_shard(paths.shard("train"))
     val_ids, _ = load_shard(paths.shard("val"))
     token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
