@@ -45,12 +45,20 @@ def disk_full(err: BaseException, folder: Path) -> bool:
         return False
 
 
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
 def disk_full_error(path: Path):
     from barkgpt.errors import BarkError
 
     try:
         usage = shutil.disk_usage(path.parent)
-        where = f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.0f} MiB"
+        where = f"{_size(usage.free)} free of {_size(usage.total)}"
     except OSError:
         where = "free space unknown"
     return BarkError(f"disk full: could not write {path} ({where} on the filesystem holding {path.parent.resolve()}); "
