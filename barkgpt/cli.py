@@ -96,6 +96,18 @@ def cmd_parity(args) -> None:
     print(json.dumps(out, indent=2))
 
 
+def cmd_modelfile(args) -> None:
+    import shlex
+
+    from barkgpt.export.recipes import llama_server_commands, write_modelfile
+
+    params = _params(args)
+    path = write_modelfile(params, args.pipeline)
+    print(f"wrote {path}: ollama create barkgpt-{args.pipeline} -f {path}")
+    for name, cmd in llama_server_commands(params, args.pipeline).items():
+        print(f"{name}: {shlex.join(cmd)}")
+
+
 def cmd_generate(args) -> None:
     from dataclasses import replace
 
@@ -206,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd, help=text)
         p.add_argument("pipeline", choices=PIPELINES)
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("modelfile", help="write exports/<pipeline>/Modelfile (Ollama) and print llama.cpp "
+                                         "server commands for the deploy GGUF")
+    p.add_argument("pipeline", choices=PIPELINES)
+    p.set_defaults(fn=cmd_modelfile)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
     p.add_argument("--prompt", default="User: speak Assistant:")
