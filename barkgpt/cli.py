@@ -96,6 +96,15 @@ def cmd_parity(args) -> None:
     print(json.dumps(out, indent=2))
 
 
+def cmd_report(args) -> None:
+    from barkgpt.report import log_report, write_report
+
+    params = _params(args)
+    path = write_report(params, args.pipeline)
+    run_id = log_report(params, args.pipeline, path=path)
+    print(f"wrote {path}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
+
+
 def cmd_modelfile(args) -> None:
     import shlex
 
@@ -218,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd, help=text)
         p.add_argument("pipeline", choices=PIPELINES)
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("report", help="write reports/<pipeline>/report.md (hardware, data, params, loss curve, "
+                                      "evaluation, parity, deploy, timings) and log it to the MLflow run")
+    p.add_argument("pipeline", choices=PIPELINES)
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("modelfile", help="write exports/<pipeline>/Modelfile (Ollama) and print llama.cpp "
                                          "server commands for the deploy GGUF")

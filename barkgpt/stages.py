@@ -16,7 +16,7 @@ from barkgpt.data.shards import load_shard, write_shard
 from barkgpt.errors import BarkError
 from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import read_json, sha256_file, write_json
-from barkgpt.layout import Layout
+from barkgpt.layout import Layout, repro_command
 from barkgpt.memory import check_training_fits
 from barkgpt.params import PIPELINES, Params
 from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
@@ -35,7 +35,7 @@ def paths_for(name: str, root: Path | str = ".") -> Layout:
 
 def read_lines(path: Path) -> list[str]:
     if not path.exists():
-        raise BarkError(f"{path}: not found; run the data stage first (dvc repro)")
+        raise BarkError(f"{path}: not found; run the data stage first ({repro_command(path.parent.name)})")
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -254,7 +254,7 @@ def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
     val_ids, manifest = load_shard(paths.shard("val"))
     if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
         raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
-                        "re-run the tokenize and train stages (dvc repro)")
+                        f"re-run the tokenize and train stages ({repro_command(name)})")
     # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
     metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
     metrics["val_text_bytes"] = manifest.get("text_bytes")

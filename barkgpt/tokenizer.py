@@ -289,7 +289,9 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.exists():
-        raise BarkError(f"{path}: tokenizer not found; run the tokenize stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: tokenizer not found; run the tokenize stage first ({repro_command(path.parent.name)})")
     fix = ("re-create it with its stage (bark: barkgpt tokenize bark; webtext: barkgpt webtext-tokenizer), "
            "or restore it with dvc checkout")
     try:

@@ -158,7 +158,7 @@ def _load_hub(repo_id: str, text_field: str, timeout_s: float) -> Corpus:
     unreachable = (
         f"{repo_id}: the Hugging Face hub is unreachable ({HUB_HOST}:443 did not answer within "
         f"{min(timeout_s, 5.0):.0f} s) and the dataset is not in the local cache; pass a local file instead: "
-        "`dvc repro -S webtext.source=path/to/corpus.txt webtext-evaluate` or set webtext.source in params.yaml"
+        "set webtext.source in params.yaml, or run `dvc exp run -S webtext.source=path/to/corpus.txt pipelines/webtext/dvc.yaml`"
     )
     try:
         ds = datasets.load_dataset(repo_id, split="train")

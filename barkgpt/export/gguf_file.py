@@ -151,7 +151,10 @@ def preflight(path: str | Path, max_header_bytes: int = 1 << 28) -> GGUFInfo:
 
     path = Path(path)
     if not path.is_file():
-        raise BarkError(f"{path}: GGUF file not found; run the export stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: GGUF file not found; run the export stage first "
+                        f"({repro_command(Path(path).parent.name)})")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(min(size, max_header_bytes))
