@@ -1,24 +1,26 @@
 """Data validation with Great Expectations: expectation suites over a pipeline's data, before training.
 
 A suite is a pandas frame plus GX expectations plus the column that names an offending row
-(`line`, 1-based in the text file). `validate_pipeline` runs every suite a pipeline registers in
-SUITE_BUILDERS, writes `reports/<pipeline>/validation.json` and a readable `validation.html`, and
-raises BarkError listing each failed expectation with its offending rows. Another pipeline adds
-its suites with one builder function `(params, paths) -> list[Suite]` and one SUITE_BUILDERS entry.
+(`line`, 1-based in the text file). `validate_pipeline` runs the suites a pipeline declares (a
+builder function `(params, layout) -> list[Suite]`, see barkgpt/pipelines/), writes
+`reports/<pipeline>/validation.json` and GX's own Data Docs (`reports/<pipeline>/validation/`, one
+page per suite), and raises BarkError listing each failed expectation with its offending rows.
 GX runs in an ephemeral (in-memory) context with usage analytics off: nothing leaves the machine.
+(Data Docs pages load their styles from CDNs; offline they are unstyled but complete, while the
+index's table needs those scripts, so the report and the error name each suite's page itself.)
 """
 from __future__ import annotations
 
-import html
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from barkgpt.errors import BarkError
-from barkgpt.fileio import write_json, write_text
+from barkgpt.fileio import write_json
 from barkgpt.params import BARKS, Params
 from barkgpt.tokenizer import ASSISTANT, BARK_VOCAB, EOS, SPEAK, USER
 
@@ -59,7 +61,7 @@ def bark_suites(params: Params, paths) -> list[Suite]:
     suites = []
     for split, path in (("train", paths.train_text), ("val", paths.val_text)):
         if not path.exists():
-            raise BarkError(f"{path}: not found; run the data stage first (barkgpt bark-data or dvc repro)")
+            raise BarkError(f"{path}: not found; run the data stage first (barkgpt data bark, or dvc repro)")
         lines = path.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()  # the file's final newline ends the last row; it is not an empty row
@@ -117,15 +119,16 @@ def read_text_rows(path: Path) -> list[tuple[str, bool]]:
 
 
 def webtext_suites(params: Params, paths) -> list[Suite]:
-    """Text suites per split: what webtext-ingest promises and what the tokenizer and model need."""
+    """Text suites per split: what the ingest stage promises and what the tokenizer and model need."""
     import pandas as pd
 
     _, gxe = _gx()
-    clean, v = params.webtext.clean, params.webtext.validation
+    cfg = getattr(params, paths.pipeline)  # any text pipeline's section (webtext, localtext, ...)
+    clean, v = cfg.clean, cfg.validation
     suites = []
     for split, path in (("train", paths.train_text), ("val", paths.val_text)):
         if not path.exists():
-            raise BarkError(f"{path}: not found; run the ingest stage first (barkgpt webtext-ingest)")
+            raise BarkError(f"{path}: not found; run the ingest stage first (barkgpt ingest {paths.pipeline})")
         rows = read_text_rows(path)
         frame = pd.DataFrame({
             "line": range(1, len(rows) + 1),
@@ -134,7 +137,7 @@ def webtext_suites(params: Params, paths) -> list[Suite]:
             "valid_utf8": [ok for _, ok in rows],
             "letter_share": [letter_share(text) for text, _ in rows],
         })
-        suites.append(Suite(f"webtext.{split}.text", frame, [
+        suites.append(Suite(f"{paths.pipeline}.{split}.text", frame, [
             gxe.ExpectColumnValuesToNotBeNull(column="text"),
             gxe.ExpectColumnValuesToBeInSet(column="valid_utf8", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=clean.min_line_chars,
@@ -159,24 +162,25 @@ def webtext_token_suites(params: Params, paths) -> list[Suite]:
 
     _, gxe = _gx()
     if not paths.tokenizer.exists():
-        raise BarkError(f"{paths.tokenizer}: not found; run the tokenizer stage first (barkgpt webtext-tokenizer)")
+        raise BarkError(f"{paths.tokenizer}: not found; run the tokenizer stage first "
+                        f"(barkgpt tokenizer {paths.pipeline})")
     tok = load_tokenizer(paths.tokenizer)
     expected_hash = tokenizer_hash(tok)
     suites, manifests = [], []
     for split in ("train", "val"):
         shard = paths.shard(split)
         if not shard.exists() or not manifest_path(shard).exists():
-            raise BarkError(f"{shard}: token shard or its manifest is missing; run barkgpt tokenize webtext")
+            raise BarkError(f"{shard}: token shard or its manifest is missing; run barkgpt tokenize {paths.pipeline}")
         manifest = read_json(manifest_path(shard))
         ids = np.fromfile(shard, dtype=np.dtype(manifest["dtype"]))  # not load_shard: it stops at a bad count
         manifests.append({"split": split, "file_tokens": int(ids.size), "manifest_tokens": manifest["tokens"],
                           "manifest_vocab_size": manifest["vocab_size"], "tokenizer_vocab_size": tok.vocab_size,
                           "manifest_hash": manifest.get("tokenizer_hash"), "tokenizer_hash": expected_hash})
         frame = pd.DataFrame({"position": np.arange(ids.size), "id": ids.astype(np.int64)})
-        suites.append(Suite(f"webtext.{split}.token_ids", frame, [
+        suites.append(Suite(f"{paths.pipeline}.{split}.token_ids", frame, [
             gxe.ExpectColumnValuesToBeBetween(column="id", min_value=0, max_value=tok.vocab_size - 1),
         ], index_column="position"))
-    suites.append(Suite("webtext.shards.manifest", pd.DataFrame(manifests), [
+    suites.append(Suite(f"{paths.pipeline}.shards.manifest", pd.DataFrame(manifests), [
         gxe.ExpectColumnPairValuesToBeEqual(column_A="file_tokens", column_B="manifest_tokens"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_vocab_size", column_B="tokenizer_vocab_size"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_hash", column_B="tokenizer_hash"),
@@ -184,35 +188,43 @@ def webtext_token_suites(params: Params, paths) -> list[Suite]:
     return suites
 
 
-SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {
-    "bark": bark_suites, "webtext": webtext_suites}
-# Suites over token shards, run after the tokenize stage (`barkgpt validate <pipeline> --tokens`).
-TOKEN_SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {"webtext": webtext_token_suites}
+SuiteBuilder = Callable[[Params, object], list[Suite]]  # (params, layout) -> suites; a pipeline declares its own
 
 
 # --- running suites -----------------------------------------------------------------------------
 
-def gx_context():
-    """An in-memory GX context: nothing is written outside the reports we render ourselves."""
+DOCS_SITE = "barkgpt"
+
+
+def gx_context(docs: Path | None = None):
+    """An in-memory GX context; with `docs`, its one Data Docs site is that folder."""
     gx, _ = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # quiet stage logs
+    for site in list(context.get_site_names()):  # the default site writes to a temporary folder
+        context.delete_data_docs_site(site)
+    if docs is not None:
+        context.add_data_docs_site(DOCS_SITE, {
+            "class_name": "SiteBuilder", "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
     return context
 
 
-def run_suite(suite: Suite, context=None) -> dict:
-    """Run one suite; return a plain-dict summary of each expectation (JSON for reports)."""
+def run_suite(suite: Suite, context) -> dict:
+    """Run one suite (its result kept in the context for Data Docs); return a plain-dict summary of
+    each expectation (JSON for reports)."""
     gx, _ = _gx()
-    context = context or gx_context()
     source = context.data_sources.add_pandas(suite.name)
-    batch = source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all") \
-        .get_batch(batch_parameters={"dataframe": suite.frame})
+    batch = source.add_dataframe_asset("frame").add_batch_definition_whole_dataframe("all")
     gx_suite = context.suites.add(gx.ExpectationSuite(name=suite.name))
     for expectation in suite.expectations:
         gx_suite.add_expectation(expectation)
-    result = batch.validate(gx_suite, result_format={
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch,
+                                                                            suite=gx_suite))
+    result = definition.run(batch_parameters={"dataframe": suite.frame}, result_format={
         "result_format": "COMPLETE", "unexpected_index_column_names": [suite.index_column],
         "return_unexpected_index_query": False,
     })
@@ -253,29 +265,36 @@ def _short(value, limit: int = 120):
     return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
 
 
-def validate_pipeline(params: Params, name: str, paths, tokens: bool = False) -> dict:
-    """Text suites (or, with tokens=True, token-shard suites, reported as validation_tokens.*)."""
-    builders = TOKEN_SUITE_BUILDERS if tokens else SUITE_BUILDERS
-    builder = builders.get(name)
-    if builder is None:
-        raise BarkError(f"no {'token ' if tokens else ''}validation suites for pipeline {name!r}; "
-                        f"known: {sorted(builders)}")
-    context = gx_context()
-    results = [run_suite(s, context) for s in builder(params, paths)]
+def validate_pipeline(params: Params, paths, builder: SuiteBuilder, tokens: bool = False,
+                      redo: str = "dvc repro") -> dict:
+    """Run the suites `builder` makes (text, or with tokens=True the token shards, reported as
+    validation_tokens*): the JSON report and GX's Data Docs (one page per suite; `page` in the
+    report names it); BarkError naming each failed expectation and its rows. `redo` is the command
+    that regenerates the data, for the message."""
+    name = paths.pipeline
+    docs = paths.token_validation_docs if tokens else paths.validation_docs
+    suites = builder(params, paths)
+    building = docs.with_name(f".{docs.name}.building")  # then swapped in: only this run's pages, whole
+    shutil.rmtree(building, ignore_errors=True)
+    context = gx_context(building)
+    results = [run_suite(s, context) for s in suites]
+    context.build_data_docs(site_names=[DOCS_SITE])
+    shutil.rmtree(docs, ignore_errors=True)
+    building.rename(docs)
+    for r in results:
+        pages = sorted((docs / "validations" / r["suite"].replace(".", "/")).rglob("*.html"))
+        r["page"] = str(pages[-1]) if pages else None
     report = {"pipeline": name, "success": all(r["success"] for r in results),
               "expectations": sum(len(r["checks"]) for r in results),
               "failed": sum(not c["success"] for r in results for c in r["checks"]),
-              "suites": results}
-    json_path = paths.token_validation_report if tokens else paths.validation_report
-    html_path = paths.token_validation_html if tokens else paths.validation_html
-    write_json(json_path, report)
-    write_text(html_path, render_html(report))
+              "data_docs": str(docs / "index.html"), "suites": results}
+    write_json(paths.token_validation_report if tokens else paths.validation_report, report)
     if not report["success"]:
-        raise BarkError(failure_message(report, html_path, tokens))
+        raise BarkError(failure_message(report, redo))
     return report
 
 
-def failure_message(report: dict, html_path: Path, tokens: bool = False) -> str:
+def failure_message(report: dict, redo: str) -> str:
     lines = [f"data validation failed for pipeline {report['pipeline']!r} "
              f"({report['failed']} of {report['expectations']} expectations):"]
     for suite in report["suites"]:
@@ -291,40 +310,7 @@ def failure_message(report: dict, html_path: Path, tokens: bool = False) -> str:
             values = f"; e.g. {c['unexpected_values'][:3]}" if c["unexpected_values"] else ""
             lines.append(f"  {suite['suite']}: {c['expectation']}({c['column']}) failed{detail}"
                          f"{where}{values}")
-    redo = {"bark": "barkgpt bark-data", "webtext": "barkgpt webtext-ingest"}.get(report["pipeline"], "dvc repro")
-    if tokens:
-        redo = f"barkgpt tokenize {report['pipeline']}"
-    lines.append(f"fix or regenerate the data ({redo}); full report: {html_path}")
+    failed = next(s["page"] for s in report["suites"] if not s["success"])
+    lines.append(f"fix or regenerate the data ({redo}); the failed suite's page: {failed} "
+                 f"(all: {report['data_docs']})")
     return "\n".join(lines)
-
-
-def render_html(report: dict) -> str:
-    """A self-contained page: one table per suite, failures first in red with their rows."""
-    e = html.escape
-    status = "passed" if report["success"] else "FAILED"
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>BarkGPT data validation: {e(report['pipeline'])}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-        ".ok{background:#e8f5e9}.bad{background:#ffebee}code{font-size:90%}</style></head><body>",
-        f"<h1>Data validation: {e(report['pipeline'])} &mdash; {status}</h1>",
-        f"<p>{report['expectations'] - report['failed']} of {report['expectations']} expectations passed "
-        "(Great Expectations).</p>",
-    ]
-    for suite in report["suites"]:
-        parts.append(f"<h2>{e(suite['suite'])} ({suite['rows']} rows) &mdash; "
-                     f"{'passed' if suite['success'] else 'FAILED'}</h2>")
-        parts.append(f"<table><tr><th>expectation</th><th>column</th><th>arguments</th><th>result</th>"
-                     f"<th>unexpected</th><th>offending {e(suite['index_column'])}</th><th>examples</th></tr>")
-        for c in sorted(suite["checks"], key=lambda c: c["success"]):
-            args = ", ".join(f"{k}={_short(v)!r}" for k, v in c["kwargs"].items() if v is not None)
-            parts.append(
-                f"<tr class='{'ok' if c['success'] else 'bad'}'><td>{e(c['expectation'])}</td>"
-                f"<td>{e(str(c['column']))}</td><td><code>{e(args)}</code></td>"
-                f"<td>{'pass' if c['success'] else 'FAIL'}</td><td>{c['unexpected_count']}</td>"
-                f"<td>{e(', '.join(map(str, c['unexpected_rows'][:50])))}</td>"
-                f"<td>{e('; '.join(map(str, c['unexpected_values'][:5])))}</td></tr>")
-        parts.append("</table>")
-    parts.append("</body></html>")
-    return "\n".join(parts)

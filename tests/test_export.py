@@ -6,15 +6,17 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.export.gguf_file import preflight, write_gguf
 from barkgpt.export.pipeline import GateError
+from barkgpt.layout import Layout
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +28,9 @@ def exported(bark_project, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("export") / "project"
     shutil.copytree(bark_project, root)
     params = load_params(root / "params.yaml")
-    stages.export(params, "bark", root)
-    stages.quantize(params, "bark", root)
-    stages.parity(params, "bark", root)
+    run_stage(params, "bark", "export", root)
+    run_stage(params, "bark", "quantize", root)
+    run_stage(params, "bark", "parity", root)
     return root, json.loads((root / "reports/bark/parity.json").read_text())
 
 
@@ -101,7 +103,7 @@ def test_llama_tokenizer_matches_word_tokenizer(exported):
 
     root, _ = exported
     _, tok = load_model(root / "models/bark/best.pt")
-    llm = open_llama(root / "exports/bark/bark-f32.gguf", 64)
+    llm = open_llama(root / "exports/bark/full/bark-f32.gguf", 64)
     try:
         for text in ["User: speak Assistant:", "  User:\tspeak \n Assistant:  woof <EOS>  ", "woof", "", "   "]:
             ids = llama_tokenize(llm, text)
@@ -118,7 +120,7 @@ def test_llama_tokenizer_matches_word_tokenizer(exported):
 def test_stock_llama_cpp_completion_barks(exported):
     """No BarkGPT code: llama-cpp-python alone loads the Q8_0 file, tokenizes and completes."""
     root, _ = exported
-    gguf = root / "exports/bark/bark-q8_0.gguf"
+    gguf = root / "exports/bark/quantized/bark-q8_0.gguf"
     out = _run(f"""
         import llama_cpp
         llm = llama_cpp.Llama(model_path={str(gguf)!r}, verbose=False, seed=1)
@@ -144,9 +146,10 @@ def test_gate_rejects_damaged_quantization(exported, tmp_path):
     model, tok = load_model(root / "models/bark/best.pt")
     with torch.no_grad():  # a "quantization" that destroyed the embeddings
         model.tok_emb.weight.copy_(torch.randn_like(model.tok_emb.weight))
-    write_gguf(model, tok, root / "exports/bark/bark-q4_0.gguf", "f32")
+    write_gguf(model, tok, root / "exports/bark/quantized/bark-q4_0.gguf", "f32")
+    record_as_quantized(root, "q4_0")  # as if llama.cpp's quantizer itself had written it
     params = load_params(root / "params.yaml")
-    out = stages.parity(params, "bark", root)  # deploy q8_0 still passes
+    out = run_stage(params, "bark", "parity", root)  # deploy q8_0 still passes
     assert out["quantizations"]["q4_0"]["status"] == "rejected"
     assert out["gate"]["rejected"] == ["q4_0"] and out["gate"]["deploy_passed"]
     # deploying the damaged file: the stage fails (CLI exit 2) after writing the report
@@ -160,6 +163,41 @@ def test_gate_rejects_damaged_quantization(exported, tmp_path):
     report = json.loads((root / "reports/bark/parity.json").read_text())
     assert report["gate"]["deploy_passed"] is False and report["quantizations"]["q4_0"]["status"] == "rejected"
     assert issubclass(GateError, BarkError)
+
+
+def record_as_quantized(root: Path, quant: str) -> None:
+    from barkgpt.export.checksums import file_record
+
+    path = root / "reports/bark/quantization.json"
+    report = json.loads(path.read_text())
+    report[quant].update(file_record(Layout("bark", root).gguf(quant)))
+    path.write_text(json.dumps(report))
+
+
+def test_a_flipped_byte_is_neither_judged_nor_served(exported, tmp_path):
+    """One flipped weight byte leaves a valid GGUF; only the sha256 the quantize stage recorded tells.
+    Parity refuses to judge it and `barkgpt serve` refuses to serve it (exit 2, no traceback)."""
+    src, _ = exported
+    root = tmp_path / "p"
+    shutil.copytree(src, root)
+    lay = Layout("bark", root)
+    gguf = lay.gguf("q8_0")
+    data = bytearray(gguf.read_bytes())
+    data[-64] ^= 0x01  # inside the last tensor's data
+    gguf.write_bytes(bytes(data))
+    preflight(gguf)  # structurally still a fine GGUF
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    for cmd in (["parity", "bark"], ["serve", "--port", "1"]):
+        cli = subprocess.run([sys.executable, "-m", "barkgpt", *cmd], cwd=root, capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert cli.returncode == 2, cli.stderr[-2000:]
+        assert "bark-q8_0.gguf: sha256" in cli.stderr and "reports/bark/quantization.json" in cli.stderr
+        assert "Traceback" not in cli.stderr
+    assert json.loads((root / "reports/bark/parity.json").read_text()) == exported[1]  # nothing was judged
+    gguf.write_bytes(Layout("bark", src).gguf("q8_0").read_bytes())
+    lay.gguf("f32").write_bytes(b"GGUF")  # the export's own file, replaced
+    with pytest.raises(BarkError, match="bark-f32.gguf: sha256 .* recorded in .*export.json"):
+        run_stage(load_params(root / "params.yaml"), "bark", "quantize", root)
 
 
 def _damaged(good: Path, tmp: Path) -> dict[str, Path]:
@@ -181,6 +219,12 @@ def _damaged(good: Path, tmp: Path) -> dict[str, Path]:
     off_at = at + 12 + len(name) + 8 * dims + 4
     raw[off_at : off_at + 8] = (len(data) * 4 // 32 * 32).to_bytes(8, "little")
     files["offset_past_end"] = bytes(raw)
+    # an array length of 2**40: a reader that returns short reads past the end would loop for ever
+    raw = bytearray(data)
+    key = b"tokenizer.ggml.scores"
+    at = raw.find(struct_len(key) + key) + 8 + len(key) + 4 + 4  # past the key, its type, the item type
+    raw[at : at + 8] = (2**40).to_bytes(8, "little")
+    files["huge_array_length"] = bytes(raw)
     out = {}
     for name, blob in files.items():
         out[name] = tmp / f"{name}.gguf"
@@ -194,11 +238,13 @@ def struct_len(name: bytes) -> bytes:
 
 def test_bad_gguf_files_rejected_without_crash(exported, tmp_path):
     root, _ = exported
-    bad = _damaged(root / "exports/bark/bark-f32.gguf", tmp_path)
+    bad = _damaged(root / "exports/bark/full/bark-f32.gguf", tmp_path)
     for name, path in bad.items():
+        start = time.monotonic()
         with pytest.raises(BarkError) as err:
             preflight(path)
-        assert str(path) in str(err.value), name
+        assert str(path) in str(err.value) and "Traceback" not in str(err.value), name
+        assert time.monotonic() - start < 10, name
     with pytest.raises(BarkError, match="not found"):
         preflight(tmp_path / "missing.gguf")
     # the loader in a child process: a clean BarkError exit, never a signal
@@ -230,8 +276,8 @@ def test_hf_export_round_trip(exported):
 
     root, _ = exported
     model, tok = load_model(root / "models/bark/best.pt")
-    hf_model = AutoModelForCausalLM.from_pretrained(root / "exports/bark/hf").eval()
-    hf_tok = AutoTokenizer.from_pretrained(root / "exports/bark/hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(root / "exports/bark/full/hf").eval()
+    hf_tok = AutoTokenizer.from_pretrained(root / "exports/bark/full/hf")
     assert type(hf_model).__name__ == "LlamaForCausalLM"
     for line in read_lines(root / "data/bark/val.txt")[:50]:
         assert hf_tok(line)["input_ids"] == tok.encode(line)

@@ -74,11 +74,11 @@ def test_ollama_modelfile_and_server_commands(bark_project, tmp_path):
     params = load_params(bark_project / "params.yaml")
     text = ollama_modelfile(params, "bark", bark_project)
     lines = text.splitlines()
-    assert "FROM ./bark-q8_0.gguf" in lines and "PARAMETER num_ctx 64" in lines
+    assert "FROM ./quantized/bark-q8_0.gguf" in lines and "PARAMETER num_ctx 64" in lines
     assert 'PARAMETER stop "<EOS>"' in lines and "PARAMETER top_k 0" in lines
     template = next(line for line in lines if line.startswith("TEMPLATE"))
     assert "User: speak" in template and "<EOS>" in template and template.endswith('Assistant:"""')
     cmds = llama_server_commands(params, "bark", bark_project)
     assert cmds["llama_cpp.server"][:3] == ["python", "-m", "llama_cpp.server"]
-    assert Path(cmds["llama-server"][2]) == bark_project / "exports/bark/bark-q8_0.gguf"
+    assert Path(cmds["llama-server"][2]) == bark_project / "exports/bark/quantized/bark-q8_0.gguf"
     assert "--jinja" in cmds["llama-server"] and cmds["llama-server"][4] == "64"

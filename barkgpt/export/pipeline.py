@@ -5,6 +5,7 @@ plain function so the CLI, DVC and Prefect all run the same code.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from barkgpt.checkpoint import load_model
 from barkgpt.errors import BarkError
 from barkgpt.export import llama_log
 from barkgpt.export import parity as P
+from barkgpt.export.checksums import file_record, verify_recorded
 from barkgpt.export.gguf_file import write_gguf
 from barkgpt.export.quantize import quantize, tensor_report
-from barkgpt.fileio import sha256_file, write_json
+from barkgpt.fileio import write_json
 from barkgpt.layout import Layout
 from barkgpt.params import ExportParams
 
@@ -26,16 +28,21 @@ class GateError(BarkError):
 
 
 def export_files(lay: Layout, p: ExportParams) -> dict:
-    """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint."""
+    """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint; record each GGUF's sha256."""
     model, tok = load_model(lay.checkpoint)
     name = f"barkgpt-{lay.pipeline}"
     out = {"f32": str(write_gguf(model, tok, lay.gguf("f32"), "f32", name=name))}
     if p.f16:
         out["f16"] = str(write_gguf(model, tok, lay.gguf("f16"), "f16", name=name))
+    else:  # the folder is one DVC output: it holds exactly what params ask for
+        lay.gguf("f16").unlink(missing_ok=True)
+    write_json(lay.export_report, {variant: file_record(Path(path)) for variant, path in out.items()})
     if p.hf:
         from barkgpt.export.hf import write_hf
 
         out["hf"] = str(write_hf(model, tok, lay.hf))
+    else:
+        shutil.rmtree(lay.hf, ignore_errors=True)
     return out
 
 
@@ -45,12 +52,14 @@ def quantize_files(lay: Layout, p: ExportParams) -> dict:
     llama.cpp's warnings (a line per tensor that falls back to another type) go into the report
     under each quantization's `llama_cpp_warnings`; the log gets one line."""
     src, report_path = lay.gguf("f32"), lay.quantization_report
+    verify_recorded(lay, src)  # quantize what the export wrote, not a file damaged since
     report, out, warned_all = {}, {}, []
+    for stale in lay.quantized_exports.glob("*.gguf"):  # only what params ask for: the folder is one output
+        stale.unlink()
     for q in p.quantizations:
         with llama_log.captured() as warned:
             dst = quantize(src, lay.gguf(q), q, threads=p.threads)
-        report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q),
-                     "llama_cpp_warnings": llama_log.summary(warned)}
+        report[q] = {**file_record(dst), **tensor_report(dst, q), "llama_cpp_warnings": llama_log.summary(warned)}
         out[q] = str(dst)
         warned_all += warned
     write_json(report_path, report)
@@ -134,10 +143,12 @@ def parity_report(lay: Layout, val_lines: list[str], p: ExportParams, seed: int 
     f32_size = files["f32"].stat().st_size
     base_quality = None
     warned: list[str] = []  # llama.cpp's warnings while opening the files: into the report, not the log
+    # judge the files the stages wrote (their recorded sha256), not copies damaged since
+    digests = {variant: verify_recorded(lay, path) for variant, path in files.items()}
     for variant, path in files.items():
         llm = P.open_llama(path, n_ctx, p.threads, warned)
         try:
-            entry = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+            entry = {"path": str(path), "bytes": path.stat().st_size, "sha256": digests[variant],
                      "size_ratio_vs_f32": path.stat().st_size / f32_size,
                      "tokenization": P.tokenization_parity(llm, tok, val_lines),
                      "logits": P.logits_parity(llm, model, logit_prompts),

@@ -29,11 +29,14 @@ def context_length(params: Params, name: str) -> int:
 
 def ollama_modelfile(params: Params, name: str, root: Path | str = ".") -> str:
     """A Modelfile for `ollama create barkgpt-<name> -f exports/<name>/Modelfile` (FROM is relative
-    to the Modelfile's folder, where the GGUF is)."""
+    to the Modelfile's folder, exports/<name>/; the GGUF is in quantized/ below it)."""
+    import os
+
+    lay = Layout(name, Path(root))
     gguf = deploy_gguf(params, name, root)
     cfg = getattr(params, name)
     lines = [f"# {name}: {gguf.name}, written by barkgpt (barkgpt/export/recipes.py)",
-             f"FROM ./{gguf.name}",
+             f"FROM ./{os.path.relpath(gguf, lay.exports)}",
              f"PARAMETER num_ctx {context_length(params, name)}"]
     if name == "bark":
         lines += [f'TEMPLATE """{BARK_TEMPLATE}"""',
