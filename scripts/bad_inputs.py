@@ -45,7 +45,7 @@ def trained_project(folder: Path) -> Path:
     root = folder / "trained"
     root.mkdir(parents=True)
     write_params(root, {})
-    for cmd in (["bark-data"], ["tokenize", "bark"], ["train", "bark", "--quiet"]):
+    for cmd in (["data", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"]):
         out = barkgpt(cmd, root)
         if out.returncode:
             raise SystemExit(f"could not prepare the project ({cmd}): {out.stderr[-2000:]}")
@@ -113,7 +113,7 @@ def cases(base: Path, folder: Path):
         root = mnt / "project"
         root.mkdir()
         write_params(root, {"bark": {"data": {"train_conversations": 20000}}})
-        return ["bark-data"], root
+        return ["data", "bark"], root
 
     yield "params.yaml: bark.model.n_embd: 100000000", params_case({"bark": {"model": {"n_embd": 100000000}}},
                                                                    ["train", "bark", "--quiet"])
@@ -154,9 +154,9 @@ def cases(base: Path, folder: Path):
     yield "parity bark before export", params_case({}, ["parity", "bark"])
     yield "serve --model missing.gguf", params_case({}, ["serve", "--model", "missing.gguf"])
     yield "serve --model data/bark/val.txt (not a model)", params_case({}, ["serve", "--model", "data/bark/val.txt"])
-    yield "webtext-ingest, source: missing.txt", empty_project(["webtext-ingest"], {"webtext": {"source": "missing.txt"}})
+    yield "ingest webtext, source: missing.txt", empty_project(["ingest", "webtext"], {"webtext": {"source": "missing.txt"}})
     yield "deploy bark before evaluation", params_case({}, ["deploy", "bark"])
-    yield "disk full (64 KiB tmpfs) during bark-data", disk_full
+    yield "disk full (64 KiB tmpfs) during data bark", disk_full
 
 
 def first_message(out: subprocess.CompletedProcess) -> str:

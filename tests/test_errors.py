@@ -78,7 +78,7 @@ def tiny_disk(tmp_path):
 
 def test_disk_full_says_so_and_where(tiny_disk):
     root = make_project(tiny_disk / "project", {"bark": {"data": {"train_conversations": 20000}}})
-    out = barkgpt(["bark-data"], root)
+    out = barkgpt(["data", "bark"], root)
     assert_clear(out, "disk full", "data/bark/train.txt", str(tiny_disk))
     assert not list((root / "data/bark").glob(".*.tmp"))  # no half-written temp file left behind
 

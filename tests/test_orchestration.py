@@ -226,7 +226,7 @@ def test_worse_model_registers_one_version_and_champion_stays_on_the_best(stack,
     before = get_json(alias_url)["model_version"]
     worse = load_params(project / "params.yaml", expand_dotted({**OVERRIDES, "bark.train.max_steps": 5,
                                                                 "bark.gates.min_contract_accuracy": 0.0}))
-    run_stage(worse, "bark", "train", project)
+    run_stage(worse, "bark", "train", project, progress=False)
     passing = run_stage(worse, "bark", "evaluate", project)  # passes a zero gate, yet is worse
     assert passing["gate_passed"] and passing["mlflow"]["version"] > int(before["version"])
     assert get_json(alias_url)["model_version"]["version"] == before["version"]

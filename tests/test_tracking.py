@@ -7,7 +7,7 @@ import os
 import pytest
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
 from tests.conftest import make_project
 
@@ -26,14 +26,14 @@ def tracked(tmp_path_factory):
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"bark-tokenize": {"outs": [
         {"path": "data/bark/tokens", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}))
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
-    stages.train(params, "bark", root, progress=False)
-    first = stages.evaluate(params, "bark", root)
-    again = stages.evaluate(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
+    run_stage(params, "bark", "train", root, progress=False)
+    first = run_stage(params, "bark", "evaluate", root)
+    again = run_stage(params, "bark", "evaluate", root)
     worse_params = load_params(root / "params.yaml", {"bark": {"train": {"max_steps": 8}}})
-    stages.train(worse_params, "bark", root, progress=False)
-    worse = stages.evaluate(worse_params, "bark", root)
+    run_stage(worse_params, "bark", "train", root, progress=False)
+    worse = run_stage(worse_params, "bark", "evaluate", root)
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     return {"root": root, "client": client, "first": first, "again": again, "worse": worse}
 
