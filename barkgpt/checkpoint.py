@@ -86,7 +86,10 @@ def load_checkpoint(path: Path) -> dict:
     """Return the checkpoint dict; BarkError if it is missing, truncated, tampered or foreign."""
     path = Path(path)
     if not path.is_file():
-        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train or dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train {Path(path).parent.name} or "
+                        f"{repro_command(Path(path).parent.name)})")
     verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -62,6 +62,27 @@ def summarize(stage: str, out: dict, lay) -> str:
     return json.dumps(out, indent=2, default=str)
 
 
+def cmd_report(args) -> None:
+    from barkgpt.report import log_report, write_report
+
+    params = _params(args)
+    path = write_report(params, args.pipeline)
+    run_id = log_report(params, args.pipeline, path=path)
+    print(f"wrote {path}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
+
+
+def cmd_modelfile(args) -> None:
+    import shlex
+
+    from barkgpt.export.recipes import llama_server_commands, write_modelfile
+
+    params = _params(args)
+    path = write_modelfile(params, args.pipeline)
+    print(f"wrote {path}: ollama create barkgpt-{args.pipeline} -f {path}")
+    for name, cmd in llama_server_commands(params, args.pipeline).items():
+        print(f"{name}: {shlex.join(cmd)}")
+
+
 def cmd_generate(args) -> None:
     from dataclasses import replace
 
@@ -171,11 +192,30 @@ def add_stage_commands(sub) -> None:
         p.set_defaults(fn=cmd_stage, stage=name)
 
 
+def version_text() -> str:
+    """`barkgpt 0.1.0 (torch 2.13.0, llama-cpp-python 0.3.36, python 3.11.2)`, read from package
+    metadata so that --version imports neither torch nor llama.cpp."""
+    from importlib import metadata
+
+    from barkgpt import __version__
+
+    engines = []
+    for dist in ("torch", "llama-cpp-python"):
+        try:
+            engines.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            engines.append(f"{dist} not installed")
+    engines.append(f"python {sys.version.split()[0]}")
+    return f"barkgpt {__version__} ({', '.join(engines)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from barkgpt.pipelines import REGISTRY
 
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of barkgpt and the engines it runs on, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_stage_commands(sub)
@@ -217,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pipeline", nargs="?", default="bark", choices=list(REGISTRY), help="default: bark")
     p.set_defaults(fn=cmd_deploy)
 
+    p = sub.add_parser("report", help="write reports/<pipeline>/report.md (hardware, data, params, loss curve, "
+                                      "evaluation, parity, deploy, timings) and log it to the MLflow run")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline's run")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("modelfile", help="write exports/<pipeline>/Modelfile (Ollama) and print llama.cpp "
+                                         "server commands for the deploy GGUF")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline's exported model")
+    p.set_defaults(fn=cmd_modelfile)
+
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml files from the pipeline declarations (barkgpt/pipelines/)")
     p.add_argument("pipelines", nargs="*", choices=[[]] + [n for n in REGISTRY if not REGISTRY[n].default],
                    metavar="PIPELINE", help="also add these pipelines' stages (pipelines/<name>/dvc.yaml); "
@@ -237,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        import errno
+
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full: {err.strerror} writing {err.filename or 'a file'}; free space on that "
+              "filesystem (e.g. old exports/, mlruns/, .dvc/cache: dvc gc) and run the stage again", file=sys.stderr)
+        return 2
     return 0
 
 

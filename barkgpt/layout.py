@@ -193,6 +193,12 @@ class Layout:
         return self.report("deploy")
 
 
+def repro_command(pipeline: str) -> str:
+    """The DVC command that runs a pipeline's stages: bark's are in the root dvc.yaml (what a plain
+    `dvc repro` runs), every other pipeline's in pipelines/<name>/dvc.yaml."""
+    return "dvc repro" if pipeline in ("bark", "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"
+
+
 def layout(pipeline: str, root: str | Path = ".") -> Layout:
     return Layout(pipeline, Path(root))
 

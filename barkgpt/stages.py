@@ -90,6 +90,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
 
     from barkgpt import distributed, runs, tracking
     from barkgpt.device import resolve_device
+    from barkgpt.memory import check_training_fits
     from barkgpt.tokenizer import load_tokenizer
     from barkgpt.train import train as train_loop
 
@@ -98,6 +99,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
     dist = distributed.from_env()
     device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
     tok = load_tokenizer(lay.tokenizer)
+    check_training_fits(pipe.name, cfg.model, cfg.train, tok.vocab_size)  # before any allocation
     train_ids, _ = load_split(lay, "train", tok)  # bad shards stop here, once, before any process starts
     val_ids, _ = load_split(lay, "val", tok)
     if nproc > 1 and not distributed.under_torchrun():

@@ -68,6 +68,35 @@ def test_quantizations_and_tensor_types(exported):
     assert "multiple of the 256-value" in quant_report["q4_k_m"]["tensors"][fb[0]["tensor"]]["note"]
 
 
+def test_quantize_collects_llama_cpp_warnings_into_the_report(exported, tmp_path):
+    """llama.cpp's ~35 warning lines (a fallback per tensor of Q4_K_M) go into quantization.json;
+    the command prints one summary line and no llama.cpp line reaches the terminal."""
+    root = tmp_path / "project"
+    shutil.copytree(exported[0], root)
+    out = subprocess.run([sys.executable, "-m", "barkgpt", "quantize", "bark"], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = out.stdout + out.stderr
+    summary = [line for line in log.splitlines() if "llama.cpp warning" in line]
+    rest = "\n".join(line for line in log.splitlines() if line not in summary)
+    assert "falling back" not in rest and "llama_model_quantize_impl" not in rest and "warning" not in rest, log
+    assert len(summary) == 1 and "reports/bark/quantization.json" in summary[0], log
+    report = json.loads((root / "reports/bark/quantization.json").read_text())
+    warned = {q: sum(k["count"] for k in report[q]["llama_cpp_warnings"]) for q in report}
+    fallbacks = report["q4_k_m"]["llama_cpp_warnings"][0]
+    fell_back = {f["tensor"] for f in report["q4_k_m"]["fallbacks"]}
+    assert all("falling back to" in line and line.split()[1] in fell_back for line in fallbacks["lines"])
+    assert warned["q8_0"] == 0 and warned["q4_k_m"] >= 14
+    assert f"{sum(warned.values())} llama.cpp warnings" in summary[0]
+
+
+def test_parity_collects_context_warnings(exported):
+    _, report = exported
+    kinds = {k["kind"]: k["count"] for k in report["llama_cpp_warnings"]}
+    # llama.cpp pads the context to 256 tokens and warns once per file opened (5 files)
+    assert kinds.get("llama_context: n_ctx_seq (N) > n_ctx_train (N) -- possible training context overflow") == 5
+
+
 def test_llama_tokenizer_matches_word_tokenizer(exported):
     from barkgpt.checkpoint import load_model
     from barkgpt.export.parity import close_llama, llama_detokenize, llama_tokenize, open_llama

@@ -127,7 +127,10 @@ def preflight(path: str | Path) -> GGUFInfo:
     foreign file is a BarkError naming the problem, never undefined behaviour inside llama.cpp."""
     path = Path(path)
     if not path.is_file():
-        raise BarkError(f"{path}: GGUF file not found; run the export stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: GGUF file not found; run the export stage first "
+                        f"({repro_command(Path(path).parent.name)})")
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)
