@@ -128,6 +128,11 @@ class Layout:
         return self.report("metrics")
 
     @property
+    def metrics_summary(self) -> Path:
+        """The few numbers of metrics.json that `dvc metrics show` prints (metrics.json has more)."""
+        return self.reports / "metrics_summary.json"
+
+    @property
     def samples(self) -> Path:
         return self.report("samples")
 
@@ -138,6 +143,11 @@ class Layout:
     @property
     def parity_report(self) -> Path:
         return self.report("parity")
+
+    @property
+    def parity_summary(self) -> Path:
+        """The verdict and a number per file, for `dvc metrics show` (parity.json has the details)."""
+        return self.reports / "parity_summary.json"
 
     @property
     def deploy_report(self) -> Path:

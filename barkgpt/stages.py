@@ -14,8 +14,8 @@ from barkgpt.checkpoint import load_model
 from barkgpt.data.bark import write_bark_data
 from barkgpt.data.shards import load_shard, write_shard
 from barkgpt.errors import BarkError
-from barkgpt.evaluate import evaluate_bark
 from barkgpt.fileio import read_json, sha256_file, write_json
+from barkgpt.gates import judge, judged_files
 from barkgpt.layout import Layout
 from barkgpt.params import PIPELINES, Params
 from barkgpt.tokenizer import WordTokenizer, load_tokenizer, save_tokenizer, tokenizer_hash
@@ -82,7 +82,7 @@ def train(params: Params, name: str, root: Path | str = ".", resume: bool = Fals
     tok = load_tokenizer(paths.tokenizer)
     train_ids, _ = load_shard(paths.shard("train"))
     val_ids, _ = load_shard(paths.shard("val"))
-    token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
+    token_bytes = np.array(tok.token_bytes())
     run = tracking.start_training_run(params, name, paths, tags, resume)  # before training: fail fast
     log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
     try:
@@ -108,13 +108,13 @@ def _both(*fns):
 
 def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | None = None) -> dict:
     """Evaluate the trained model, log the metrics to its MLflow run and register it (champion
-    alias only when the pipeline's gates pass)."""
+    alias only when the pipeline's gate passes)."""
     paths = paths_for(name, root)
     if not paths.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
         load_model(paths.checkpoint)
     run = tracking.reopen_run(params, name, paths, tags)
     try:
-        metrics = evaluate_bark_stage(params, root) if name == "bark" else evaluate_text(params, name, root)
+        metrics = evaluate_model(params, name, root)
     except BaseException:
         if run:
             run.fail()
@@ -123,17 +123,38 @@ def evaluate(params: Params, name: str, root: Path | str = ".", tags: dict | Non
     return {**metrics, "mlflow": registry}
 
 
-def evaluate_bark_stage(params: Params, root: Path | str = ".") -> dict:
-    """Validation loss, perplexity, prompt-contract accuracy and the OOD probe, plus samples."""
-    paths = paths_for("bark", root)
-    cfg = params.bark
-    model, tok = load_model(paths.checkpoint)
-    val_ids, _ = load_shard(paths.shard("val"))
-    metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(paths.val_text), cfg.eval, cfg.train.dtype)
-    metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
-    write_json(paths.metrics, metrics)
+def evaluate_model(params: Params, name: str, root: Path | str = ".") -> dict:
+    """The checkpoint through barkgpt.evaluate, judged by the pipeline's gate -> reports/<name>/metrics.json
+    (with the sha256 of every file it judged), samples.json and a small summary for `dvc metrics show`."""
+    from barkgpt.evaluate import evaluate_bark, evaluate_text
+    from barkgpt.lm.torch_lm import TorchLM
+
+    paths = paths_for(name, root)
+    cfg = pipeline_params(params, name)
+    lm = TorchLM.load(paths.checkpoint, cfg.train.threads)
+    val_ids, manifest = load_shard(paths.shard("val"))
+    if manifest.get("tokenizer_hash") != tokenizer_hash(lm.tokenizer):
+        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
+                        "re-run the tokenize and train stages (dvc repro)")
+    token_bytes = lm.tokenizer.token_bytes()
+    if name == "bark":
+        metrics, samples = evaluate_bark(lm, val_ids, read_lines(paths.val_text), token_bytes, cfg.eval, cfg.gates)
+    else:
+        metrics, samples = evaluate_text(lm, val_ids, token_bytes, cfg.eval)
+    report = {"pipeline": name, "stage": "evaluate", **metrics}
+    verdict = judge(report, params)
+    report |= {"gate_passed": verdict.passed, "gate": verdict.as_dict(),
+               "judged": judged_files(root, {"checkpoint": paths.checkpoint, "tokenizer": paths.tokenizer,
+                                             "val_text": paths.val_text, "val_shard": paths.shard("val")})}
+    if "contract_failures" in report:
+        from barkgpt.gates import contract_test
+
+        report["gate"]["test"] = contract_test(cfg.gates).__dict__
+    write_json(paths.metrics, report)
     write_json(paths.samples, samples)
-    return metrics
+    write_json(paths.metrics_summary, {k: report[k] for k in ("val_bpb", "contract_accuracy", "gate_passed")
+                                       if k in report})
+    return report
 
 
 # --- export (barkgpt/export/) -------------------------------------------------------------------
@@ -155,21 +176,20 @@ def quantize(params: Params, name: str, root: Path | str = ".") -> dict:
 
 
 def parity(params: Params, name: str, root: Path | str = ".") -> dict:
-    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<name>/parity.json.
-
-    Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
-    """
-    from barkgpt.export.pipeline import parity_report
+    """The evaluation on every exported file through llama.cpp, diffed with PyTorch, judged ->
+    reports/<name>/parity.json (+ parity_summary.json). Raises GateError (a BarkError) when F32
+    parity or the deploy quantization fails."""
+    from barkgpt.export.parity import parity_report
 
     paths = paths_for(name, root)
     stale = paths.parity_report.stat().st_mtime_ns if paths.parity_report.exists() else None
     try:
-        report = parity_report(paths, read_lines(paths.val_text), params.export, seed=params.seed)
+        report = parity_report(paths, params, read_lines(paths.val_text))
     finally:  # the report is worth keeping with the run, also (above all) when the gate failed
         if paths.parity_report.exists() and paths.parity_report.stat().st_mtime_ns != stale:
             tracking.log_export(params, name, paths, sorted(paths.exports.glob("*.gguf")),
                                 read_json(paths.parity_report))
-    return {"report": str(paths.parity_report), "gate": report["gate"],
+    return {"report": str(paths.parity_report), "gate": {k: v for k, v in report["gate"].items() if k != "checks"},
             "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
             "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}
                               for q, e in report["quantizations"].items()}}
@@ -240,26 +260,6 @@ def tokenize_text(params: Params, name: str, root: Path | str = ".") -> dict:
             "bytes_per_token": text_bytes / max(len(ids), 1),
         })
     return out
-
-
-def evaluate_text(params: Params, name: str, root: Path | str = ".") -> dict:
-    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
-    from barkgpt.loss_eval import evaluate_lm
-
-    paths = paths_for(name, root)
-    cfg = pipeline_params(params, name)
-    model, tok = load_model(paths.checkpoint)
-    val_ids, manifest = load_shard(paths.shard("val"))
-    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
-        raise BarkError(f"{paths.shard('val')}: was encoded with another tokenizer than {paths.checkpoint}; "
-                        "re-run the tokenize and train stages (dvc repro)")
-    # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
-    metrics["val_text_bytes"] = manifest.get("text_bytes")
-    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
-    write_json(paths.metrics, metrics)
-    write_json(paths.samples, samples)
-    return metrics
 
 
 # --- deploy (barkgpt/deploy/) -------------------------------------------------------------------

@@ -287,6 +287,10 @@ def log_and_register(run: TrainingRun, gate_passed: bool) -> dict:
                           "top_p": eval_cfg.top_p, "max_new_tokens": eval_cfg.max_new_tokens, "sample_seed": 0},
             pip_requirements=["barkgpt", "torch==2.13.0", "numpy", "pydantic", "pyyaml"],
         )
+    if gate_passed:  # the champion must be the model the gate judged, byte for byte
+        from barkgpt.gates import verify_judged
+
+        verify_judged(p.metrics, {"checkpoint": p.checkpoint, "tokenizer": p.tokenizer})
     version = mlflow.register_model(info.model_uri, name, tags={"gate_passed": str(gate_passed).lower()})
     if gate_passed:
         run.client.set_registered_model_alias(name, cfg.champion_alias, version.version)

@@ -59,14 +59,3 @@ def random_windows(ids: np.ndarray, batch: int, block: int, gen: torch.Generator
     chunk = torch.from_numpy(rows)
     return chunk[:, :-1], chunk[:, 1:]
 
-
-def sequential_windows(ids: np.ndarray, batch: int, block: int, max_batches: int | None = None):
-    """Non-overlapping windows covering the stream in order: exact evaluation over a split."""
-    n = (len(ids) - 1) // block
-    if n == 0:
-        raise BarkError(f"only {len(ids)} tokens, fewer than one context window ({block} + 1)")
-    total = n if max_batches is None else min(n, max_batches * batch)
-    for i in range(0, total, batch):
-        rows = [ids[j * block : j * block + block + 1] for j in range(i, min(i + batch, total))]
-        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
-        yield chunk[:, :-1], chunk[:, 1:]

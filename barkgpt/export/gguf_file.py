@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path
@@ -24,7 +23,7 @@ from barkgpt.fileio import atomic_path
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
-def gguf_tensors(model) -> dict[str, torch.Tensor]:
+def gguf_tensors(model) -> dict:
     """llama.cpp tensor names -> weights (PyTorch (out, in) layout; gguf reverses to ggml's ne)."""
     cfg = model.cfg
     hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads

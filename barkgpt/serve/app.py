@@ -143,7 +143,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.backend = load_backend(serve, settings.root)  # once per process
         app.state.worker = ModelWorker(serve.queue_size)
         app.state.worker.start()
-        log.info("serving %s (%s, %s backend)", app.state.backend.model_id, app.state.backend.kind, serve.backend)
+        log.info("serving %s (%s model, %s)", app.state.backend.model_id, app.state.backend.kind,
+                 app.state.backend.lm.backend)
         yield
         app.state.worker.stop()
 
@@ -295,8 +296,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/models", dependencies=[Depends(require_key)])
     async def models(request: Request):
         backend = backend_for(request, None)
+        # OpenAI's fields, then what the model is and what it hears (the chat page shows them)
         return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": 0,
-                                             "owned_by": "barkgpt", "context_length": backend.n_ctx}]}
+                                             "owned_by": "barkgpt", **backend.info()}]}
 
     @app.post("/v1/completions", dependencies=[Depends(require_key)])
     async def completions(body: CompletionRequest, request: Request):
