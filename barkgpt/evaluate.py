@@ -28,6 +28,22 @@ def sampling(p) -> Sampling:
                     seed=p.seed)
 
 
+def open_for_evaluation(lay, threads: int | None = None):
+    """(the checkpoint as a TorchLM, the validation shard, byte lengths per id), checked to belong together."""
+    from barkgpt.data.shards import load_shard
+    from barkgpt.errors import BarkError
+    from barkgpt.lm.torch_lm import TorchLM
+    from barkgpt.tokenizer import tokenizer_hash
+
+    lm = TorchLM.load(lay.checkpoint, threads)
+    val_ids, manifest = load_shard(lay.shard("val"))
+    if manifest.get("tokenizer_hash") != tokenizer_hash(lm.tokenizer):
+        raise BarkError(f"{lay.shard('val')}: was encoded with another tokenizer than {lay.checkpoint}; "
+                        f"re-run the tokenize and train stages (barkgpt tokenize {lay.pipeline}, barkgpt train "
+                        f"{lay.pipeline})")
+    return lm, val_ids, lm.tokenizer.token_bytes()
+
+
 def validation_loss(lm: LM, val_ids: np.ndarray, token_bytes, batch: int, max_batches: int | None) -> dict:
     """val_loss, val_bpb, perplexity: the windows training's validation uses (barkgpt.loss_eval)."""
     out = evaluate_bpb(lm, eval_windows(val_ids, lm.n_ctx, batch, lm.tokenizer.eos_id, max_batches), token_bytes)

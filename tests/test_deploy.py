@@ -23,6 +23,7 @@ from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MO
 from barkgpt.deploy.release import (ChecksumMismatch, TransferSettings, build_manifest, ensure_bucket,
                                     upload_release, verify_object)
 from barkgpt.errors import BarkError
+from barkgpt.layout import Layout
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -441,9 +442,9 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
     test_export and test_gates cover how parity measures and judges."""
     from barkgpt.gates import judged_files
 
-    exports = root / "exports" / "bark"
-    exports.mkdir(parents=True, exist_ok=True)
-    shutil.copy(gguf, exports / "bark-q8_0.gguf")
+    dest = Layout("bark", root).gguf("q8_0")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gguf, dest)
     tok = {"agreement": 1.0, "detokenize_round_trip": 1.0, "lines": 400}
     f32 = {"tokenization": tok, "logits": {"max_abs_diff": 1e-5}, "greedy": {"identical": 8, "prompts": 8}}
     failures = 0 if status == "accepted" else 200
@@ -453,7 +454,7 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
         "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1 - failures / 1000,
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
         "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},
-        "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": exports / "bark-q8_0.gguf"})}))
+        "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest})}))
 
 
 def _no_aws_env(tmp_path: Path) -> dict:
@@ -473,7 +474,7 @@ def test_cli_deploy_gguf_to_local_aws_api(bark_copy, bark_gguf, tmp_path):
     assert fn["url"].startswith("https://") and fn["url_auth_type"] == "AWS_IAM"
     prefix = rel["manifest_uri"].split("/", 3)[3].rsplit("/", 1)[0]
     assert rel["objects"] == sorted([f"{prefix}/bark-q8_0.gguf", f"{prefix}/tokenizer.json", f"{prefix}/manifest.json"])
-    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/bark-q8_0.gguf").read_bytes()).hexdigest()
+    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/quantized/bark-q8_0.gguf").read_bytes()).hexdigest()
     assert report["provenance"]["parity"]["deploy_quantization"]["q8_0"]["status"] == "accepted"
     assert "tensor_types" not in report["provenance"]["parity"]["deploy_quantization"]["q8_0"]
     smoke = report["smoke"]

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from barkgpt import stages
 from barkgpt.deploy.deployer import deploy_pipeline
 from barkgpt.errors import BarkError
 from barkgpt.gates import binomial_cdf, contract_test, judge, max_failures, verify_judged
 from barkgpt.params import load_params
+from barkgpt.pipelines import run_stage
 from test_deploy import moto_endpoint, names, target  # noqa: F401  (fixtures: a moto server on loopback)
 
 
@@ -59,16 +59,16 @@ def test_retrained_model_cannot_ship_on_stale_reports(target, bark_copy, names):
     parity: deploy refuses, naming both stale reports, and uploads nothing. Evaluated, it fails the gate."""
     root = bark_copy
     params = load_params(root / "params.yaml", {"deploy": names, "export": {"f16": False, "hf": False}})
-    stages.export(params, "bark", root)
-    stages.quantize(params, "bark", root)
-    stages.parity(params, "bark", root)
+    run_stage(params, "bark", "export", root)
+    run_stage(params, "bark", "quantize", root)
+    run_stage(params, "bark", "parity", root)
     verify_judged(root / "reports/bark/parity.json", {"checkpoint": root / "models/bark/best.pt"})
 
     worse = load_params(root / "params.yaml", {"deploy": names, "export": {"f16": False, "hf": False},
                                                "bark": {"train": {"max_steps": 25}}, "tracking": {"enabled": False}})
-    stages.train(worse, "bark", root, progress=False)
-    stages.export(worse, "bark", root)
-    stages.quantize(worse, "bark", root)
+    run_stage(worse, "bark", "train", root, progress=False)
+    run_stage(worse, "bark", "export", root)
+    run_stage(worse, "bark", "quantize", root)
     with pytest.raises(BarkError) as refused:
         deploy_pipeline(worse, "bark", root, target=target, log=lambda *_: None)
     message = str(refused.value)
@@ -77,7 +77,7 @@ def test_retrained_model_cannot_ship_on_stale_reports(target, bark_copy, names):
     assert "best.pt changed since it was judged" in message and "bark-q8_0.gguf changed" in message
     assert names["bucket"] not in [b["Name"] for b in target.client("s3").list_buckets()["Buckets"]]
 
-    metrics = stages.evaluate(worse, "bark", root)  # the worse model, judged: it fails the contract test
+    metrics = run_stage(worse, "bark", "evaluate", root)  # the worse model, judged: it fails the contract test
     assert metrics["contract_failures"] > 13 and metrics["gate_passed"] is False, metrics
     with pytest.raises(BarkError, match="evaluation gate did not pass"):
         deploy_pipeline(worse, "bark", root, target=target, log=lambda *_: None)

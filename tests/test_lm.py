@@ -110,8 +110,8 @@ def test_bf16_training_validation_bpb_equals_the_evaluate_stage(tmp_path):
     bpb logged for best.pt and the evaluated bpb of best.pt agree to 1e-6."""
     import csv
 
-    from barkgpt import stages
     from barkgpt.params import load_params
+    from barkgpt.pipelines import run_stage
     from conftest import make_project
 
     root = make_project(tmp_path, {"tracking": {"enabled": False}, "bark": {
@@ -119,10 +119,10 @@ def test_bf16_training_validation_bpb_equals_the_evaluate_stage(tmp_path):
         "train": {"max_steps": 30, "eval_every": 10, "log_every": 10, "dtype": "bfloat16", "threads": 1},
         "gates": {"contract_samples": 100}}})
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
-    stages.train(params, "bark", root, progress=False)
-    metrics = stages.evaluate(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
+    run_stage(params, "bark", "train", root, progress=False)
+    metrics = run_stage(params, "bark", "evaluate", root)
     rows = [r for r in csv.DictReader((root / "reports/bark/train_log.csv").open()) if r["val_loss"]]
     best = min(rows, key=lambda r: float(r["val_loss"]))
     assert len(rows) == 3 and abs(float(best["val_bpb"]) - metrics["val_bpb"]) < 1e-6, (rows, metrics["val_bpb"])

@@ -52,9 +52,9 @@ def greedy_parity(a: LM, b: LM, prompts: list[list[int]], max_new: int) -> dict:
             "examples": examples[:8]}
 
 
-def parity_prompts(tok, val_lines: list[str], n_ctx: int) -> tuple[list[list[int]], list[list[int]]]:
+def parity_prompts(tok, val_lines: list[str], n_ctx: int, prompt_format: str) -> tuple[list[list[int]], list[list[int]]]:
     """(logit prompts, greedy prompts): fixed, derived from the validation text."""
-    if tok.kind == "word":
+    if prompt_format == "bark":
         greedy = [CONTRACT_PROMPT, "User: woof Assistant:", "Assistant:"] + multi_turn_prompts(val_lines, 5)
         greedy_ids = [tok.encode(g) for g in greedy]
     else:
@@ -63,7 +63,7 @@ def parity_prompts(tok, val_lines: list[str], n_ctx: int) -> tuple[list[list[int
     return logit_ids, [g for g in greedy_ids if 0 < len(g) < n_ctx]
 
 
-def parity_report(lay: Layout, params, val_lines: list[str]) -> dict:
+def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
     """Compare every exported file with PyTorch; judge; write parity.json and its summary.
 
     Raises GateError (after writing the report) when F32 parity fails or the deploy quantization
@@ -76,7 +76,7 @@ def parity_report(lay: Layout, params, val_lines: list[str]) -> dict:
     from barkgpt.lm.torch_lm import TorchLM
 
     p, name = params.export, lay.pipeline
-    section = getattr(params, name)
+    section = pipe.params(params)
     files = {"f32": lay.gguf("f32"), **({"f16": lay.gguf("f16")} if p.f16 else {}),
              **{q: lay.gguf(q) for q in p.quantizations}}
     missing = [str(f) for f in files.values() if not f.exists()]
@@ -86,7 +86,7 @@ def parity_report(lay: Layout, params, val_lines: list[str]) -> dict:
     tok = ref.tokenizer
     val_ids, _ = load_shard(lay.shard("val"))
     token_bytes = tok.token_bytes()
-    if tok.kind == "word":
+    if pipe.metric == "contract_accuracy":  # the contract test, as the evaluate stage runs it
         metric = "contract"
 
         def quality(lm: LM) -> dict:
@@ -96,7 +96,7 @@ def parity_report(lay: Layout, params, val_lines: list[str]) -> dict:
 
         def quality(lm: LM) -> dict:
             return validation_loss(lm, val_ids[: p.bpb_tokens], token_bytes, 16, None)
-    logit_prompts, greedy_prompts = parity_prompts(tok, val_lines, ref.n_ctx)
+    logit_prompts, greedy_prompts = parity_prompts(tok, val_lines, ref.n_ctx, pipe.prompt_format)
     report: dict = {"pipeline": name, "stage": "parity", "metric": metric, "llama_cpp_python": llama_cpp.__version__,
                     "tokenizer": tok.kind, "reference": {"backend": ref.backend, **quality(ref)}, "files": {}}
     f32_size = files["f32"].stat().st_size
