@@ -49,6 +49,24 @@ def test_parity_report_f32(exported):
     assert report["files"]["f16"]["logits"]["max_abs_diff"] < 0.05  # half precision: close, not exact
 
 
+def test_parity_is_one_evaluation_on_both_backends_bound_to_the_files_it_judged(exported):
+    from barkgpt.fileio import sha256_file
+    from barkgpt.gates import verify_judged
+
+    root, report = exported
+    ref, q8 = report["reference"], report["files"]["q8_0"]["quality"]
+    assert ref["backend"] == "torch" and ref["contract_samples"] == q8["contract_samples"] == 1000
+    assert q8["contract_failures"] <= 13 and report["quantizations"]["q8_0"]["pytorch_value"] == ref["contract_accuracy"]
+    files = {"checkpoint": root / "models/bark/best.pt", "tokenizer": root / "data/bark/tokenizer.json",
+             "f32": root / "exports/bark/full/bark-f32.gguf", "q8_0": root / "exports/bark/quantized/bark-q8_0.gguf"}
+    assert {role: report["judged"][role]["sha256"] for role in files} == {r: sha256_file(f) for r, f in files.items()}
+    verify_judged(root / "reports/bark/parity.json", files)
+    quant = json.loads((root / "reports/bark/quantization.json").read_text())["judged"]
+    assert quant["f32"]["sha256"] == sha256_file(files["f32"]) and quant["q8_0"]["sha256"] == sha256_file(files["q8_0"])
+    summary = json.loads((root / "reports/bark/parity_summary.json").read_text())  # what `dvc metrics show` reads
+    assert summary == {"gate_passed": True, **{q: e["value"] for q, e in report["quantizations"].items()}}
+
+
 def test_quantizations_and_tensor_types(exported):
     root, report = exported
     q = report["quantizations"]
