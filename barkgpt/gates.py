@@ -193,22 +193,15 @@ def judged_files(root: Path, files: dict[str, Path]) -> dict:
     return out
 
 
-def read_report(path: Path) -> dict:
-    path = Path(path)
-    stage = STAGE_OF_REPORT.get(path.stem, path.stem)
-    if not path.exists():
-        raise BarkError(f"{path}: not found; run the {stage} stage first (dvc repro)")
-    return read_json(path)
-
-
-def verify_judged(report_path: Path, files: dict[str, Path]) -> None:
-    """BarkError unless the report judged exactly these files (same sha256), naming the stale
+def verify_judged(report_path: Path, files: dict[str, Path]) -> dict:
+    """The report, if it judged exactly these files (same sha256); else BarkError naming the stale
     report and the stage that re-judges them."""
     report_path = Path(report_path)
-    report = read_report(report_path)
-    judged = report.get("judged") or {}
-    stage = report.get("stage") or STAGE_OF_REPORT.get(report_path.stem, report_path.stem)
-    stale = []
+    stage = STAGE_OF_REPORT.get(report_path.stem, report_path.stem)
+    if not report_path.exists():
+        raise BarkError(f"{report_path}: not found; run the {stage} stage first (dvc repro)")
+    report = read_json(report_path)
+    judged, stale = report.get("judged") or {}, []
     for role, path in files.items():
         entry = judged.get(role)
         if entry is None:
@@ -219,9 +212,9 @@ def verify_judged(report_path: Path, files: dict[str, Path]) -> None:
             stale.append(f"the {role} {path} changed since it was judged (sha256 {now[:12]}..., judged "
                          f"{str(entry.get('sha256'))[:12]}...)")
     if stale:
-        pipeline = report.get("pipeline", "<pipeline>")
-        raise BarkError(f"{report_path} is stale: {'; '.join(stale)}. Re-run the {stage} stage "
-                        f"(barkgpt {stage} {pipeline}, or dvc repro) before releasing this model")
+        raise BarkError(f"{report_path} is stale: {'; '.join(stale)}. Re-run the {stage} stage (barkgpt {stage} "
+                        f"{report.get('pipeline', '<pipeline>')}, or dvc repro) before releasing this model")
+    return report
 
 
 def check_release(params, name: str, root: Path, artifact: str) -> dict:
@@ -238,8 +231,7 @@ def check_release(params, name: str, root: Path, artifact: str) -> dict:
         reports.append((lay.parity_report, {"checkpoint": lay.checkpoint, quant: lay.gguf(quant)}))
     for path, files in reports:
         try:
-            verify_judged(path, files)
-            report = read_json(path)
+            report = verify_judged(path, files)
             verdict = judge(report, params)
         except BarkError as err:
             problems.append(str(err))

@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from barkgpt.errors import BarkError
+from barkgpt.tokenizer import Tokenizer  # the interface; LlamaLM's tokenizer has it too
 
 StopFn = Callable[[], bool]
 
@@ -58,15 +59,6 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
-
-
-class Tokenizer(Protocol):
-    kind: str
-    vocab_size: int
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: list[int]) -> str: ...
 
 
 class LM(Protocol):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from barkgpt.errors import BarkError
 from barkgpt.lm import Sampling, StopFn, model_name, new_tokens_budget
 
 SPACE = "\u2581"  # how a word vocabulary (llama.cpp's UGM/"t5" tokenizer) writes the space before a word
@@ -90,9 +91,12 @@ class LlamaLM:
         cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if (
             info.file_size < SMALL_FILE) else {}
         batch = self.n_ctx if all_logits else min(512, self.n_ctx)
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=batch, n_ubatch=batch,
-                                   logits_all=all_logits, n_threads=threads, n_threads_batch=threads,
-                                   chat_format=chat_format, verbose=False, **cache)
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=batch, n_ubatch=batch,
+                                       logits_all=all_logits, n_threads=threads, n_threads_batch=threads,
+                                       chat_format=chat_format, verbose=False, **cache)
+        except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
+            raise BarkError(f"{path}: llama.cpp could not load it ({err}); re-export it or pass another GGUF") from None
         self._lib, self.all_logits = llama_cpp, all_logits
         self.tokenizer = LlamaTokenizer(self.llm, meta)
         self.vocab_size = self.tokenizer.vocab_size

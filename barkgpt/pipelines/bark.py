@@ -49,7 +49,7 @@ PIPELINE = Pipeline(
               outs=lambda lay: [lay.train_text, lay.val_text]),
         common.validate_stage(params=("bark.data", "bark.validation", "bark.model.block_size")),
         common.tokenize_stage(writes_tokenizer=True),
-        *common.model_stages(),
+        *common.model_stages(parity_params=("bark.eval", "bark.gates")),  # parity runs the contract test
     ),
     metric="contract_accuracy",
     higher_is_better=True,

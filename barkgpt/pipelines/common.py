@@ -80,15 +80,17 @@ def quantize_stage() -> Stage:
         reports=lambda lay: [lay.quantization_report])
 
 
-def parity_stage() -> Stage:
+def parity_stage(params: tuple[str, ...] = ()) -> Stage:
+    """`params`: what the pipeline's quality measure reads besides export (bark: its eval and gates)."""
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
         code=("barkgpt/export/parity.py", *EVALUATION_CODE),
         deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens, lay.full_exports, lay.quantized_exports],
-        params=("seed", "export", "{p}.eval", "{p}.gates"),
+        params=("seed", "export", *params),
         metrics=lambda lay: [lay.parity_summary], reports=lambda lay: [lay.parity_report])
 
 
-def model_stages(train_after=lambda lay: []) -> tuple[Stage, ...]:
+def model_stages(train_after=lambda lay: [], parity_params: tuple[str, ...] = ()) -> tuple[Stage, ...]:
     """train -> evaluate -> export -> quantize -> parity: the same for every pipeline."""
-    return (train_stage(train_after), evaluate_stage(), export_stage(), quantize_stage(), parity_stage())
+    return (train_stage(train_after), evaluate_stage(), export_stage(), quantize_stage(),
+            parity_stage(parity_params))
