@@ -29,18 +29,15 @@ def sampling(p) -> Sampling:
 
 
 def open_for_evaluation(lay, threads: int | None = None):
-    """(the checkpoint as a TorchLM, the validation shard, byte lengths per id), checked to belong together."""
-    from barkgpt.data.shards import load_shard
-    from barkgpt.errors import BarkError
+    """(the checkpoint as a TorchLM, the validation tokens, byte lengths per id), the tokens checked
+    against the checkpoint's tokenizer."""
+    from barkgpt.data.shards import load_tokens
     from barkgpt.lm.torch_lm import TorchLM
-    from barkgpt.tokenizer import tokenizer_hash
 
     lm = TorchLM.load(lay.checkpoint, threads)
-    val_ids, manifest = load_shard(lay.shard("val"))
-    if manifest.get("tokenizer_hash") != tokenizer_hash(lm.tokenizer):
-        raise BarkError(f"{lay.shard('val')}: was encoded with another tokenizer than {lay.checkpoint}; "
-                        f"re-run the tokenize and train stages (barkgpt tokenize {lay.pipeline}, barkgpt train "
-                        f"{lay.pipeline})")
+    val_ids, _ = load_tokens(lay.token_manifest("val"), lm.tokenizer, f"the model {lay.checkpoint} and the shards "
+                             f"disagree: re-run the tokenize and train stages (barkgpt tokenize {lay.pipeline}; "
+                             f"barkgpt train {lay.pipeline})")
     return lm, val_ids, lm.tokenizer.token_bytes()
 
 

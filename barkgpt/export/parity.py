@@ -12,6 +12,8 @@ import numpy as np
 
 from barkgpt.errors import BarkError
 from barkgpt.evaluate import CONTRACT_PROMPT, contract_quality, multi_turn_prompts, validation_loss
+from barkgpt.export import llama_log
+from barkgpt.export.checksums import verify_recorded
 from barkgpt.fileio import write_json
 from barkgpt.gates import GateError, deploy_quantization, judge, judged_files
 from barkgpt.layout import Layout
@@ -71,9 +73,8 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
     """
     import llama_cpp
 
-    from barkgpt.data.shards import load_shard
+    from barkgpt.evaluate import open_for_evaluation
     from barkgpt.lm.llama_lm import LlamaLM
-    from barkgpt.lm.torch_lm import TorchLM
 
     p, name = params.export, lay.pipeline
     section = pipe.params(params)
@@ -82,10 +83,10 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
         raise BarkError(f"exported files are missing: {missing}; run the export and quantize stages first")
-    ref = TorchLM.load(lay.checkpoint, threads=max(1, min(2, p.threads)))
+    for path in files.values():  # judge the files the stages wrote (their recorded sha256), not copies damaged since
+        verify_recorded(lay, path)
+    ref, val_ids, token_bytes = open_for_evaluation(lay, threads=max(1, min(2, p.threads)))
     tok = ref.tokenizer
-    val_ids, _ = load_shard(lay.shard("val"))
-    token_bytes = tok.token_bytes()
     if pipe.metric == "contract_accuracy":  # the contract test, as the evaluate stage runs it
         metric = "contract"
 
@@ -100,8 +101,10 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
     report: dict = {"pipeline": name, "stage": "parity", "metric": metric, "llama_cpp_python": llama_cpp.__version__,
                     "tokenizer": tok.kind, "reference": {"backend": ref.backend, **quality(ref)}, "files": {}}
     f32_size = files["f32"].stat().st_size
+    warned: list[str] = []  # llama.cpp's warnings while opening the files: into the report, not the log
     for variant, path in files.items():
         lm = LlamaLM(path, n_ctx=ref.n_ctx, threads=p.threads, all_logits=True)
+        warned += lm.warnings
         try:
             report["files"][variant] = {
                 "path": str(path), "bytes": path.stat().st_size, "size_ratio_vs_f32": path.stat().st_size / f32_size,
@@ -125,8 +128,10 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
         "logits_tolerance": p.logits_tolerance,
         "greedy_identical": f"{f32['greedy']['identical']}/{f32['greedy']['prompts']}"}
     report["judged"] = judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
-                                               "val_text": lay.val_text, "val_shard": lay.shard("val"), **files})
+                                               "val_text": lay.val_text, "val_tokens": lay.token_manifest("val"), **files})
+    report["llama_cpp_warnings"] = llama_log.summary(warned)
     write_json(lay.parity_report, report)
+    print(llama_log.one_line(f"parity {name}", warned, str(lay.parity_report)), flush=True)
     # For `dvc metrics show`, which prints one table over every metrics file: the verdict shares the
     # evaluation summary's gate_passed column, and one value per quantization keeps a row < 120 columns.
     write_json(lay.parity_summary, {"gate_passed": verdict.passed,

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 from barkgpt.checkpoint import load_model
+from barkgpt.export import llama_log
+from barkgpt.export.checksums import file_record, verify_recorded
 from barkgpt.export.gguf_file import write_gguf
 from barkgpt.export.quantize import quantize, tensor_report
 from barkgpt.fileio import write_json
@@ -18,7 +20,7 @@ from barkgpt.params import ExportParams
 
 
 def export_files(lay: Layout, p: ExportParams) -> dict:
-    """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint."""
+    """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint; record each GGUF's sha256."""
     model, tok = load_model(lay.checkpoint)
     name = f"barkgpt-{lay.pipeline}"
     out = {"f32": str(write_gguf(model, tok, lay.gguf("f32"), "f32", name=name))}
@@ -26,6 +28,7 @@ def export_files(lay: Layout, p: ExportParams) -> dict:
         out["f16"] = str(write_gguf(model, tok, lay.gguf("f16"), "f16", name=name))
     else:  # the folder is one DVC output: it holds exactly what params ask for
         lay.gguf("f16").unlink(missing_ok=True)
+    write_json(lay.export_report, {variant: file_record(Path(path)) for variant, path in out.items()})
     if p.hf:
         from barkgpt.export.hf import write_hf
 
@@ -36,15 +39,23 @@ def export_files(lay: Layout, p: ExportParams) -> dict:
 
 
 def quantize_files(lay: Layout, p: ExportParams) -> dict:
-    """llama.cpp quantizations of the F32 file, and per-tensor types actually used."""
+    """llama.cpp quantizations of the F32 file, and per-tensor types actually used.
+
+    llama.cpp's warnings (a line per tensor that falls back to another type) go into the report
+    under each quantization's `llama_cpp_warnings`; the log gets one line."""
     src, report_path = lay.gguf("f32"), lay.quantization_report
-    report, out = {}, {}
+    verify_recorded(lay, src)  # quantize what the export wrote, not a file damaged since
+    report, out, warned_all = {}, {}, []
     for stale in lay.quantized_exports.glob("*.gguf"):  # only what params ask for: the folder is one output
         stale.unlink()
     for q in p.quantizations:
-        dst = quantize(src, lay.gguf(q), q, threads=p.threads)
-        report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q)}
+        with llama_log.captured() as warned:
+            dst = quantize(src, lay.gguf(q), q, threads=p.threads)
+        report[q] = {**file_record(dst), **tensor_report(dst, q), "llama_cpp_warnings": llama_log.summary(warned)}
         out[q] = str(dst)
-    report["judged"] = judged_files(lay.root, {"f32": src, **{q: Path(path) for q, path in out.items()}})
+        warned_all += warned
+    report["judged"] = judged_files(lay.root, {"f32": src})  # the file every quantization was made from
     write_json(report_path, report)
+    print(llama_log.one_line(f"quantize {lay.pipeline} ({', '.join(p.quantizations)})", warned_all, str(report_path)),
+          flush=True)
     return {**out, "report": str(report_path)}

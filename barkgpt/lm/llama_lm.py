@@ -30,19 +30,19 @@ class LlamaTokenizer:
     to an id the model never trained on.
     """
 
-    def __init__(self, llm, metadata: dict):
+    def __init__(self, llm):
         import llama_cpp
 
         self.llm, self._lib = llm, llama_cpp
         self.vocab_size, self.eos_id = llm.n_vocab(), llm.token_eos()
-        model = metadata.get("tokenizer.ggml.model")
-        pieces = metadata.get("tokenizer.ggml.tokens") or []
+        model = llm.metadata.get("tokenizer.ggml.model")
         self.vocab = None  # the words of a word vocabulary
-        if model == "t5" and pieces and all(p.startswith(SPACE) and len(p) > 1 for p in pieces):
-            self.kind, self.vocab = "word", [p[1:] for p in pieces]
-        else:
-            self.kind = "bpe" if model == "gpt2" else str(model or "unknown")
-        self.name = metadata.get("general.name", "")
+        if model == "t5" and self.vocab_size <= 4096:
+            pieces = [llm._model.token_get_text(i) for i in range(self.vocab_size)]
+            if all(p.startswith(SPACE) and len(p) > 1 for p in pieces):
+                self.vocab = [p[1:] for p in pieces]
+        self.kind = "word" if self.vocab else "bpe" if model == "gpt2" else str(model or "unknown")
+        self.name = llm.metadata.get("general.name", "")
 
     def encode(self, text: str) -> list[int]:
         if self.vocab is not None:
@@ -79,29 +79,35 @@ class LlamaLM:
         position's logits (for `logits` and `token_losses`; judging, not serving)."""
         import llama_cpp
 
+        from barkgpt.export import llama_log
         from barkgpt.export.gguf_file import preflight
 
         path = Path(path)
-        info = preflight(path)
-        meta = info.metadata
-        trained = int(meta.get(f"{meta.get('general.architecture')}.context_length", 2048))
-        self.n_ctx = n_ctx or min(trained, 4096)
-        # A tiny model's F32 KV cache costs nothing and keeps llama.cpp as exact as PyTorch's
-        # float32; big chat models keep llama.cpp's F16 default.
-        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if (
-            info.file_size < SMALL_FILE) else {}
-        batch = self.n_ctx if all_logits else min(512, self.n_ctx)
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=batch, n_ubatch=batch,
-                                       logits_all=all_logits, n_threads=threads, n_threads_batch=threads,
-                                       chat_format=chat_format, verbose=False, **cache)
-        except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
-            raise BarkError(f"{path}: llama.cpp could not load it ({err}); re-export it or pass another GGUF") from None
-        self._lib, self.all_logits = llama_cpp, all_logits
-        self.tokenizer = LlamaTokenizer(self.llm, meta)
+        size = preflight(path).file_size
+        # llama.cpp's warnings while loading go here (a report lists them), not to stderr
+        with llama_log.captured() as self.warnings:
+            try:
+                if not n_ctx:  # the trained context, read from the file's metadata
+                    probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+                    arch = probe.metadata.get("general.architecture")
+                    n_ctx = min(int(probe.metadata.get(f"{arch}.context_length", 2048)), 4096)
+                    probe.close()
+                # A tiny model's F32 KV cache costs nothing and keeps llama.cpp as exact as PyTorch's
+                # float32; big chat models keep llama.cpp's F16 default.
+                cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if (
+                    size < SMALL_FILE) else {}
+                batch = n_ctx if all_logits else min(512, n_ctx)
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch,
+                                           logits_all=all_logits, n_threads=threads, n_threads_batch=threads,
+                                           chat_format=chat_format, verbose=False, **cache)
+            except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
+                raise BarkError(f"{path}: llama.cpp could not load it ({err}); re-export it or pass another "
+                                "GGUF") from None
+        self.n_ctx, self._lib, self.all_logits = n_ctx, llama_cpp, all_logits
+        self.tokenizer = LlamaTokenizer(self.llm)
         self.vocab_size = self.tokenizer.vocab_size
         self.name = model_name(path)
-        self.has_chat_template = bool(chat_format or meta.get("tokenizer.chat_template"))
+        self.has_chat_template = bool(chat_format or self.llm.metadata.get("tokenizer.chat_template"))
 
     def close(self) -> None:
         self.llm.close()  # free now, not in __del__ at interpreter exit (where llama-cpp-python can fail)

@@ -64,18 +64,23 @@ class TorchLM:
     def is_end(self, token: int) -> bool:
         return token == self.tokenizer.eos_id
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> np.ndarray:
-        with _eval_mode(self.model):
-            return self.model(torch.tensor([list(ids)]))[0].float().numpy()
+        with _float32(self.model):
+            return self.model(torch.tensor([list(ids)], device=self.device))[0].float().cpu().numpy()
 
     @torch.inference_mode()
     def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        x, y = torch.as_tensor(np.asarray(inputs, np.int64)), torch.as_tensor(np.asarray(targets, np.int64))
-        with _eval_mode(self.model):  # also mid-training: no dropout, then back to training mode
+        x = torch.as_tensor(np.asarray(inputs, np.int64)).to(self.device)
+        y = torch.as_tensor(np.asarray(targets, np.int64)).to(self.device)
+        with _float32(self.model):  # also mid-training: no dropout, no autocast, then back as it was
             logits = self.model(x)
         losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        return losses.view(y.shape).double().numpy()
+        return losses.view(y.shape).double().cpu().numpy()
 
     @torch.inference_mode()
     def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None) -> Iterator[int]:
@@ -121,12 +126,18 @@ class TorchLM:
         return [row[: row.index(eos) + 1] if eos in row else row for row in out.tolist()]
 
 
-class _eval_mode:
+class _float32:
+    """Judge in float32: eval mode (no dropout) and full-precision matmuls (no TF32 on a GPU that
+    trains with it), restored afterwards."""
+
     def __init__(self, model: torch.nn.Module):
         self.model, self.was_training = model, model.training
+        self.precision = torch.get_float32_matmul_precision()
 
     def __enter__(self):
         self.model.eval()
+        torch.set_float32_matmul_precision("highest")
 
     def __exit__(self, *exc):
         self.model.train(self.was_training)
+        torch.set_float32_matmul_precision(self.precision)

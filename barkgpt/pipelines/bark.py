@@ -39,6 +39,12 @@ def _bark_suites(params, lay):
     return bark_suites(params, lay)
 
 
+def _token_suites(params, lay):
+    from barkgpt.validation import token_suites
+
+    return token_suites(params, lay)
+
+
 PIPELINE = Pipeline(
     name="bark",
     description="the bark model: synthetic conversations, a 9-word vocabulary, contract accuracy",
@@ -49,7 +55,9 @@ PIPELINE = Pipeline(
               outs=lambda lay: [lay.train_text, lay.val_text]),
         common.validate_stage(params=("bark.data", "bark.validation", "bark.model.block_size")),
         common.tokenize_stage(writes_tokenizer=True),
-        *common.model_stages(parity_params=("bark.eval", "bark.gates")),  # parity runs the contract test
+        common.validate_tokens_stage(),
+        *common.model_stages(train_after=lambda lay: [lay.token_validation_report],
+                             parity_params=("bark.eval", "bark.gates")),  # parity runs the contract test
     ),
     metric="contract_accuracy",
     higher_is_better=True,
@@ -59,5 +67,5 @@ PIPELINE = Pipeline(
     prompt_format="bark",
     tokens=word_tokenizer,
     default=True,
-    extra={"suites": _bark_suites, "eos_per_line": False},  # bark lines spell their own <EOS>
+    extra={"suites": _bark_suites, "token_suites": _token_suites, "eos_per_line": False},  # bark lines spell their own <EOS>
 )

@@ -197,5 +197,12 @@ def _load_backend(serve, root: Path) -> Backend:
     path = resolve_model(serve, root)
     if serve.backend == "torch" and path.suffix != ".pt":
         raise BarkError(f"{path}: the torch backend serves a .pt checkpoint; use --backend llama for a GGUF")
+    if path.suffix == ".gguf":
+        from barkgpt.export.checksums import verify_recorded
+        from barkgpt.layout import layout
+
+        # a pipeline's export must be the file its stage wrote (and pre-flighted); any other GGUF meets
+        # llama.cpp's own loader checks
+        verify_recorded(layout(serve.pipeline, root), path, required=False)
     lm = load_lm(path, threads=serve.threads, n_ctx=serve.n_ctx, chat_format=serve.chat_format)
     return Backend(lm, serve.model_id or lm.name)
