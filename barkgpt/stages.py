@@ -13,7 +13,7 @@ import numpy as np
 
 from barkgpt.data.shards import SHARD_TOKENS
 from barkgpt.errors import BarkError
-from barkgpt.fileio import read_json, sha256_file, write_json
+from barkgpt.fileio import read_json, write_json
 from barkgpt.layout import Layout
 from barkgpt.params import Params
 

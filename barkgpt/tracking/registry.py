@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from barkgpt.fileio import sha256_file
-from barkgpt.tracking.runs import dvc_data_md5, tokens_sha256
+from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
 # The pipeline's metric, then its tie-breakers: (metric in metrics.json, "max" or "min").
 # Bark's contract accuracy saturates at 1.0 for any good model, so validation loss breaks ties.
