@@ -34,7 +34,7 @@ from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
-        "docs/webtext.md"]
+        "docs/webtext.md", "docs/evaluation.md"]
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
 
 # (regex on the command, kind, reason). First match wins.

@@ -58,6 +58,10 @@ def find_version(client, model: str, checkpoint_sha256: str):
 def register(run, metrics: dict, gate_passed: bool) -> dict:
     """Register the run's model once (a known checkpoint only gets fresh tags), then elect the champion."""
     mlflow, client, p, params, name = run.mlflow, run.client, run.paths, run.params, run.name
+    if gate_passed:  # a champion candidate must be the model its gate judged, byte for byte
+        from barkgpt.gates import verify_judged
+
+        verify_judged(p.metrics, {"checkpoint": p.checkpoint, "tokenizer": p.tokenizer})
     model = model_name(params, name)
     tags = version_tags(p, name, metrics, gate_passed)
     mv = find_version(client, model, tags.get(CHECKPOINT_TAG, "")) if CHECKPOINT_TAG in tags else None
