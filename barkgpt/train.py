@@ -23,6 +23,7 @@ from barkgpt.data.shards import random_windows, sequential_windows
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
 from barkgpt.model import GPT
+from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr  # noqa: F401 (lr_at, make_optimizer: API)
 from barkgpt.params import ModelParams, TrainParams
 from barkgpt.tokenizer import Tokenizer
 
@@ -46,24 +47,6 @@ def autocast(dtype: str):
     if dtype == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def lr_at(step: int, progress: float, p: TrainParams) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio*lr as progress -> 1."""
-    if step < p.warmup_steps:
-        return p.learning_rate * (step + 1) / p.warmup_steps
-    floor = p.learning_rate * p.min_lr_ratio
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return floor + (p.learning_rate - floor) * cosine
-
-
-def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.AdamW:
-    # Decay matrices only; norms' gains stay free (nanoGPT's rule).
-    decay = [q for q in model.parameters() if q.dim() >= 2]
-    no_decay = [q for q in model.parameters() if q.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel over all parameters instead of a dozen ops per tensor (works on CPU).
-    return torch.optim.AdamW(groups, lr=p.learning_rate, betas=(p.beta1, p.beta2), fused=True)
 
 
 @torch.inference_mode()
@@ -170,9 +153,9 @@ def train(
     model.train()
     loss_value, val, window_start, window_tokens = float("nan"), None, time.perf_counter(), 0
     while step < p.max_steps and progress_fraction() < 1.0:
-        lr = lr_at(step, progress_fraction(), p)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, progress_fraction(), p)
+        set_lr(optimizer, factor)
+        lr = p.learning_rate * factor
         loss_sum = 0.0
         for _ in range(p.grad_accum):
             x, y = random_windows(train_ids, p.batch_size, model_params.block_size, data_gen)
