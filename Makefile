@@ -15,7 +15,7 @@ install-dev:
 # The main job: the bark-pipeline Prefect flow in-process, on embedded defaults (local Prefect API,
 # MLflow on SQLite, local AWS API), from data to deployment; then one completion from the model.
 run: install
-	python -m flows.bark_pipeline
+	python -m flows.pipeline bark
 	barkgpt generate --prompt "User: speak Assistant:" --seed 0
 
 test: install-dev

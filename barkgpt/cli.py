@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from barkgpt.errors import BarkError
-from barkgpt.params import PIPELINES
 
 
 def _params(args):
@@ -19,81 +18,40 @@ def _params(args):
     return load_params(args.params)
 
 
-def cmd_bark_data(args) -> None:
-    from barkgpt import stages
+def cmd_stage(args) -> None:
+    """Any pipeline stage: `barkgpt <stage> <pipeline> [options]` runs the declared stage function."""
+    from barkgpt.layout import Layout
+    from barkgpt.pipelines import get
 
-    out = stages.bark_data(_params(args))
-    print(f"wrote {out['train']} and {out['val']}")
-
-
-def cmd_webtext_ingest(args) -> None:
-    from barkgpt import stages
-
-    out = stages.webtext_ingest(_params(args))
-    print(f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
-          f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
-          f"{out['clean_too_long']:,} over-long dropped)")
+    pipe = get(args.pipeline)
+    stage = pipe.stage(args.stage)
+    options = {o.dest: getattr(args, o.dest) for o in stage.options}
+    lay = Layout(pipe.name)
+    result = stage.run(_params(args), pipe, lay, **options)
+    print(summarize(args.stage, result, lay))
 
 
-def cmd_webtext_tokenizer(args) -> None:
-    from barkgpt import stages
-
-    out = stages.webtext_tokenizer(_params(args))
-    print(f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
-          f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
-
-
-def cmd_validate(args) -> None:
-    from barkgpt import stages
-
-    report = stages.validate(_params(args), args.pipeline, tokens=args.tokens)
-    print(f"{args.pipeline}: all {report['expectations']} expectations passed; "
-          f"report: reports/{args.pipeline}/validation{'_tokens' if args.tokens else ''}.html")
-
-
-def cmd_tokenize(args) -> None:
-    from barkgpt import stages
-
-    out = stages.tokenize(_params(args), args.pipeline)
-    for split, manifest in out.items():
-        print(f"{split}: {manifest['tokens']:,} tokens")
-
-
-def cmd_train(args) -> None:
-    from barkgpt import stages
-
-    summary = stages.train(_params(args), args.pipeline, resume=args.resume, progress=not args.quiet)
-    bpb = f", val bpb {summary['val_bpb']:.4f}" if summary.get("val_bpb") is not None else ""
-    print(f"trained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
-          f"({summary['tokens_per_s']:,.0f} tok/s); val loss {summary['best_val_loss']:.4f}{bpb}")
-
-
-def cmd_evaluate(args) -> None:
-    from barkgpt import stages
-
-    metrics = stages.evaluate(_params(args), args.pipeline)
-    print(json.dumps(metrics, indent=2))
-
-
-def cmd_export(args) -> None:
-    from barkgpt import stages
-
-    for kind, path in stages.export(_params(args), args.pipeline).items():
-        print(f"{kind}: {path}")
-
-
-def cmd_quantize(args) -> None:
-    from barkgpt import stages
-
-    for kind, path in stages.quantize(_params(args), args.pipeline).items():
-        print(f"{kind}: {path}")
-
-
-def cmd_parity(args) -> None:
-    from barkgpt import stages
-
-    out = stages.parity(_params(args), args.pipeline)
-    print(json.dumps(out, indent=2))
+def summarize(stage: str, out: dict, lay) -> str:
+    """One readable line (or a small JSON block) per stage result."""
+    if stage == "train":
+        bpb = f", val bpb {out['val_bpb']:.4f}" if out.get("val_bpb") is not None else ""
+        return (f"trained {out['step']} steps, {out['tokens']:,} tokens in {out['seconds']:.1f}s "
+                f"({out['tokens_per_s']:,.0f} tok/s); val loss {out['best_val_loss']:.4f}{bpb}")
+    if stage == "tokenize":
+        return "\n".join(f"{split}: {m['tokens']:,} tokens" for split, m in out.items())
+    if stage in ("validate", "validate-tokens"):
+        page = lay.token_validation_html if stage == "validate-tokens" else lay.validation_html
+        return f"{out['pipeline']}: all {out['expectations']} expectations passed; report: {page}"
+    if stage == "ingest":
+        return (f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
+                f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
+                f"{out['clean_too_long']:,} over-long dropped)")
+    if stage == "tokenizer":
+        return (f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
+                f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
+    if stage in ("export", "quantize", "data"):
+        return "\n".join(f"{kind}: {path}" for kind, path in out.items())
+    return json.dumps(out, indent=2, default=str)
 
 
 def cmd_generate(args) -> None:
@@ -103,10 +61,10 @@ def cmd_generate(args) -> None:
 
     from barkgpt.checkpoint import load_model
     from barkgpt.engine import Sampling, generate_text
-    from barkgpt.stages import paths_for
+    from barkgpt.layout import Layout
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    ckpt = Path(args.checkpoint) if args.checkpoint else paths_for(args.pipeline).checkpoint
+    ckpt = Path(args.checkpoint) if args.checkpoint else Layout(args.pipeline).checkpoint
     model, tok = load_model(ckpt)
     s = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -137,9 +95,9 @@ def cmd_chat(args) -> None:
 
 
 def cmd_deploy(args) -> None:
-    from barkgpt import stages
+    from barkgpt.deploy.deployer import deploy_pipeline
 
-    report = stages.deploy(_params(args), args.pipeline)
+    report = deploy_pipeline(_params(args), args.pipeline, ".")
     fn, rel = report["function"], report["release"]
     print(f"release {rel['id']} ({rel['status']}) at {rel['manifest_uri']}")
     print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
@@ -147,47 +105,53 @@ def cmd_deploy(args) -> None:
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
 
 
+def cmd_dvc_yaml(args) -> None:
+    from barkgpt.pipelines.dvcfile import check_dvc_files, write_dvc_files
+
+    if args.check:
+        stale = check_dvc_files(Path("."))
+        if stale:
+            raise BarkError(f"{', '.join(stale)} disagree with the pipeline declarations (barkgpt/pipelines/); "
+                            "regenerate with: barkgpt dvc-yaml")
+        print("dvc.yaml files agree with the pipeline declarations")
+        return
+    written = write_dvc_files(Path("."), args.pipelines)
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("dvc.yaml files already agree with the pipeline declarations")
+
+
+def add_stage_commands(sub) -> None:
+    """One sub-command per stage name; its pipelines are those that declare the stage."""
+    from barkgpt.pipelines import REGISTRY
+
+    seen: dict[str, list] = {}
+    for pipe in REGISTRY.values():
+        for stage in pipe.stages:
+            seen.setdefault(stage.name, []).append((pipe, stage))
+    for name, entries in seen.items():
+        pipes = [pipe.name for pipe, _ in entries]
+        stage = entries[0][1]
+        p = sub.add_parser(name, help=f"{stage.help} ({', '.join(pipes)})", description=stage.help)
+        p.add_argument("pipeline", choices=pipes, help="which pipeline's stage to run")
+        for opt in stage.options:
+            p.add_argument(*opt.flags, dest=opt.dest, help=opt.help, **opt.kwargs)
+        p.set_defaults(fn=cmd_stage, stage=name)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from barkgpt.pipelines import REGISTRY
+
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("bark-data", help="generate the synthetic bark conversations").set_defaults(fn=cmd_bark_data)
-    sub.add_parser("webtext-ingest", help="read, clean and split the WebText-2 source (webtext.source)"
-                   ).set_defaults(fn=cmd_webtext_ingest)
-    sub.add_parser("webtext-tokenizer", help="train the byte-level BPE on the WebText-2 training split"
-                   ).set_defaults(fn=cmd_webtext_tokenizer)
-
-    p = sub.add_parser("validate", help="check a pipeline's data with Great Expectations suites")
-    p.add_argument("pipeline", choices=PIPELINES)
-    p.add_argument("--tokens", action="store_true",
-                   help="check the token shards (ids, manifest counts, tokenizer hash) instead of the text")
-    p.set_defaults(fn=cmd_validate)
-
-    p = sub.add_parser("tokenize", help="encode a pipeline's text splits into token shards")
-    p.add_argument("pipeline", choices=PIPELINES)
-    p.set_defaults(fn=cmd_tokenize)
-
-    p = sub.add_parser("train", help="train a pipeline's model")
-    p.add_argument("pipeline", choices=PIPELINES)
-    p.add_argument("--resume", action="store_true", help="continue from models/<pipeline>/last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("evaluate", help="evaluate a trained model and write its metrics JSON")
-    p.add_argument("pipeline", choices=PIPELINES)
-    p.set_defaults(fn=cmd_evaluate)
-
-    for cmd, fn, text in (("export", cmd_export, "write GGUF (F32, F16) and Hugging Face files"),
-                          ("quantize", cmd_quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)"),
-                          ("parity", cmd_parity, "compare llama.cpp with PyTorch, gate the quantizations")):
-        p = sub.add_parser(cmd, help=text)
-        p.add_argument("pipeline", choices=PIPELINES)
-        p.set_defaults(fn=fn)
+    add_stage_commands(sub)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
     p.add_argument("--prompt", default="User: speak Assistant:")
-    p.add_argument("--pipeline", default="bark", choices=PIPELINES)
+    p.add_argument("--pipeline", default="bark", choices=list(REGISTRY), help="default: bark")
     p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -218,8 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
                                       "(a local AWS API server when no AWS configuration exists)")
-    p.add_argument("pipeline", nargs="?", default="bark", choices=PIPELINES)
+    p.add_argument("pipeline", nargs="?", default="bark", choices=list(REGISTRY), help="default: bark")
     p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml files from the pipeline declarations (barkgpt/pipelines/)")
+    p.add_argument("pipelines", nargs="*", choices=[[]] + [n for n in REGISTRY if not REGISTRY[n].default],
+                   metavar="PIPELINE", help="also add these pipelines' stages (pipelines/<name>/dvc.yaml); "
+                   "the default pipeline's dvc.yaml and any already there are always rewritten")
+    p.add_argument("--check", action="store_true", help="only check that the committed files agree; exit 2 if not")
+    p.set_defaults(fn=cmd_dvc_yaml)
     return parser
 
 

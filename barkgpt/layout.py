@@ -5,7 +5,7 @@ where a model is without importing the stages (or torch). Paths are relative to 
 
     data/<p>/        train.txt, val.txt, tokenizer.json, tokens/{train,val}.bin (+ .json manifests)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
-    exports/<p>/     <p>-f32.gguf, <p>-f16.gguf, <p>-<quant>.gguf, hf/
+    exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
     reports/<p>/     one JSON per stage (validation, train, metrics, quantization, parity, deploy)
 """
 from __future__ import annotations
@@ -71,13 +71,25 @@ class Layout:
     def exports(self) -> Path:
         return self.root / "exports" / self.pipeline
 
+    @property
+    def full_exports(self) -> Path:
+        """What the export stage writes (one DVC output, whichever formats params ask for)."""
+        return self.exports / "full"
+
+    @property
+    def quantized_exports(self) -> Path:
+        """What the quantize stage writes (one DVC output, whichever quantizations params ask for)."""
+        return self.exports / "quantized"
+
     def gguf(self, variant: str) -> Path:
         """variant: f32, f16 or a quantization (q8_0, q4_0, q4_k_m)."""
-        return self.exports / f"{self.pipeline}-{variant.lower()}.gguf"
+        variant = variant.lower()
+        folder = self.full_exports if variant in ("f32", "f16") else self.quantized_exports
+        return folder / f"{self.pipeline}-{variant}.gguf"
 
     @property
     def hf(self) -> Path:
-        return self.exports / "hf"
+        return self.full_exports / "hf"
 
     # --- reports --------------------------------------------------------------------------------
     @property
@@ -126,6 +138,11 @@ class Layout:
     @property
     def metrics(self) -> Path:
         return self.report("metrics")
+
+    @property
+    def summary(self) -> Path:
+        """The headline numbers of the evaluation: what `dvc metrics show` lists."""
+        return self.report("summary")
 
     @property
     def samples(self) -> Path:

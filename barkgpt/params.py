@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from barkgpt.errors import BarkError
 
 BARKS = ("woof", "arf", "ruff", "grrr")
-PIPELINES = ("bark", "webtext")  # each is a section of Params and a data/<name>, models/<name> tree
 
 
 class Strict(BaseModel):
@@ -254,6 +253,17 @@ class WebtextPipeline(Strict):
     gates: WebtextGates = WebtextGates()
 
 
+class LocaltextPipeline(WebtextPipeline):
+    """Any local text (a file or folder of .txt/.md/.jsonl/.parquet), the WebText stages, a small model."""
+
+    source: str = Field("docs", description="a local .txt/.md/.jsonl/.parquet file or folder")
+    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams(vocab_size=512)
+    model: ModelParams = ModelParams(n_layer=2, n_head=2, n_embd=64, block_size=64)
+    train: TrainParams = TrainParams(max_steps=200, batch_size=16, learning_rate=3e-3, warmup_steps=20,
+                                     threads=2, eval_every=100, eval_batches=4, checkpoint_every=100)
+    gates: WebtextGates = WebtextGates(max_val_bpb=6.0)
+
+
 class ServeParams(Strict):
     """`barkgpt serve`: where it listens, which model it loads, and the limits in front of it.
 
@@ -305,7 +315,7 @@ class DeployParams(Strict):
     artifact: Literal["gguf", "checkpoint"] = Field(
         "gguf", description="gguf: the deploy quantization through llama.cpp; checkpoint: PyTorch best.pt")
     quantization: str | None = Field(
-        None, description="GGUF released (exports/<p>/<p>-<q>.gguf); None = export.deploy_quantization")
+        None, description="GGUF released (exports/<p>/quantized/<p>-<q>.gguf); None = export.deploy_quantization")
     require_gates: bool = Field(True, description="refuse to deploy unless evaluation (and parity) gates passed")
     function_name: str = Field("barkgpt-{pipeline}", description="{pipeline} is replaced by the pipeline name")
     role_arn: str | None = Field(None, description="execution role; None = create/reuse barkgpt-lambda-<pipeline>")
@@ -331,6 +341,7 @@ class Params(Strict):
     bark: BarkPipeline = BarkPipeline()
     export: ExportParams = ExportParams()
     webtext: WebtextPipeline = WebtextPipeline()
+    localtext: LocaltextPipeline = LocaltextPipeline()
     serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
     deploy: DeployParams = DeployParams()

@@ -57,6 +57,9 @@ class WordTokenizer:
             )
         return [self.ids[w] for w in words]
 
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.vocab[i] for i in ids)
 

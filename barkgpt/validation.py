@@ -1,10 +1,10 @@
 """Data validation with Great Expectations: expectation suites over a pipeline's data, before training.
 
 A suite is a pandas frame plus GX expectations plus the column that names an offending row
-(`line`, 1-based in the text file). `validate_pipeline` runs every suite a pipeline registers in
-SUITE_BUILDERS, writes `reports/<pipeline>/validation.json` and a readable `validation.html`, and
-raises BarkError listing each failed expectation with its offending rows. Another pipeline adds
-its suites with one builder function `(params, paths) -> list[Suite]` and one SUITE_BUILDERS entry.
+(`line`, 1-based in the text file). `validate_pipeline` runs the suites a pipeline declares (a
+builder function `(params, layout) -> list[Suite]`, see barkgpt/pipelines/), writes
+`reports/<pipeline>/validation.json` and a readable `validation.html`, and raises BarkError
+listing each failed expectation with its offending rows.
 GX runs in an ephemeral (in-memory) context with usage analytics off: nothing leaves the machine.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def bark_suites(params: Params, paths) -> list[Suite]:
     suites = []
     for split, path in (("train", paths.train_text), ("val", paths.val_text)):
         if not path.exists():
-            raise BarkError(f"{path}: not found; run the data stage first (barkgpt bark-data or dvc repro)")
+            raise BarkError(f"{path}: not found; run the data stage first (barkgpt data bark, or dvc repro)")
         lines = path.read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()  # the file's final newline ends the last row; it is not an empty row
@@ -117,15 +117,16 @@ def read_text_rows(path: Path) -> list[tuple[str, bool]]:
 
 
 def webtext_suites(params: Params, paths) -> list[Suite]:
-    """Text suites per split: what webtext-ingest promises and what the tokenizer and model need."""
+    """Text suites per split: what the ingest stage promises and what the tokenizer and model need."""
     import pandas as pd
 
     _, gxe = _gx()
-    clean, v = params.webtext.clean, params.webtext.validation
+    cfg = getattr(params, paths.pipeline)  # any text pipeline's section (webtext, localtext, ...)
+    clean, v = cfg.clean, cfg.validation
     suites = []
     for split, path in (("train", paths.train_text), ("val", paths.val_text)):
         if not path.exists():
-            raise BarkError(f"{path}: not found; run the ingest stage first (barkgpt webtext-ingest)")
+            raise BarkError(f"{path}: not found; run the ingest stage first (barkgpt ingest {paths.pipeline})")
         rows = read_text_rows(path)
         frame = pd.DataFrame({
             "line": range(1, len(rows) + 1),
@@ -134,7 +135,7 @@ def webtext_suites(params: Params, paths) -> list[Suite]:
             "valid_utf8": [ok for _, ok in rows],
             "letter_share": [letter_share(text) for text, _ in rows],
         })
-        suites.append(Suite(f"webtext.{split}.text", frame, [
+        suites.append(Suite(f"{paths.pipeline}.{split}.text", frame, [
             gxe.ExpectColumnValuesToNotBeNull(column="text"),
             gxe.ExpectColumnValuesToBeInSet(column="valid_utf8", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=clean.min_line_chars,
@@ -159,24 +160,25 @@ def webtext_token_suites(params: Params, paths) -> list[Suite]:
 
     _, gxe = _gx()
     if not paths.tokenizer.exists():
-        raise BarkError(f"{paths.tokenizer}: not found; run the tokenizer stage first (barkgpt webtext-tokenizer)")
+        raise BarkError(f"{paths.tokenizer}: not found; run the tokenizer stage first "
+                        f"(barkgpt tokenizer {paths.pipeline})")
     tok = load_tokenizer(paths.tokenizer)
     expected_hash = tokenizer_hash(tok)
     suites, manifests = [], []
     for split in ("train", "val"):
         shard = paths.shard(split)
         if not shard.exists() or not manifest_path(shard).exists():
-            raise BarkError(f"{shard}: token shard or its manifest is missing; run barkgpt tokenize webtext")
+            raise BarkError(f"{shard}: token shard or its manifest is missing; run barkgpt tokenize {paths.pipeline}")
         manifest = read_json(manifest_path(shard))
         ids = np.fromfile(shard, dtype=np.dtype(manifest["dtype"]))  # not load_shard: it stops at a bad count
         manifests.append({"split": split, "file_tokens": int(ids.size), "manifest_tokens": manifest["tokens"],
                           "manifest_vocab_size": manifest["vocab_size"], "tokenizer_vocab_size": tok.vocab_size,
                           "manifest_hash": manifest.get("tokenizer_hash"), "tokenizer_hash": expected_hash})
         frame = pd.DataFrame({"position": np.arange(ids.size), "id": ids.astype(np.int64)})
-        suites.append(Suite(f"webtext.{split}.token_ids", frame, [
+        suites.append(Suite(f"{paths.pipeline}.{split}.token_ids", frame, [
             gxe.ExpectColumnValuesToBeBetween(column="id", min_value=0, max_value=tok.vocab_size - 1),
         ], index_column="position"))
-    suites.append(Suite("webtext.shards.manifest", pd.DataFrame(manifests), [
+    suites.append(Suite(f"{paths.pipeline}.shards.manifest", pd.DataFrame(manifests), [
         gxe.ExpectColumnPairValuesToBeEqual(column_A="file_tokens", column_B="manifest_tokens"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_vocab_size", column_B="tokenizer_vocab_size"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_hash", column_B="tokenizer_hash"),
@@ -184,10 +186,7 @@ def webtext_token_suites(params: Params, paths) -> list[Suite]:
     return suites
 
 
-SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {
-    "bark": bark_suites, "webtext": webtext_suites}
-# Suites over token shards, run after the tokenize stage (`barkgpt validate <pipeline> --tokens`).
-TOKEN_SUITE_BUILDERS: dict[str, Callable[[Params, object], list[Suite]]] = {"webtext": webtext_token_suites}
+SuiteBuilder = Callable[[Params, object], list[Suite]]  # (params, layout) -> suites; a pipeline declares its own
 
 
 # --- running suites -----------------------------------------------------------------------------
@@ -253,13 +252,12 @@ def _short(value, limit: int = 120):
     return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
 
 
-def validate_pipeline(params: Params, name: str, paths, tokens: bool = False) -> dict:
-    """Text suites (or, with tokens=True, token-shard suites, reported as validation_tokens.*)."""
-    builders = TOKEN_SUITE_BUILDERS if tokens else SUITE_BUILDERS
-    builder = builders.get(name)
-    if builder is None:
-        raise BarkError(f"no {'token ' if tokens else ''}validation suites for pipeline {name!r}; "
-                        f"known: {sorted(builders)}")
+def validate_pipeline(params: Params, paths, builder: SuiteBuilder, tokens: bool = False,
+                      redo: str = "dvc repro") -> dict:
+    """Run the suites `builder` makes (text, or with tokens=True the token shards, reported as
+    validation_tokens.*); BarkError naming each failed expectation and its rows. `redo` is the
+    command that regenerates the data, for the message."""
+    name = paths.pipeline
     context = gx_context()
     results = [run_suite(s, context) for s in builder(params, paths)]
     report = {"pipeline": name, "success": all(r["success"] for r in results),
@@ -271,11 +269,11 @@ def validate_pipeline(params: Params, name: str, paths, tokens: bool = False) ->
     write_json(json_path, report)
     write_text(html_path, render_html(report))
     if not report["success"]:
-        raise BarkError(failure_message(report, html_path, tokens))
+        raise BarkError(failure_message(report, html_path, redo))
     return report
 
 
-def failure_message(report: dict, html_path: Path, tokens: bool = False) -> str:
+def failure_message(report: dict, html_path: Path, redo: str) -> str:
     lines = [f"data validation failed for pipeline {report['pipeline']!r} "
              f"({report['failed']} of {report['expectations']} expectations):"]
     for suite in report["suites"]:
@@ -291,9 +289,6 @@ def failure_message(report: dict, html_path: Path, tokens: bool = False) -> str:
             values = f"; e.g. {c['unexpected_values'][:3]}" if c["unexpected_values"] else ""
             lines.append(f"  {suite['suite']}: {c['expectation']}({c['column']}) failed{detail}"
                          f"{where}{values}")
-    redo = {"bark": "barkgpt bark-data", "webtext": "barkgpt webtext-ingest"}.get(report["pipeline"], "dvc repro")
-    if tokens:
-        redo = f"barkgpt tokenize {report['pipeline']}"
     lines.append(f"fix or regenerate the data ({redo}); full report: {html_path}")
     return "\n".join(lines)
 

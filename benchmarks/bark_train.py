@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
 
 
@@ -38,12 +38,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         params = project(root, args.params, {})
-        stages.bark_data(params, root)
-        stages.tokenize(params, "bark", root)
+        run_stage(params, "bark", "data", root)
+        run_stage(params, "bark", "tokenize", root)
 
         for dtype in ("float32", "bfloat16"):
             p = project(root, args.params, {"bark": {"train": {"dtype": dtype, "max_steps": 300}}})
-            summary = stages.train(p, "bark", root, progress=False)
+            summary = run_stage(p, "bark", "train", root, progress=False)
             results[f"tokens_per_s_{dtype}"] = round(summary["tokens_per_s"])
             print(f"{dtype:>9}: {summary['tokens_per_s']:>10,.0f} tokens/s "
                   f"({summary['step']} steps, {summary['seconds']:.2f}s)")
@@ -52,9 +52,9 @@ def main() -> None:
         for steps in [int(s) for s in args.budgets.split(",")]:
             p = project(root, args.params, {"bark": {"train": {"max_steps": steps}}})
             t0 = time.perf_counter()
-            summary = stages.train(p, "bark", root, progress=False)
+            summary = run_stage(p, "bark", "train", root, progress=False)
             train_s = time.perf_counter() - t0
-            acc = stages.evaluate(p, "bark", root)["contract_accuracy"]
+            acc = run_stage(p, "bark", "evaluate", root)["contract_accuracy"]
             print(f"{steps:>4} steps: train {train_s:5.2f}s, contract accuracy {acc:.3f}")
             if acc >= gate:
                 results.update(steps_to_gate=steps, seconds_to_gate=round(train_s, 2), accuracy=acc)

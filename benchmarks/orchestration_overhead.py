@@ -1,7 +1,7 @@
 """Orchestration overhead: the same bark pipeline run by each door, against plain in-process stage calls.
 
 Doors: the plain CLI (one process per stage, as DVC runs them), `dvc repro`, the Prefect flow
-in-process (`python -m flows.bark_pipeline`, Prefect's local API) and a Prefect deployment run on an
+in-process (`python -m flows.pipeline bark`, Prefect's local API) and a Prefect deployment run on an
 already-running server + worker (server start-up is not timed: it is paid once, not per run).
 Each door runs in a fresh copy of the project with the embedded MLflow store, so the work is equal.
 Overhead = door wall time - baseline wall time (all stages called in one Python process).
@@ -85,12 +85,12 @@ def wait_health(url: str, timeout: float = 180) -> None:
 BASELINE = """
 import sys, time
 t0 = time.perf_counter()
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
 p = load_params("params.yaml")
-stages.bark_data(p); stages.validate(p, "bark"); stages.tokenize(p, "bark")
-stages.train(p, "bark", progress=False); stages.evaluate(p, "bark")
-stages.export(p, "bark"); stages.quantize(p, "bark"); stages.parity(p, "bark")
+run_stage(p, "bark", "data"); run_stage(p, "bark", "validate"); run_stage(p, "bark", "tokenize")
+run_stage(p, "bark", "train", progress=False); run_stage(p, "bark", "evaluate")
+run_stage(p, "bark", "export"); run_stage(p, "bark", "quantize"); run_stage(p, "bark", "parity")
 """
 
 
@@ -100,7 +100,7 @@ def door(name: str, project: Path, env: dict, deployment: dict | None) -> float:
         return run([py, "-c", BASELINE], project, env)
     if name == "cli":
         total = 0.0
-        for args in (["bark-data"], ["validate", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"],
+        for args in (["data", "bark"], ["validate", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"],
                      ["evaluate", "bark"], ["export", "bark"], ["quantize", "bark"], ["parity", "bark"]):
             total += run([str(BIN / "barkgpt"), *args], project, env)
         return total
@@ -108,7 +108,7 @@ def door(name: str, project: Path, env: dict, deployment: dict | None) -> float:
         run(["git", "init", "-q"], project, env)
         return run([str(BIN / "dvc"), "repro"], project, env)
     if name == "prefect":
-        return run([py, "-m", "flows.bark_pipeline", "--no-deploy"], project, env)
+        return run([py, "-m", "flows.pipeline", "bark", "--no-deploy"], project, env)
     if name == "deployment":
         env = {**env, **deployment["env"]}
         run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], project, env)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.params import deep_merge, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,18 +49,18 @@ def main() -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(root / "params.yaml")
 
-    ingest = stages.webtext_ingest(params, root)
-    tok = stages.webtext_tokenizer(params, root)
-    stages.tokenize(params, "webtext", root)
+    ingest = run_stage(params, "webtext", "ingest", root)
+    tok = run_stage(params, "webtext", "tokenizer", root)
+    run_stage(params, "webtext", "tokenize", root)
     print(f"train {ingest['train_lines']:,} lines / {ingest['train_bytes']:,} bytes, "
           f"val {ingest['val_lines']:,} lines / {ingest['val_bytes']:,} bytes; "
           f"BPE {tok['vocab_size']}: {tok['val_bytes_per_token']:.3f} bytes/token on val", flush=True)
     start = time.perf_counter()
-    summary = stages.train(params, "webtext", root, progress=False, on_log=lambda step, row: print(
+    summary = run_stage(params, "webtext", "train", root, progress=False, on_log=lambda step, row: print(
         f"step {step}: loss {row['loss']:.3f}, val bpb {row['val_bpb']:.4f}, {row['tokens_per_s']:,.0f} tok/s",
         flush=True) if "val_bpb" in row else None)
     train_s = time.perf_counter() - start
-    metrics = stages.evaluate(params, "webtext", root)
+    metrics = run_stage(params, "webtext", "evaluate", root)
     m = params.webtext.model
     print(json.dumps({
         "val_bpb": round(metrics["val_bpb"], 4), "val_perplexity": round(metrics["val_perplexity"], 2),

@@ -7,3 +7,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parent.parent / ".prefect"))
 # Offline by default: the local (ephemeral) Prefect server sends no usage analytics.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# Nothing pickled is ever loaded: whatever Prefect persists (flow or task results, if a user turns
+# persistence on) is JSON. The stage tasks persist nothing; DVC is the record of what ran.
+os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
+# The temporary local API starts in seconds on an idle laptop, slower on a loaded 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

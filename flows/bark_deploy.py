@@ -13,14 +13,14 @@ import sys
 import flows  # noqa: F401  (PREFECT_HOME default before prefect loads)
 from prefect import flow
 
-from tasks import bark
+from tasks.common import resolve_params
 from tasks.deploy import redeploy
 
 
-@flow(name="bark-deploy", log_prints=True)
+@flow(name="bark-deploy", log_prints=True, persist_result=False)
 def bark_deploy(model_version: int | None = None, alias: str | None = None, root: str = ".",
                 params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
-    params = bark.resolve_params(params_file, overrides)
+    params = resolve_params(params_file, overrides, root)
     result = redeploy(params, root, "bark", version=model_version, alias=alias)
     print(f"{result['registered']['registered_model']} v{result['registered']['version']} -> "
           f"{result['function']}:{result['version']} ({result['alias']}); {result['url']}")

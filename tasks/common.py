@@ -1,102 +1,71 @@
-"""What every stage task shares: a DVC-shaped cache key, retries for transient I/O, params handling.
-
-A stage task is declared with `@stage_task("tokenize")`: the cache key is the one `dvc repro` would
-use for the stage `<pipeline>-tokenize` in dvc.yaml (contents of its deps, values of its params),
-so a re-run of the flow skips exactly the stages DVC would skip. Adding a stage to the flows is one
-small function here-style plus one line in a flow.
-"""
+"""What every task shares: parameters (validated, and written where DVC reads them), retries for
+transient I/O only, and the Prefect ids an MLflow run is tagged with."""
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-import yaml
 from prefect import task
-from prefect.cache_policies import CachePolicy
-from prefect.context import TaskRunContext
-from prefect.tasks import exponential_backoff
 
 from barkgpt.errors import BarkError
-from barkgpt.fileio import sha256_file
-from barkgpt.params import Params, parse_params
+from barkgpt.fileio import atomic_path
+from barkgpt.params import deep_merge, load_params, parse_params
 
-REPO = Path(__file__).resolve().parent.parent
 TRANSIENT = (OSError, ConnectionError, TimeoutError)  # disk and network hiccups; worth a retry
 
 
-@lru_cache(maxsize=8)
-def _dvc_stages(dvc_yaml: str, mtime: float) -> dict:
-    return (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
-
-
-def dvc_stage(root: Path, stage: str) -> dict:
-    """The stage's entry in dvc.yaml or pipelines/<pipeline>/dvc.yaml (the project's, else the code
-    checkout's). Stages there run in the project root (wdir), so their paths are root-relative too."""
-    base = root if (root / "dvc.yaml").exists() else REPO
-    files = [base / "dvc.yaml", *sorted(base.glob("pipelines/*/dvc.yaml"))]
-    for dvc_yaml in files:
-        stages = _dvc_stages(str(dvc_yaml), dvc_yaml.stat().st_mtime)
-        if stage in stages:
-            return stages[stage]
-    raise BarkError(f"stage {stage!r} is in none of {[str(f) for f in files]}; add it so Prefect and DVC agree")
-
-
-def _paths(entries) -> list[str]:
-    out = []
-    for e in entries or []:
-        out.extend(e.keys() if isinstance(e, dict) else [e])
+def expand_dotted(overrides: dict) -> dict:
+    """{'bark.train.max_steps': 50} -> {'bark': {'train': {'max_steps': 50}}}; nested dicts pass through."""
+    out: dict = {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+        for part in reversed(str(key).split(".")[1:]):
+            value = {part: value}
+        out = deep_merge(out, {str(key).split(".")[0]: value})
     return out
 
 
-def _hash_path(h, path: Path) -> None:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        h.update(sha256_file(f).encode() if f.exists() else b"missing")
+def write_overrides(path: Path, nested: dict) -> list[str]:
+    """Set the overridden values in params.yaml itself, comments kept (as `dvc exp run -S` does), so
+    DVC judges and records what actually ran. Returns the dotted keys whose value changed."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = yaml.load(path.read_text()) or {}
+    changed: list[str] = []
+
+    def merge(node, extra: dict, prefix: str) -> None:
+        for key, value in extra.items():
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                merge(node[key], value, f"{prefix}{key}.")
+            elif node.get(key) != value:
+                node[key] = value
+                changed.append(f"{prefix}{key}")
+
+    merge(data, nested, "")
+    if changed:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            yaml.dump(data, f)
+    return changed
 
 
-def _dotted(d: dict, key: str):
-    for part in key.split("."):
-        d = d.get(part, {}) if isinstance(d, dict) else None
-    return d
+@task(name="resolve-params")
+def resolve_params(params_file: str = "params.yaml", overrides: dict | None = None, root: str = ".") -> dict:
+    """params.yaml merged with the run's overrides, validated (an invalid key fails here, named),
+    then written back to params.yaml: the one source of configuration, for every door."""
+    path = Path(root) / params_file
+    nested = expand_dotted(overrides or {})
+    params = load_params(path, nested)  # raises before anything is written
+    changed = write_overrides(path, nested) if nested else []
+    if changed:
+        print(f"{params_file}: set {', '.join(changed)} (the values this run and DVC use)")
+    return params.model_dump()
 
 
-@dataclass
-class StageInputs(CachePolicy):
-    """Cache key = dvc.yaml stage: its deps' contents and its params' values, in this project root.
-    `run_stage` refreshes the record when the stage's outputs are gone from disk."""
-
-    stage: str = ""
-
-    def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
-                    **kwargs: Any) -> str | None:
-        root = Path(inputs.get("root", ".")).resolve()
-        name = f"{inputs.get('name', 'bark')}-{self.stage}"
-        spec = dvc_stage(root, name)
-        h = hashlib.sha256(f"{name}|{root}".encode())
-        for dep in _paths(spec.get("deps")):
-            path = root / dep if (root / dep).exists() else REPO / dep
-            h.update(dep.encode())
-            _hash_path(h, path)
-        for key in _paths(spec.get("params")):
-            h.update(f"{key}={_dotted(inputs.get('params') or {}, key)!r}".encode())
-        return h.hexdigest()
-
-
-def outputs_missing(root: str | Path, stage: str) -> list[str]:
-    spec = dvc_stage(Path(root).resolve(), stage)
-    outs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
-    return [o for o in outs if not (Path(root) / o).exists()]
-
-
-def run_stage(stage_task, params: dict, root: str = ".", name: str = "bark"):
-    """Call a stage task. A cached result is only worth returning if the files it describes are
-    still there: when any output is missing the task runs and refreshes its cache record."""
-    missing = outputs_missing(root, f"{name}-{stage_task.name}")
-    return stage_task.with_options(refresh_cache=bool(missing))(params, root, name)
+def to_params(params: dict):
+    return parse_params(params, "flow parameters")
 
 
 def transient_only(task, task_run, state) -> bool:
@@ -106,23 +75,6 @@ def transient_only(task, task_run, state) -> bool:
     except Exception as exc:  # noqa: BLE001 - the state holds the task's own exception
         err = exc
     return isinstance(err, TRANSIENT) and not isinstance(err, BarkError)
-
-
-def stage_task(stage: str, retries: int = 2, **options):
-    """Decorator: a Prefect task for the dvc.yaml stage `<pipeline>-<stage>`."""
-    return task(
-        name=stage,
-        cache_policy=StageInputs(stage=stage),
-        persist_result=True,
-        retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=2),
-        retry_condition_fn=transient_only,
-        **options,
-    )
-
-
-def to_params(params: dict) -> Params:
-    return parse_params(params, "flow parameters")
 
 
 def run_tags() -> dict[str, str]:

@@ -1,13 +1,14 @@
 """The deploy task: last in the pipeline flows (only when the gates passed), and the `bark-deploy`
-flow's step for re-deploying a registered model version. A thin door onto barkgpt.stages.deploy."""
+flow's step for re-deploying a registered model version. A thin door onto barkgpt.deploy."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from barkgpt import stages
 from tasks.common import to_params, transient_only
 
 
@@ -17,7 +18,7 @@ def deploy_blocker(params: dict, root: str = ".", name: str = "bark") -> str | N
     from barkgpt.errors import BarkError
 
     try:
-        check_gates(to_params(params), name, stages.paths_for(name, root).root)
+        check_gates(to_params(params), name, Path(root))
     except BarkError as err:
         return str(err)
     return None
@@ -28,7 +29,9 @@ def deploy_blocker(params: dict, root: str = ".", name: str = "bark") -> str | N
 @task(name="deploy", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=2),
       retry_condition_fn=transient_only)
 def deploy(params: dict, root: str = ".", name: str = "bark") -> dict:
-    report = stages.deploy(to_params(params), name, root)
+    from barkgpt.deploy.deployer import deploy_pipeline
+
+    report = deploy_pipeline(to_params(params), name, Path(root))
     publish_deploy(report, name)
     return summarize(report)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +29,10 @@ def bark_project(tmp_path_factory) -> Path:
     """A project root where the default bark pipeline ran: data, tokens, checkpoint, metrics."""
     root = make_project(tmp_path_factory.mktemp("bark"))
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
-    stages.train(params, "bark", root, progress=False)
-    stages.evaluate(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
+    run_stage(params, "bark", "train", root, progress=False)
+    run_stage(params, "bark", "evaluate", root)
     return root
 
 

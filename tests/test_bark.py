@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.checkpoint import load_checkpoint, load_model
 from barkgpt.data.bark import generate
 from barkgpt.errors import BarkError
@@ -97,9 +97,9 @@ def test_resume_is_exact(tmp_path):
                                "warmup_steps": 3}}}
     straight = make_project(tmp_path / "a", over)
     params = load_params(straight / "params.yaml")
-    stages.bark_data(params, straight)
-    stages.tokenize(params, "bark", straight)
-    stages.train(params, "bark", straight, progress=False)
+    run_stage(params, "bark", "data", straight)
+    run_stage(params, "bark", "tokenize", straight)
+    run_stage(params, "bark", "train", straight, progress=False)
 
     class Crash(Exception):
         pass
@@ -109,12 +109,12 @@ def test_resume_is_exact(tmp_path):
             raise Crash
 
     split = make_project(tmp_path / "b", over)
-    stages.bark_data(params, split)
-    stages.tokenize(params, "bark", split)
+    run_stage(params, "bark", "data", split)
+    run_stage(params, "bark", "tokenize", split)
     with pytest.raises(Crash):
-        stages.train(params, "bark", split, on_log=crash_at_5, progress=False)
+        run_stage(params, "bark", "train", split, on_log=crash_at_5, progress=False)
     assert load_checkpoint(split / "models/bark/last.pt")["step"] == 5
-    stages.train(params, "bark", split, resume=True, progress=False)
+    run_stage(params, "bark", "train", split, resume=True, progress=False)
 
     a = load_checkpoint(straight / "models/bark/last.pt")
     b = load_checkpoint(split / "models/bark/last.pt")
@@ -128,9 +128,9 @@ def test_bf16_training_runs(tmp_path):
                      "train": {"max_steps": 5, "dtype": "bfloat16"}}}
     root = make_project(tmp_path, over)
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
-    summary = stages.train(params, "bark", root, progress=False)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
+    summary = run_stage(params, "bark", "train", root, progress=False)
     assert summary["step"] == 5 and summary["train_loss"] < 3.0
     assert load_checkpoint(root / "models/bark/last.pt")["model"]["tok_emb.weight"].dtype == torch.float32
 
@@ -175,7 +175,7 @@ def run_cli(*args, cwd):
 
 def test_cli_pipeline_end_to_end(tmp_path):
     root = make_project(tmp_path, {"bark": {"train": {"max_steps": 150}}})
-    for args in (["bark-data"], ["tokenize", "bark"], ["train", "bark", "--quiet"], ["evaluate", "bark"]):
+    for args in (["data", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"], ["evaluate", "bark"]):
         result = run_cli(*args, cwd=root)
         assert result.returncode == 0, result.stderr
     metrics = json.loads((root / "reports/bark/metrics.json").read_text())

@@ -23,6 +23,7 @@ from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MO
 from barkgpt.deploy.release import (ChecksumMismatch, TransferSettings, build_manifest, ensure_bucket,
                                     upload_release, verify_object)
 from barkgpt.errors import BarkError
+from barkgpt.layout import Layout
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,9 +439,9 @@ def test_dvc_push_pull_round_trip_on_s3(moto_endpoint, tmp_path):
 def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
     """Put the Q8_0 GGUF where export writes it, and a parity report whose gate says `status`
     (the shape barkgpt.export.pipeline.parity_report writes; its own tests cover how it decides)."""
-    exports = root / "exports" / "bark"
-    exports.mkdir(parents=True, exist_ok=True)
-    shutil.copy(gguf, exports / "bark-q8_0.gguf")
+    dest = Layout("bark", root).gguf("q8_0")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(gguf, dest)
     (root / "reports" / "bark" / "parity.json").write_text(json.dumps({
         "f32_parity": {"passed": True, "tokenization_agreement": 1.0, "logits_max_abs_diff": 1e-5},
         "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1.0,
@@ -465,7 +466,7 @@ def test_cli_deploy_gguf_to_local_aws_api(bark_copy, bark_gguf, tmp_path):
     assert fn["url"].startswith("https://") and fn["url_auth_type"] == "AWS_IAM"
     prefix = rel["manifest_uri"].split("/", 3)[3].rsplit("/", 1)[0]
     assert rel["objects"] == sorted([f"{prefix}/bark-q8_0.gguf", f"{prefix}/tokenizer.json", f"{prefix}/manifest.json"])
-    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/bark-q8_0.gguf").read_bytes()).hexdigest()
+    assert rel["files"]["model"]["sha256"] == hashlib.sha256((bark_copy / "exports/bark/quantized/bark-q8_0.gguf").read_bytes()).hexdigest()
     assert report["provenance"]["parity"]["deploy_quantization"]["q8_0"]["status"] == "accepted"
     assert "tensor_types" not in report["provenance"]["parity"]["deploy_quantization"]["q8_0"]
     smoke = report["smoke"]

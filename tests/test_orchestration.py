@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.params import BARKS, load_params
 from tests.conftest import ROOT, make_project
@@ -85,16 +85,27 @@ def post_json(url: str, body: dict) -> dict | list:
         return json.loads(r.read())
 
 
+def copy_project(project: Path) -> Path:
+    """The checkout's code and pipeline files in a new git + DVC project (no data, no lock)."""
+    project.mkdir(parents=True, exist_ok=True)
+    for item in ("barkgpt", "tasks", "flows", "docs", "params.yaml", "dvc.yaml", "prefect.yaml", ".dvc/config",
+                 ".dvcignore", ".gitignore"):
+        src, dest = ROOT / item, project / item
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, dest))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "project"]):
+        subprocess.run([*git, *cmd], cwd=project, check=True, capture_output=True)
+    return project
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """A project copy, a Prefect server + process worker, and an MLflow tracking server."""
     tmp = tmp_path_factory.mktemp("orchestration")
     project = tmp / "project"
-    project.mkdir()
-    for item in ("barkgpt", "tasks", "flows", "params.yaml", "dvc.yaml", "prefect.yaml"):
-        src = ROOT / item
-        (shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy(src, project / item))
+    copy_project(project)
     prefect_port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
            "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
@@ -152,7 +163,7 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
                                         {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
     assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-deploy"} <= keys
     for f in ("data/bark/train.txt", "reports/bark/validation.html", "models/bark/best.pt",
-              "reports/bark/metrics.json", "reports/bark/loss_curve.png", "exports/bark/bark-q8_0.gguf"):
+              "reports/bark/metrics.json", "exports/bark/quantized/bark-q8_0.gguf"):
         assert (project / f).exists(), f
     # The flow ended by shipping the gated GGUF: a release on S3 and the `live` alias on a new version.
     deployed = json.loads((project / "reports/bark/deploy.json").read_text())
@@ -194,16 +205,16 @@ def test_champion_loads_with_pyfunc_and_barks(stack, deployed_run, monkeypatch):
     assert words and sum(w in BARKS for w in words) >= 0.8 * len(words), out
 
 
-def test_failed_gate_registers_but_keeps_champion(stack, deployed_run, monkeypatch):
-    project = stack["project"]
+def test_failed_gate_registers_but_keeps_champion(stack, deployed_run, monkeypatch, tmp_path):
+    project = shutil.copytree(stack["project"], tmp_path / "copy")  # the flow's project stays as DVC left it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
-    from tasks.bark import expand_dotted
+    from tasks.common import expand_dotted
 
     params = load_params(project / "params.yaml",
                          expand_dotted({**OVERRIDES, "bark.gates.min_contract_accuracy": 1.0,
                                         "bark.eval.contract_samples": 40, "bark.eval.temperature": 8.0}))
     before = get_json(f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias?name=barkgpt-bark&alias=champion")
-    metrics = stages.evaluate(params, "bark", project)
+    metrics = run_stage(params, "bark", "evaluate", project)
     if metrics["contract_accuracy"] >= 1.0:
         pytest.skip("sampling at temperature 8 still kept the contract every time; the gate could not fail")
     assert metrics["mlflow"]["champion"] is False and metrics["mlflow"]["version"] > 1
@@ -213,31 +224,33 @@ def test_failed_gate_registers_but_keeps_champion(stack, deployed_run, monkeypat
 
 def run_flow(stack, *sets: str) -> subprocess.CompletedProcess:
     args = [f"{k}={v}" for k, v in OVERRIDES.items()] + list(sets)
-    cmd = [sys.executable, "-m", "flows.bark_pipeline", "--root", str(stack["project"])]
+    cmd = [sys.executable, "-m", "flows.pipeline", "bark", "--root", str(stack["project"])]
     for a in args:
         cmd += ["--set", a]
     return subprocess.run(cmd, env=stack["env"], cwd=stack["project"], capture_output=True, text=True, timeout=300)
 
 
-def test_rerun_skips_unchanged_stages_then_corrupt_row_stops_before_training(stack, deployed_run):
+def test_rerun_runs_nothing_dvc_agrees_then_failed_check_stops_before_training(stack, deployed_run):
     project = stack["project"]
     ckpt = project / "models/bark/best.pt"
     mtime = ckpt.stat().st_mtime
     again = run_flow(stack)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
-    for task in ("data", "validate", "tokenize", "train", "evaluate"):
-        assert f"Task run '{task}-" in log
-    assert log.count("Cached(type=COMPLETED)") >= 5, log[-3000:]
+    for task in ("data", "validate", "tokenize", "train", "evaluate", "export", "quantize", "parity"):
+        assert f"Task run '{task}-" in log and f"bark-{task}: up to date (dvc status); not run" in log, log[-3000:]
     assert ckpt.stat().st_mtime == mtime
+    # The flow and DVC agree: after the flow, `dvc status` is clean and `dvc repro` runs nothing.
+    dvc = [str(BIN / "dvc")]
+    status = subprocess.run([*dvc, "status"], cwd=project, env=stack["env"], capture_output=True, text=True)
+    assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
+    repro = subprocess.run([*dvc, "repro"], cwd=project, env=stack["env"], capture_output=True, text=True)
+    assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
 
-    train_txt = project / "data/bark/train.txt"
-    lines = train_txt.read_text().split("\n")
-    lines[6] = "User: speak Assistant: meow <EOS>"  # line 7: breaks the grammar and the vocabulary
-    train_txt.write_text("\n".join(lines))
-    bad = run_flow(stack)
+    # A data check that fails (DVC re-runs validate: its params changed) stops the flow before training.
+    bad = run_flow(stack, "bark.validation.mix_tolerance=0.0001")
     assert bad.returncode == 2
-    assert "line 7" in bad.stderr and "expect_column_values_to_match_regex" in bad.stderr, bad.stderr[-2000:]
+    assert "bark_mix" in bad.stderr and "expect_column_values_to_be_between" in bad.stderr, bad.stderr[-2000:]
     assert "Task run 'train-" not in bad.stdout + bad.stderr
     assert ckpt.stat().st_mtime == mtime
 
@@ -253,15 +266,15 @@ def test_invalid_flow_parameter_fails_in_first_task_naming_it(stack):
 def test_validation_names_the_corrupted_row(tmp_path):
     root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 300, "val_conversations": 100}}})
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    assert stages.validate(params, "bark", root)["success"]
+    run_stage(params, "bark", "data", root)
+    assert run_stage(params, "bark", "validate", root)["success"]
     path = root / "data/bark/val.txt"
     lines = path.read_text().split("\n")
     lines[41] = ""  # an empty row at line 42
     lines[9] = lines[9].replace("<EOS>", "", 1)  # line 10 breaks the contract
     path.write_text("\n".join(lines))
     with pytest.raises(BarkError) as err:
-        stages.validate(params, "bark", root)
+        run_stage(params, "bark", "validate", root)
     msg = str(err.value)
     assert "bark.val.rows" in msg and "line 10" in msg and "line 42" in msg
     assert "expect_column_values_to_not_be_null" in msg
@@ -271,52 +284,30 @@ def test_validation_names_the_corrupted_row(tmp_path):
 
 def test_mix_drift_fails_the_distribution_suite(tmp_path):
     root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 300, "val_conversations": 100}}})
-    stages.bark_data(load_params(root / "params.yaml"), root)
+    run_stage(load_params(root / "params.yaml"), "bark", "data", root)
     skewed = load_params(root / "params.yaml", {"bark": {"data": {"bark_mix": {"woof": 0.1, "arf": 0.1,
                                                                                 "ruff": 0.1, "grrr": 0.7}}}})
     with pytest.raises(BarkError, match=r"bark\.train\.bark_mix.*bark woof"):
-        stages.validate(skewed, "bark", root)
+        run_stage(skewed, "bark", "validate", root)
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch):
     root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 200, "val_conversations": 50}}})
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     t0 = time.time()
     with pytest.raises(BarkError, match="did not answer"):
-        stages.train(params, "bark", root, progress=False)
+        run_stage(params, "bark", "train", root, progress=False)
     assert time.time() - t0 < 15
     assert not (root / "models/bark/best.pt").exists()
-
-
-def test_stage_cache_key_follows_dvc_deps_and_params(tmp_path):
-    """The Prefect cache key changes exactly when `dvc repro` would re-run the stage."""
-    from tasks.bark import expand_dotted
-    from tasks.common import StageInputs
-
-    root = make_project(tmp_path, {"bark": {"data": {"train_conversations": 100, "val_conversations": 20}}})
-    params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    policy = StageInputs(stage="validate")
-
-    def key(p):
-        return policy.compute_key(None, {"params": p.model_dump(), "root": str(root), "name": "bark"}, {})
-
-    base = key(params)
-    assert base == key(params)
-    assert key(load_params(root / "params.yaml", expand_dotted({"bark.train.max_steps": 7}))) == base
-    assert key(load_params(root / "params.yaml", expand_dotted({"bark.validation.mix_tolerance": 0.2}))) != base
-    (root / "data/bark/val.txt").write_text("User: speak Assistant: woof <EOS>\n")
-    assert key(params) != base
 
 
 def test_overrides_nested_or_dotted_and_retry_only_transient():
     from prefect.states import Failed
 
-    from tasks.bark import expand_dotted
-    from tasks.common import transient_only
+    from tasks.common import expand_dotted, transient_only
 
     assert expand_dotted({"bark.train.max_steps": 5, "bark": {"eval": {"seed": 1}}}) == \
         {"bark": {"train": {"max_steps": 5}, "eval": {"seed": 1}}}
@@ -335,18 +326,18 @@ def test_cli_door_tracks_one_run_across_train_resume_and_evaluate(tmp_path):
                                                       "checkpoint_every": 2},
                                             "eval": {"contract_samples": 10}}})
     params = load_params(root / "params.yaml")
-    stages.bark_data(params, root)
-    stages.tokenize(params, "bark", root)
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
 
     def crash_at_4(step, _metrics):
         if step == 4:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        stages.train(params, "bark", root, on_log=crash_at_4, progress=False)
+        run_stage(params, "bark", "train", root, on_log=crash_at_4, progress=False)
     first = json.loads((root / "models/bark/mlflow_run.json").read_text())["run_id"]
-    assert stages.train(params, "bark", root, resume=True, progress=False)["mlflow_run_id"] == first
-    assert stages.evaluate(params, "bark", root)["mlflow"]["run_id"] == first
+    assert run_stage(params, "bark", "train", root, resume=True, progress=False)["mlflow_run_id"] == first
+    assert run_stage(params, "bark", "evaluate", root)["mlflow"]["run_id"] == first
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     run = client.get_run(first)
     assert run.info.status == "FINISHED" and "eval.contract_accuracy" in run.data.metrics

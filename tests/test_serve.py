@@ -330,7 +330,7 @@ def test_serve_cli_names_a_missing_model(tmp_path):
     r = subprocess.run([sys.executable, "-m", "barkgpt", "serve"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "exports/bark/bark-q8_0.gguf: not found" in r.stderr and "--backend torch" in r.stderr
+    assert "exports/bark/quantized/bark-q8_0.gguf: not found" in r.stderr and "--backend torch" in r.stderr
 
 
 # --- any chat GGUF: Gemma 3 270M from the `gemma` extra -------------------------------------
@@ -426,10 +426,10 @@ def test_create_app_from_env_under_mangum(bark_gguf, tmp_path):
 
 
 def test_default_model_is_the_pipelines_deploy_gguf(bark_project, bark_gguf, tmp_path):
-    """With no --model, `barkgpt serve` loads exports/bark/bark-<export.deploy_quantization>.gguf."""
+    """With no --model, `barkgpt serve` loads exports/bark/quantized/bark-<export.deploy_quantization>.gguf."""
     shutil.copy(bark_project / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "exports" / "bark").mkdir(parents=True)
-    shutil.copy(bark_gguf, tmp_path / "exports" / "bark" / "bark-q8_0.gguf")
+    (tmp_path / "exports" / "bark" / "quantized").mkdir(parents=True)
+    shutil.copy(bark_gguf, tmp_path / "exports" / "bark" / "quantized" / "bark-q8_0.gguf")
     with run_server(["serve"], cwd=tmp_path) as url:
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "bark-q8_0"
         r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})

@@ -14,14 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.cli import build_parser
 from barkgpt.data.shards import load_shard, write_shard
 from barkgpt.data.webtext import load_corpus, split_corpus
 from barkgpt.errors import BarkError
 from barkgpt.loss_eval import bits_per_byte, nll_and_bytes
-from barkgpt.params import PIPELINES, ModelParams, load_params
-from barkgpt.tokenizer import ENDOFTEXT, BPETokenizer, load_tokenizer, tokenizer_from_dict, train_bpe
+from barkgpt.fileio import sha256_file
+from barkgpt.layout import Layout
+from barkgpt.params import ModelParams, load_params
+from barkgpt.pipelines import REGISTRY
+from barkgpt.tokenizer import ENDOFTEXT, BPETokenizer, load_tokenizer, tokenizer_from_dict, tokenizer_hash, train_bpe
 
 from conftest import ROOT, make_project
 
@@ -44,11 +47,11 @@ def webtext_project(wikitext_path, tmp_path_factory) -> Path:
     """The whole webtext pipeline through the stage functions, on a tiny model."""
     root = project(tmp_path_factory.mktemp("webtext"), wikitext_path)
     params = load_params(root / "params.yaml")
-    stages.webtext_ingest(params, root)
-    stages.webtext_tokenizer(params, root)
-    stages.tokenize(params, "webtext", root)
-    stages.train(params, "webtext", root, progress=False)
-    stages.evaluate(params, "webtext", root)
+    run_stage(params, "webtext", "ingest", root)
+    run_stage(params, "webtext", "tokenizer", root)
+    run_stage(params, "webtext", "tokenize", root)
+    run_stage(params, "webtext", "train", root, progress=False)
+    run_stage(params, "webtext", "evaluate", root)
     return root
 
 
@@ -82,9 +85,9 @@ def test_ingestion_is_deterministic_and_seeded(wikitext_path, tmp_path):
     # the stage writes byte-identical files when run twice
     root = project(tmp_path / "p", wikitext_path)
     params = load_params(root / "params.yaml")
-    stages.webtext_ingest(params, root)
+    run_stage(params, "webtext", "ingest", root)
     first = (root / "data/webtext/val.txt").read_bytes()
-    stages.webtext_ingest(params, root)
+    run_stage(params, "webtext", "ingest", root)
     assert (root / "data/webtext/val.txt").read_bytes() == first
 
 
@@ -136,11 +139,10 @@ def test_unreachable_hub_fails_fast_with_a_local_file_hint(monkeypatch):
 
 
 def test_cli_error_exit_code_and_pipeline_choices(tmp_path):
-    assert set(PIPELINES) == set(stages.PIPELINES) == {"bark", "webtext"}
     choices = build_parser()._subparsers._group_actions[0].choices["train"]._actions[1].choices
-    assert tuple(choices) == PIPELINES
+    assert tuple(choices) == tuple(REGISTRY) == ("bark", "webtext", "localtext")
     root = project(tmp_path, tmp_path / "missing.txt")
-    run = subprocess.run([sys.executable, "-m", "barkgpt", "--params", str(root / "params.yaml"), "webtext-ingest"],
+    run = subprocess.run([sys.executable, "-m", "barkgpt", "--params", str(root / "params.yaml"), "ingest", "webtext"],
                          cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     assert run.returncode == 2 and "no such file" in run.stderr and "Traceback" not in run.stderr
 
@@ -215,15 +217,15 @@ def test_tiktoken_gpt2_option():
 # --- shards ------------------------------------------------------------------------------------
 
 def test_shard_manifest_matches_data_and_tokenizer(webtext_project, bpe):
-    paths = stages.paths_for("webtext", webtext_project)
+    paths = Layout("webtext", webtext_project)
     for split in ("train", "val"):
         ids, manifest = load_shard(paths.shard(split))
         text = paths.data / f"{split}.txt"
         lines = text.read_text(encoding="utf-8").splitlines()
         assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == bpe.vocab_size
         assert manifest["tokens"] == ids.size == paths.shard(split).stat().st_size // 2
-        assert manifest["tokenizer_hash"] == stages.tokenizer_hash(bpe)
-        assert manifest["source_sha256"] == stages.sha256_file(text)
+        assert manifest["tokenizer_hash"] == tokenizer_hash(bpe)
+        assert manifest["source_sha256"] == sha256_file(text)
         assert manifest["text_bytes"] == text.stat().st_size
         assert int((ids == bpe.eos_id).sum()) == len(lines) and ids[-1] == bpe.eos_id
         assert int(ids.max()) < bpe.vocab_size

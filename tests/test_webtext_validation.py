@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from barkgpt import stages
+from barkgpt.pipelines import run_stage
 from barkgpt.data.shards import manifest_path
 from barkgpt.errors import BarkError
 from barkgpt.params import load_params
@@ -25,9 +25,9 @@ def tokenized(wikitext_path, tmp_path_factory) -> Path:
     root = make_project(tmp_path_factory.mktemp("webtext_gx"), {
         "webtext": {"source": str(wikitext_path), "tokenizer": {"vocab_size": 300}}})
     params = load_params(root / "params.yaml")
-    stages.webtext_ingest(params, root)
-    stages.webtext_tokenizer(params, root)
-    stages.tokenize(params, "webtext", root)
+    run_stage(params, "webtext", "ingest", root)
+    run_stage(params, "webtext", "tokenizer", root)
+    run_stage(params, "webtext", "tokenize", root)
     return root
 
 
@@ -40,7 +40,7 @@ def project(tokenized, tmp_path) -> Path:
 
 def test_wikitext_passes_text_and_token_suites(project):
     params = load_params(project / "params.yaml")
-    report = stages.validate(params, "webtext", project)
+    report = run_stage(params, "webtext", "validate", project)
     assert report["success"] and report["failed"] == 0 and report["expectations"] == 10
     names = {c["expectation"] for s in report["suites"] for c in s["checks"]}
     assert {"expect_column_values_to_not_be_null", "expect_column_values_to_be_between",
@@ -48,7 +48,7 @@ def test_wikitext_passes_text_and_token_suites(project):
             "expect_column_mean_to_be_between"} <= names
     saved = json.loads((project / "reports/webtext/validation.json").read_text())
     assert saved["success"] and (project / "reports/webtext/validation.html").exists()
-    tokens = stages.validate(params, "webtext", project, tokens=True)
+    tokens = run_stage(params, "webtext", "validate-tokens", project)
     assert tokens["success"] and tokens["expectations"] == 5
     assert json.loads((project / "reports/webtext/validation_tokens.json").read_text())["success"]
 
@@ -61,7 +61,7 @@ def test_corrupted_text_fails_naming_expectations_and_lines(project):
     lines[6] = b"x" * 20001  # line 7: over max_line_chars
     train.write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(BarkError) as err:
-        stages.validate(load_params(project / "params.yaml"), "webtext", project)
+        run_stage(load_params(project / "params.yaml"), "webtext", "validate", project)
     msg = str(err.value)
     assert "webtext.train.text: expect_column_values_to_be_in_set(valid_utf8) failed; line 3" in msg
     assert "expect_column_values_to_not_be_null(text) failed; line 5" in msg
@@ -78,13 +78,13 @@ def test_duplicates_and_non_prose_fail(project):
     val = project / "data/webtext/val.txt"
     val.write_text("\n".join(f"{i} , {i * 7} . {i % 3}" for i in range(50)) + "\n", encoding="utf-8")
     with pytest.raises(BarkError) as err:
-        stages.validate(load_params(project / "params.yaml"), "webtext", project)
+        run_stage(load_params(project / "params.yaml"), "webtext", "validate", project)
     msg = str(err.value)
     assert "webtext.train.text: expect_column_proportion_of_unique_values_to_be_between(text) failed" in msg
     assert "webtext.val.text: expect_column_mean_to_be_between(letter_share) failed" in msg
     raised = load_params(project / "params.yaml", {"webtext": {"validation": {
         "max_duplicate_rate": 0.1, "min_letter_share": 0.0}}})
-    assert stages.validate(raised, "webtext", project)["success"]  # the thresholds are the params
+    assert run_stage(raised, "webtext", "validate", project)["success"]  # the thresholds are the params
 
 
 def test_shard_with_wrong_count_or_id_fails(project):
@@ -96,7 +96,7 @@ def test_shard_with_wrong_count_or_id_fails(project):
     ids[[10, 42]] = 300  # == vocab size: out of range
     ids.tofile(project / "data/webtext/tokens/train.bin")
     with pytest.raises(BarkError) as err:
-        stages.validate(params, "webtext", project, tokens=True)
+        run_stage(params, "webtext", "validate-tokens", project)
     msg = str(err.value)
     assert "webtext.train.token_ids: expect_column_values_to_be_between(id) failed; position 10, 42" in msg
     assert "webtext.shards.manifest: expect_column_pair_values_to_be_equal(file_tokens,manifest_tokens) failed; split val" in msg
@@ -109,15 +109,15 @@ def test_shard_from_another_tokenizer_fails(project):
     manifest = json.loads(manifest_path(shard).read_text())
     manifest_path(shard).write_text(json.dumps({**manifest, "tokenizer_hash": "0" * 64}))
     with pytest.raises(BarkError, match=r"to_be_equal\(manifest_hash,tokenizer_hash\) failed; split train"):
-        stages.validate(load_params(project / "params.yaml"), "webtext", project, tokens=True)
+        run_stage(load_params(project / "params.yaml"), "webtext", "validate-tokens", project)
 
 
 def test_cli_validate_webtext_exits_2_on_bad_data(project):
-    def validate(*extra):
-        return subprocess.run([sys.executable, "-m", "barkgpt", "validate", "webtext", *extra], cwd=project,
+    def validate(command="validate"):
+        return subprocess.run([sys.executable, "-m", "barkgpt", command, "webtext"], cwd=project,
                               capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
 
-    ok = validate("--tokens")
+    ok = validate("validate-tokens")
     assert ok.returncode == 0 and "all 5 expectations passed" in ok.stdout and "validation_tokens.html" in ok.stdout
     (project / "data/webtext/val.txt").write_bytes(b"fine line\n\xff\xfe\n")
     bad = validate()

@@ -23,7 +23,7 @@ from barkgpt.errors import BarkError
 from barkgpt.fileio import sha256_bytes, sha256_file, write_text
 from barkgpt.params import WebtextCleanParams, WebtextPipeline, WebtextSplitParams
 
-TEXT_SUFFIXES = (".txt",)
+TEXT_SUFFIXES = (".txt", ".md")  # plain text, one text per line
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SUFFIXES = TEXT_SUFFIXES + tuple(TABLE_SUFFIXES)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

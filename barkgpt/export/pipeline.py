@@ -5,6 +5,7 @@ plain function so the CLI, DVC and Prefect all run the same code.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,14 @@ def export_files(lay: Layout, p: ExportParams) -> dict:
     out = {"f32": str(write_gguf(model, tok, lay.gguf("f32"), "f32", name=name))}
     if p.f16:
         out["f16"] = str(write_gguf(model, tok, lay.gguf("f16"), "f16", name=name))
+    else:  # the folder is one DVC output: it holds exactly what params ask for
+        lay.gguf("f16").unlink(missing_ok=True)
     if p.hf:
         from barkgpt.export.hf import write_hf
 
         out["hf"] = str(write_hf(model, tok, lay.hf))
+    else:
+        shutil.rmtree(lay.hf, ignore_errors=True)
     return out
 
 
@@ -42,6 +47,8 @@ def quantize_files(lay: Layout, p: ExportParams) -> dict:
     """llama.cpp quantizations of the F32 file, and per-tensor types actually used."""
     src, report_path = lay.gguf("f32"), lay.quantization_report
     report, out = {}, {}
+    for stale in lay.quantized_exports.glob("*.gguf"):  # only what params ask for: the folder is one output
+        stale.unlink()
     for q in p.quantizations:
         dst = quantize(src, lay.gguf(q), q, threads=p.threads)
         report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q)}

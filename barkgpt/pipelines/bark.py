@@ -1,0 +1,68 @@
+"""The bark pipeline: synthetic conversations under the prompt contract, a word vocabulary, and
+contract accuracy as the metric (`User: speak Assistant: woof arf <EOS>`)."""
+from __future__ import annotations
+
+from barkgpt.layout import Layout
+from barkgpt.pipelines import common
+from barkgpt.pipelines.base import Pipeline, Stage
+
+
+def generate_data(params, pipe, lay: Layout) -> dict:
+    from barkgpt.data.bark import write_bark_data
+
+    out = write_bark_data(params.bark.data, params.seed, lay.data)
+    return {split: str(path) for split, path in out.items()}
+
+
+def word_tokenizer(params, lay: Layout):
+    """The fixed bark vocabulary, saved beside the shards so every later stage reads the same one."""
+    from barkgpt.tokenizer import WordTokenizer, save_tokenizer
+
+    tok = WordTokenizer()
+    save_tokenizer(tok, lay.tokenizer)
+    return tok
+
+
+def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
+    """Validation loss, perplexity, prompt-contract accuracy and the OOD probe, plus samples."""
+    from barkgpt.checkpoint import load_model
+    from barkgpt.data.shards import load_shard
+    from barkgpt.evaluate import evaluate_bark
+    from barkgpt.stages import read_lines
+
+    cfg = params.bark
+    model, tok = load_model(lay.checkpoint)
+    val_ids, _ = load_shard(lay.shard("val"))
+    metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(lay.val_text), cfg.eval, cfg.train.dtype)
+    metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
+    return metrics, samples
+
+
+def _bark_suites(params, lay):
+    from barkgpt.validation import bark_suites
+
+    return bark_suites(params, lay)
+
+
+PIPELINE = Pipeline(
+    name="bark",
+    description="the bark model: synthetic conversations, a 9-word vocabulary, contract accuracy",
+    section=lambda params: params.bark,
+    stages=(
+        Stage("data", generate_data, "generate the synthetic bark conversations",
+              code=("barkgpt/data/bark.py",), params=("seed", "bark.data"),
+              outs=lambda lay: [lay.train_text, lay.val_text]),
+        common.validate_stage(params=("bark.data", "bark.validation", "bark.model.block_size")),
+        common.tokenize_stage(writes_tokenizer=True),
+        *common.model_stages(evaluate_code=("barkgpt/evaluate.py", "barkgpt/engine.py")),
+    ),
+    metric="contract_accuracy",
+    higher_is_better=True,
+    summary=(("contract_accuracy", "contract_accuracy"), ("contract_accuracy_multi_turn", "multi_turn"),
+             ("val_loss", "val_loss"), ("val_perplexity", "perplexity"), ("gate_passed", "gate_passed")),
+    evaluate=evaluate,
+    prompt_format="bark",
+    tokens=word_tokenizer,
+    default=True,
+    extra={"suites": _bark_suites, "eos_per_line": False},  # bark lines spell their own <EOS>
+)

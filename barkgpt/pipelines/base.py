@@ -1,0 +1,87 @@
+"""What a pipeline is: a name, its params section, and its stages in order.
+
+A stage is a plain function `(params, pipeline, layout, **options) -> dict` plus what DVC needs
+to judge it: the code it depends on, its input files, its params, its outputs. The CLI, dvc.yaml
+and the Prefect flow are all derived from these declarations (barkgpt/pipelines/dvcfile.py writes
+dvc.yaml; a test fails when the committed file disagrees).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from barkgpt.errors import BarkError
+from barkgpt.layout import Layout
+
+Files = Callable[[Layout], list[Path]]
+
+
+def no_files(lay: Layout) -> list[Path]:
+    return []
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line option of a stage, e.g. train's --resume."""
+
+    flags: tuple[str, ...]
+    dest: str
+    help: str
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the sub-command (`barkgpt <name> <pipeline>`) and the DVC stage `<pipeline>-<name>`
+    run: Callable[..., dict]  # (params, pipeline, layout, **options) -> summary of what it wrote
+    help: str
+    code: tuple[str, ...] = ()  # library files whose change makes the outputs stale
+    deps: Files = no_files  # input files (another stage's outputs)
+    params: tuple[str, ...] = ()  # dotted params keys; "{p}" stands for the pipeline's section
+    outs: Files = no_files  # outputs DVC caches and pushes
+    persist: bool = False  # keep `outs` while the stage runs (DVC deletes them first otherwise)
+    reports: Files = no_files  # outputs kept in git-ignored reports/, not cached (HTML pages, samples)
+    metrics: Files = no_files  # small JSON files `dvc metrics show` reads
+    plots: Callable[[Layout], dict[Path, dict]] = lambda lay: {}
+    options: tuple[Option, ...] = ()
+    dvc_flags: tuple[str, ...] = ()  # options the DVC door always passes (e.g. --quiet)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    description: str
+    stages: tuple[Stage, ...]
+    section: Callable[[Any], Any]  # Params -> this pipeline's params section
+    metric: str  # what evaluation reports and promotion ranks by
+    higher_is_better: bool
+    evaluate: Callable[..., tuple[dict, dict]]  # (params, pipeline, layout) -> (metrics, samples)
+    prompt_format: str  # "bark" (the prompt contract) or "text" (plain continuation)
+    # (metric key, short name): the few numbers `dvc metrics show` lists, so a row stays readable
+    summary: tuple[tuple[str, str], ...] = ()
+    tokens: Callable[..., Any] | None = None  # (params, layout) -> tokenizer, for the tokenize stage
+    default: bool = False  # in the root dvc.yaml (plain `dvc repro`); others in pipelines/<name>/
+    extra: dict = field(default_factory=dict)
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise BarkError(f"pipeline {self.name!r} has no stage {name!r}; its stages: "
+                        f"{[s.name for s in self.stages]}")
+
+    def has(self, name: str) -> bool:
+        return any(s.name == name for s in self.stages)
+
+    def params(self, params) -> Any:
+        return self.section(params)
+
+    @property
+    def dvc_file(self) -> str:
+        """Where its DVC stages live, relative to the project root."""
+        return "dvc.yaml" if self.default else f"pipelines/{self.name}/dvc.yaml"
+
+    def dvc_stage(self, stage: str) -> str:
+        return f"{self.name}-{stage}"

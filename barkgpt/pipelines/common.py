@@ -1,0 +1,91 @@
+"""Declarations of the stages every pipeline shares (tokenize, train, evaluate, export, quantize,
+parity, and the Great Expectations checks). A pipeline module lists them after its own source
+stages; the functions are in barkgpt/stages.py."""
+from __future__ import annotations
+
+from barkgpt import stages
+from barkgpt.pipelines.base import Option, Stage
+
+
+def _splits(lay):
+    return [lay.train_text, lay.val_text]
+
+
+def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) -> Stage:
+    return Stage(
+        "validate", stages.validate, "check the text splits with Great Expectations suites",
+        code=("barkgpt/validation.py",), deps=_splits, params=params,
+        reports=lambda lay: [lay.validation_report, lay.validation_html])
+
+
+def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False) -> Stage:
+    """`after`: what must exist first (the passed validation report, the trained tokenizer).
+    `writes_tokenizer`: a fixed vocabulary saved by this stage (bark) rather than trained before it."""
+    return Stage(
+        "tokenize", stages.tokenize, "encode the text splits into token shards",
+        code=("barkgpt/tokenizer.py", "barkgpt/data/shards.py"),
+        deps=lambda lay: [*after(lay), *_splits(lay)],
+        outs=lambda lay: [lay.tokenizer, lay.tokens] if writes_tokenizer else [lay.tokens])
+
+
+def validate_tokens_stage() -> Stage:
+    return Stage(
+        "validate-tokens", stages.validate_tokens,
+        "check the token shards (ids, manifest counts, tokenizer hash) with Great Expectations",
+        code=("barkgpt/validation.py",), deps=lambda lay: [lay.tokenizer, lay.tokens],
+        reports=lambda lay: [lay.token_validation_report, lay.token_validation_html])
+
+
+def train_stage(after=lambda lay: []) -> Stage:
+    return Stage(
+        "train", stages.train, "train the pipeline's model",
+        code=("barkgpt/model.py", "barkgpt/train.py"),
+        deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
+        params=("{p}.model", "{p}.train"),
+        outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
+        reports=lambda lay: [lay.train_summary],
+        plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
+        options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
+                        {"action": "store_true"}),
+                 Option(("--quiet",), "progress", "no progress bar", {"action": "store_false"})),
+        dvc_flags=("--quiet",))
+
+
+def evaluate_stage(code: tuple[str, ...]) -> Stage:
+    return Stage(
+        "evaluate", stages.evaluate, "evaluate the current model with the pipeline's metric and gate",
+        code=code, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
+        params=("{p}.eval", "{p}.gates"),
+        metrics=lambda lay: [lay.summary], reports=lambda lay: [lay.metrics, lay.samples])
+
+
+def export_stage() -> Stage:
+    return Stage(
+        "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
+        code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py"),
+        deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
+        outs=lambda lay: [lay.full_exports])
+
+
+def quantize_stage() -> Stage:
+    return Stage(
+        "quantize", stages.quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)",
+        code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32")],
+        params=("export.quantizations",),
+        outs=lambda lay: [lay.quantized_exports],
+        reports=lambda lay: [lay.quantization_report])
+
+
+def parity_stage() -> Stage:
+    return Stage(
+        "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
+        code=("barkgpt/export/parity.py", "barkgpt/export/pipeline.py"),
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports],
+        params=("seed", "export"),
+        reports=lambda lay: [lay.parity_report])
+
+
+def model_stages(evaluate_code: tuple[str, ...], train_after=lambda lay: []) -> tuple[Stage, ...]:
+    """train -> evaluate -> export -> quantize -> parity: the same for every pipeline."""
+    return (train_stage(train_after), evaluate_stage(evaluate_code), export_stage(), quantize_stage(),
+            parity_stage())

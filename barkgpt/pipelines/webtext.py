@@ -1,0 +1,120 @@
+"""The WebText-2 pipeline: real text (the hub, or local files), a byte-level BPE trained on the
+training split, and validation bits per byte as the metric. Any text pipeline reuses its stages
+(see localtext.py): only the params section differs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from barkgpt.layout import Layout
+from barkgpt.pipelines import common
+from barkgpt.pipelines.base import Pipeline, Stage
+
+
+def ingest(params, pipe, lay: Layout) -> dict:
+    """Source (hub id or local file/folder) -> cleaned data/<pipeline>/{train,val}.txt."""
+    from barkgpt.data.webtext import ingest as ingest_corpus
+    from barkgpt.fileio import write_json
+
+    report = ingest_corpus(pipe.params(params), lay.train_text, lay.val_text)
+    write_json(lay.ingest_report, report)
+    return report
+
+
+def train_tokenizer(params, pipe, lay: Layout) -> dict:
+    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash."""
+    from barkgpt.stages import read_lines
+    from barkgpt.fileio import write_json
+    from barkgpt.tokenizer import BPETokenizer, save_tokenizer, tokenizer_hash, train_bpe
+
+    p = pipe.params(params).tokenizer
+    if p.kind == "tiktoken":
+        tok = BPETokenizer.from_tiktoken(p.name)
+    else:
+        tok = train_bpe(read_lines(lay.train_text), p.vocab_size, p.min_frequency)
+    save_tokenizer(tok, lay.tokenizer)
+    val_lines = read_lines(lay.val_text)
+    val_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(val_lines, p.threads))  # +1: the EOS per line
+    val_bytes = sum(len(line.encode("utf-8")) + 1 for line in val_lines)  # +1: the newline the EOS stands for
+    report = {
+        "kind": tok.kind, "name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val_bytes,
+        "val_bytes_per_token": val_bytes / max(val_tokens, 1),
+    }
+    write_json(lay.tokenizer_report, report)
+    return report
+
+
+def saved_tokenizer(params, lay: Layout):
+    from barkgpt.tokenizer import load_tokenizer
+
+    return load_tokenizer(lay.tokenizer)
+
+
+def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
+    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
+    from barkgpt.checkpoint import load_model
+    from barkgpt.data.shards import load_shard
+    from barkgpt.errors import BarkError
+    from barkgpt.loss_eval import evaluate_lm
+    from barkgpt.tokenizer import tokenizer_hash
+
+    cfg = pipe.params(params)
+    model, tok = load_model(lay.checkpoint)
+    val_ids, manifest = load_shard(lay.shard("val"))
+    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
+        raise BarkError(f"{lay.shard('val')}: was encoded with another tokenizer than {lay.checkpoint}; "
+                        f"re-run the tokenize and train stages (dvc repro {pipe.dvc_file})")
+    # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
+    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
+    metrics["val_text_bytes"] = manifest.get("text_bytes")
+    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
+    return metrics, samples
+
+
+def _text_suites(params, lay):
+    from barkgpt.validation import webtext_suites
+
+    return webtext_suites(params, lay)
+
+
+def _token_suites(params, lay):
+    from barkgpt.validation import webtext_token_suites
+
+    return webtext_token_suites(params, lay)
+
+
+def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
+    """ingest -> validate -> tokenizer -> tokenize -> validate-tokens -> train -> ... -> parity.
+    `local_source`: the source is always a local file or folder, so DVC watches it (a dependency
+    named by the params value, which DVC interpolates from params.yaml)."""
+    source = (lambda lay: [Path(f"${{{name}.source}}")]) if local_source else (lambda lay: [])
+    return (
+        Stage("ingest", ingest, "read, clean and split the corpus (<pipeline>.source)",
+              code=("barkgpt/data/webtext.py",), deps=source,
+              params=("{p}.source", "{p}.text_field", "{p}.clean", "{p}.split"),
+              outs=lambda lay: [lay.train_text, lay.val_text], reports=lambda lay: [lay.ingest_report]),
+        common.validate_stage(),
+        Stage("tokenizer", train_tokenizer, "train the byte-level BPE on the training split",
+              code=("barkgpt/tokenizer.py",),
+              deps=lambda lay: [lay.validation_report, lay.train_text, lay.val_text],
+              params=("{p}.tokenizer.kind", "{p}.tokenizer.vocab_size", "{p}.tokenizer.min_frequency",
+                      "{p}.tokenizer.name"),
+              outs=lambda lay: [lay.tokenizer], reports=lambda lay: [lay.tokenizer_report]),
+        common.tokenize_stage(after=lambda lay: [lay.tokenizer]),
+        common.validate_tokens_stage(),
+        *common.model_stages(evaluate_code=("barkgpt/loss_eval.py", "barkgpt/engine.py"),
+                             train_after=lambda lay: [lay.token_validation_report]),
+    )
+
+
+def text_pipeline(name: str, description: str, local_source: bool = False, **fields) -> Pipeline:
+    return Pipeline(
+        name=name, description=description, section=lambda params: getattr(params, name),
+        stages=text_stages(name, local_source), metric="val_bpb", higher_is_better=False, evaluate=evaluate,
+        summary=(("val_bpb", "val_bpb"), ("val_loss", "val_loss"), ("val_perplexity", "perplexity"),
+                 ("gate_passed", "gate_passed")),
+        prompt_format="text", tokens=saved_tokenizer,
+        extra={"suites": _text_suites, "token_suites": _token_suites, "eos_per_line": True}, **fields)
+
+
+PIPELINE = text_pipeline("webtext", "WebText-2: real text, a byte-level BPE, bits per byte")
