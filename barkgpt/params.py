@@ -281,6 +281,8 @@ class ServeParams(Strict):
     n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
     threads: int = Field(1, ge=1, description="decode threads; more help only big models on idle cores")
     workers: int = Field(1, ge=1, description="server processes sharing the port, each with its own model")
+    inline: Literal["auto", "always", "never"] = Field(
+        "auto", description="generate on the event loop (auto: for the bark model) or in a model thread")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     default_max_tokens: int = Field(32, ge=1)

@@ -42,11 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_gpt as ref  # noqa: E402
 
-from barkgpt import stages  # noqa: E402
 from barkgpt.checkpoint import load_model  # noqa: E402
 from barkgpt.data.shards import load_shard  # noqa: E402
 from barkgpt.layout import Layout  # noqa: E402
 from barkgpt.params import deep_merge, load_params  # noqa: E402
+from barkgpt.pipelines import run_stage  # noqa: E402
 from barkgpt.tokenizer import load_tokenizer  # noqa: E402
 
 REF_SHAPE = {"model": {"n_layer": 4, "n_head": 4, "n_kv_head": None, "n_embd": 256, "block_size": 256,
@@ -72,9 +72,8 @@ def make_project(root: Path, webtext: dict) -> object:
 
 
 def prepare(params, root: Path) -> None:
-    stages.webtext_ingest(params, root)
-    stages.webtext_tokenizer(params, root)
-    stages.tokenize(params, "webtext", root)
+    for stage in ("ingest", "tokenizer", "tokenize"):
+        run_stage(params, "webtext", stage, root)
 
 
 def final_bpb(model, root: Path) -> float:
@@ -109,7 +108,7 @@ def barkgpt_throughput(params, root: Path) -> tuple[float, float]:
     windows of its log (train_log.csv); the first window holds compilation and is left out."""
     import csv
 
-    stages.train(params, "webtext", root, progress=False)
+    run_stage(params, "webtext", "train", root, progress=False)
     windows, prev = [], 0
     for row in csv.DictReader(Layout("webtext", root).train_log.open()):
         tokens = int(row["tokens"])
@@ -177,7 +176,7 @@ def main() -> None:
         bark_root = work / "barkgpt"
         bark_params = make_project(bark_root, deep_merge(base, {"train": {"max_seconds": args.seconds}}))
         prepare(bark_params, bark_root)
-        out = stages.train(bark_params, "webtext", bark_root, progress=False)
+        out = run_stage(bark_params, "webtext", "train", bark_root, progress=False)
         bark_model, _ = load_model(Layout("webtext", bark_root).last_checkpoint)
         bark_bpb = final_bpb(bark_model, bark_root)
         m, tr = bark_params.webtext.model, bark_params.webtext.train

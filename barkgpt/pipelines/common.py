@@ -39,7 +39,7 @@ def validate_tokens_stage() -> Stage:
 def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
-        code=("barkgpt/model.py", "barkgpt/train.py"),
+        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model

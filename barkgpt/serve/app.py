@@ -27,7 +27,7 @@ from barkgpt.errors import BarkError
 from barkgpt.serve.backends import Done, GenParams, load_backend
 from barkgpt.serve.contract import message_text
 from barkgpt.serve.settings import Settings, load_settings
-from barkgpt.serve.worker import Busy, Job, ModelWorker
+from barkgpt.serve.worker import Busy, Job, make_worker
 
 log = logging.getLogger("barkgpt.serve")
 STATIC = Path(__file__).parent / "static"
@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.backend = load_backend(serve, settings.root)  # once per process
-        app.state.worker = ModelWorker(serve.queue_size)
+        app.state.worker = make_worker(app.state.backend, serve)
         app.state.worker.start()
         log.info("serving %s (%s, %s backend)", app.state.backend.model_id, app.state.backend.kind, serve.backend)
         yield
@@ -171,7 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return error_response(500, "internal server error; see the server log", "internal_error")
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: a sync dependency costs a thread hop
         if not settings.api_key:
             return
         given = request.headers.get("authorization", "")
