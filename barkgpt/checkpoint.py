@@ -33,27 +33,45 @@ def save_checkpoint(path: Path, *, model: GPT, tokenizer: Tokenizer, params: dic
         "rng": rng,
         "extra": extra or {},
     }
+    meta_path = _meta_path(path)
+    old = _read_meta(meta_path) if path.exists() else {}
+    # Two files cannot be replaced at once. Until the new .pt is in place the sidecar also accepts
+    # the digests the old .pt may have, so a kill -9 between the two renames leaves a loadable pair.
+    previous = ([old["sha256"]] if old.get("sha256") else []) + list(old.get("previous", []))[:7]
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
         digest = sha256_file(tmp)
-    write_json(_meta_path(path), {"sha256": digest, "step": step})
+        write_json(meta_path, {"sha256": digest, "step": step, "previous": previous})
+    write_json(meta_path, {"sha256": digest, "step": step})
 
 
 def _meta_path(path: Path) -> Path:
     return Path(str(path) + ".json")
 
 
+def _read_meta(meta_path: Path) -> dict:
+    try:
+        meta = read_json(meta_path)
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def load_checkpoint(path: Path) -> dict:
     """Return the checkpoint dict; BarkError if it is missing, truncated, tampered or foreign."""
     path = Path(path)
     if not path.exists():
-        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train or dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train {Path(path).parent.name} or "
+                        f"{repro_command(Path(path).parent.name)})")
     meta_path = _meta_path(path)
     if not meta_path.exists():
         raise BarkError(f"{path}: its checksum file {meta_path.name} is missing; re-train or restore both")
-    expected = read_json(meta_path).get("sha256")
+    meta = _read_meta(meta_path)
+    expected = meta.get("sha256")
     actual = sha256_file(path)
-    if actual != expected:
+    if actual != expected and actual not in meta.get("previous", []):
         raise BarkError(
             f"{path}: checksum mismatch (sha256 {actual[:12]}..., expected {str(expected)[:12]}...); "
             "the file is truncated or was modified; re-train or restore it"

@@ -28,7 +28,16 @@ def cmd_stage(args) -> None:
     options = {o.dest: getattr(args, o.dest) for o in stage.options}
     lay = Layout(pipe.name)
     result = stage.run(_params(args), pipe, lay, **options)
+    if args.stage == "train" and not _prints_train_summary(result):
+        return
     print(summarize(args.stage, result, lay))
+
+
+def _prints_train_summary(result: dict) -> bool:
+    """Rank 0 prints the summary; not the other ranks, nor a launcher whose rank 0 already did."""
+    from barkgpt.distributed import from_env, under_torchrun
+
+    return from_env().is_main and not (result.get("nproc", 1) > 1 and not under_torchrun())
 
 
 def summarize(stage: str, out: dict, lay) -> str:
@@ -40,8 +49,7 @@ def summarize(stage: str, out: dict, lay) -> str:
     if stage == "tokenize":
         return "\n".join(f"{split}: {m['tokens']:,} tokens" for split, m in out.items())
     if stage in ("validate", "validate-tokens"):
-        page = lay.token_validation_html if stage == "validate-tokens" else lay.validation_html
-        return f"{out['pipeline']}: all {out['expectations']} expectations passed; report: {page}"
+        return f"{out['pipeline']}: all {out['expectations']} expectations passed; Data Docs: {out['data_docs']}"
     if stage == "ingest":
         return (f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
                 f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
@@ -52,6 +60,27 @@ def summarize(stage: str, out: dict, lay) -> str:
     if stage in ("export", "quantize", "data"):
         return "\n".join(f"{kind}: {path}" for kind, path in out.items())
     return json.dumps(out, indent=2, default=str)
+
+
+def cmd_report(args) -> None:
+    from barkgpt.report import log_report, write_report
+
+    params = _params(args)
+    path = write_report(params, args.pipeline)
+    run_id = log_report(params, args.pipeline, path=path)
+    print(f"wrote {path}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
+
+
+def cmd_modelfile(args) -> None:
+    import shlex
+
+    from barkgpt.export.recipes import llama_server_commands, write_modelfile
+
+    params = _params(args)
+    path = write_modelfile(params, args.pipeline)
+    print(f"wrote {path}: ollama create barkgpt-{args.pipeline} -f {path}")
+    for name, cmd in llama_server_commands(params, args.pipeline).items():
+        print(f"{name}: {shlex.join(cmd)}")
 
 
 def cmd_generate(args) -> None:
@@ -76,13 +105,20 @@ def cmd_generate(args) -> None:
 
 def cmd_serve(args) -> None:
     from barkgpt.serve import launch
-    from barkgpt.serve.backends import resolve_model
+    from barkgpt.serve.backends import load_backend, resolve_model
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(args.params, host=args.host, port=args.port, backend=args.backend,
                              model=args.model, chat_format=args.chat_format, model_id=args.model_id,
                              threads=args.threads, workers=args.workers)
-    resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    path = resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
+    try:  # load now (the app's start-up reuses it): a damaged model is a clear error, not a uvicorn traceback
+        load_backend(settings.serve, settings.root)
+    except BarkError:
+        raise
+    except Exception as err:
+        raise BarkError(f"{path}: cannot load the model ({type(err).__name__}: {err}); re-export or re-train it, "
+                        "or pass another --model") from None
     s = settings.serve
     print(f"BarkGPT serving on http://{s.host}:{s.port}/ (chat page), OpenAI API at /v1", file=sys.stderr)
     launch.run(settings, args.log_level)
@@ -103,6 +139,19 @@ def cmd_deploy(args) -> None:
     print(f"function {fn['name']} version {fn['version']} (alias {fn['alias']}; changed: "
           f"{', '.join(fn['changed']) or 'nothing'}) on {report['target']}")
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
+
+
+def _log_to_stderr() -> None:
+    """barkgpt's own log lines (training progress, notes) on stderr, plain; other libraries untouched."""
+    import logging
+
+    logger = logging.getLogger("barkgpt")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def cmd_dvc_yaml(args) -> None:
@@ -140,25 +189,45 @@ def add_stage_commands(sub) -> None:
         p.set_defaults(fn=cmd_stage, stage=name)
 
 
+def version_text() -> str:
+    """`barkgpt 0.1.0 (torch 2.13.0, llama-cpp-python 0.3.36, python 3.11.2)`, read from package
+    metadata so that --version imports neither torch nor llama.cpp."""
+    from importlib import metadata
+
+    from barkgpt import __version__
+
+    engines = []
+    for dist in ("torch", "llama-cpp-python"):
+        try:
+            engines.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            engines.append(f"{dist} not installed")
+    engines.append(f"python {sys.version.split()[0]}")
+    return f"barkgpt {__version__} ({', '.join(engines)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from barkgpt.pipelines import REGISTRY
 
     parser = argparse.ArgumentParser(prog="barkgpt", description="Train, evaluate and ship tiny GPTs.")
     parser.add_argument("--params", default="params.yaml", help="configuration file (default: params.yaml)")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of barkgpt and the engines it runs on, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_stage_commands(sub)
 
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
-    p.add_argument("--prompt", default="User: speak Assistant:")
+    p.add_argument("--prompt", default="User: speak Assistant:", help="text to continue (default: %(default)r)")
     p.add_argument("--pipeline", default="bark", choices=list(REGISTRY), help="default: bark")
     p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with this probability (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None, help="random seed; sample i uses seed + i (default: random)")
+    p.add_argument("-n", "--num-samples", type=int, default=1, help="completions to print (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")
@@ -170,20 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-format", help="llama.cpp chat format for GGUFs without a template, e.g. gemma")
     p.add_argument("--threads", type=int, help="decode threads (default: serve.threads)")
     p.add_argument("--workers", type=int, help="server processes, each with its own model (default: serve.workers)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("chat", help="chat with a running server in the terminal")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
     p.add_argument("--api-key", default=None, help="bearer key (default: env BARKGPT_API_KEY)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=32, help="longest reply in tokens (default: %(default)s)")
     p.set_defaults(fn=cmd_chat)
 
     p = sub.add_parser("deploy", help="release the gated model to S3 and serve it from AWS Lambda "
                                       "(a local AWS API server when no AWS configuration exists)")
     p.add_argument("pipeline", nargs="?", default="bark", choices=list(REGISTRY), help="default: bark")
     p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("report", help="write reports/<pipeline>/report.md (hardware, data, params, loss curve, "
+                                      "evaluation, parity, deploy, timings) and log it to the MLflow run")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline's run")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("modelfile", help="write exports/<pipeline>/Modelfile (Ollama) and print llama.cpp "
+                                         "server commands for the deploy GGUF")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline's exported model")
+    p.set_defaults(fn=cmd_modelfile)
 
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml files from the pipeline declarations (barkgpt/pipelines/)")
     p.add_argument("pipelines", nargs="*", choices=[[]] + [n for n in REGISTRY if not REGISTRY[n].default],
@@ -196,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         args.fn(args)
     except BarkError as err:
@@ -204,6 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        import errno
+
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: disk full: {err.strerror} writing {err.filename or 'a file'}; free space on that "
+              "filesystem (e.g. old exports/, mlruns/, .dvc/cache: dvc gc) and run the stage again", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -3,13 +3,16 @@
 A leaf: it imports nothing from barkgpt, so serving, deployment and the Lambda handler can ask
 where a model is without importing the stages (or torch). Paths are relative to the project root.
 
-    data/<p>/        train.txt, val.txt, tokenizer.json, tokens/{train,val}.bin (+ .json manifests)
+    data/<p>/        train.txt, val.txt, tokenizer.json,
+                     tokens/{train,val}.json (shard manifests) + tokens/<split>-NNNNNN.bin (fixed-size shards)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
-    reports/<p>/     one JSON per stage (validation, train, metrics, quantization, parity, deploy)
+    reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
+                     validation/: Great Expectations' Data Docs
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +46,16 @@ class Layout:
     def tokens(self) -> Path:
         return self.data / "tokens"
 
-    def shard(self, split: str) -> Path:
-        return self.tokens / f"{split}.bin"
+    def token_manifest(self, split: str) -> Path:
+        """The split's shard manifest: dtype, vocabulary, tokenizer hash and the shard files in order."""
+        return self.tokens / f"{split}.json"
+
+    def token_shard(self, split: str, index: int) -> Path:
+        return self.tokens / f"{split}-{index:06d}.bin"
+
+    def token_shard_files(self, split: str) -> list[Path]:
+        """The split's shard files on disk now (its manifest says which belong to the current encoding)."""
+        return sorted(self.tokens.glob(f"{split}-{'[0-9]' * 6}.bin"))
 
     # --- models ---------------------------------------------------------------------------------
     @property
@@ -112,16 +123,17 @@ class Layout:
         return self.report("validation")
 
     @property
-    def validation_html(self) -> Path:
-        return self.reports / "validation.html"
+    def validation_docs(self) -> Path:
+        """Great Expectations Data Docs of the text suites (a folder; index.html)."""
+        return self.reports / "validation"
 
     @property
     def token_validation_report(self) -> Path:
         return self.report("validation_tokens")
 
     @property
-    def token_validation_html(self) -> Path:
-        return self.reports / "validation_tokens.html"
+    def token_validation_docs(self) -> Path:
+        return self.reports / "validation_tokens"
 
     @property
     def train_summary(self) -> Path:
@@ -149,6 +161,11 @@ class Layout:
         return self.report("samples")
 
     @property
+    def export_report(self) -> Path:
+        """sha256 of each file the export stage wrote (checked before quantize, parity, serving)."""
+        return self.report("export")
+
+    @property
     def quantization_report(self) -> Path:
         return self.report("quantization")
 
@@ -161,5 +178,23 @@ class Layout:
         return self.report("deploy")
 
 
+def repro_command(pipeline: str) -> str:
+    """The DVC command that runs a pipeline's stages: bark's are in the root dvc.yaml (what a plain
+    `dvc repro` runs), every other pipeline's in pipelines/<name>/dvc.yaml."""
+    return "dvc repro" if pipeline in ("bark", "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"
+
+
 def layout(pipeline: str, root: str | Path = ".") -> Layout:
     return Layout(pipeline, Path(root))
+
+
+# --- per machine, outside any project ----------------------------------------------------------
+
+def machine_cache() -> Path:
+    """~/.cache/barkgpt (or $XDG_CACHE_HOME/barkgpt): what one machine keeps across projects."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "barkgpt"
+
+
+def compile_cache() -> Path:
+    """torch.compile's kernels and graphs: a cold compile is paid once per machine, not per run."""
+    return machine_cache() / "torch-compile"

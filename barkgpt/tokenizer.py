@@ -292,9 +292,22 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.exists():
-        raise BarkError(f"{path}: tokenizer not found; run the tokenize stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: tokenizer not found; run the tokenize stage first ({repro_command(path.parent.name)})")
+    fix = ("re-create it with its stage (bark: barkgpt tokenize bark; webtext: barkgpt webtext-tokenizer), "
+           "or restore it with dvc checkout")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BarkError(f"{path}: not a tokenizer JSON file ({err})") from None
-    return tokenizer_from_dict(spec)
+        raise BarkError(f"{path}: not a tokenizer JSON file ({err}); {fix}") from None
+    if not isinstance(spec, dict):
+        raise BarkError(f"{path}: holds a JSON {type(spec).__name__}, not a tokenizer object "
+                        f"({{\"kind\": ...}}); {fix}")
+    try:
+        return tokenizer_from_dict(spec)
+    except BarkError as err:
+        raise BarkError(f"{path}: {err}; {fix}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise BarkError(f"{path}: not a valid {spec.get('kind')!r} tokenizer ({type(err).__name__}: {err}); "
+                        f"{fix}") from None

@@ -1,4 +1,5 @@
-"""BarkClient, ChatBarkGPT, the LangGraph agent and `barkgpt chat`, against a real server."""
+"""The openai SDK as pointed by barkgpt.chat.client, ChatBarkGPT, the LangGraph agent and `barkgpt chat`,
+against a real server."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 
 from barkgpt.chat.agent import count_barks, run_agent
-from barkgpt.chat.client import BarkClient, ServerError
+from barkgpt.chat.client import api_url, openai_client, server_errors
 from barkgpt.chat.langchain import ChatBarkGPT, bark_prompt_for, to_openai_messages
 from barkgpt.chat.terminal import run_chat
 from barkgpt.errors import BarkError
@@ -29,43 +30,47 @@ def barks_ok(text: str) -> bool:
     return bool(text.split()) and all(w in BARKS for w in text.split())
 
 
-def test_client_chat_stream_complete_generate(bark_server):
-    with BarkClient(bark_server) as client:
-        assert client.health() == {"status": "ok"}
-        assert client.models() == ["bark-q8_0"]
-        assert barks_ok(client.reply(USER, seed=1))
-        pieces = list(client.stream(USER, seed=2))
-        assert len(pieces) >= 1 and barks_ok("".join(pieces))
-        assert barks_ok(client.complete("User: speak Assistant:", max_tokens=8)["choices"][0]["text"])
-        assert barks_ok(client.generate("anything"))
-        pool = client.client  # one connection pool for all calls
-        client.reply(USER)
-        assert client.client is pool
-        with pytest.raises(ServerError) as err:
-            client.reply(USER, model="gpt-4")
-        assert err.value.status == 404 and "not served here" in str(err.value)
+def test_openai_client_chat_stream_complete_generate(bark_server):
+    import openai
+
+    client = openai_client(bark_server)  # the server as `barkgpt serve` prints it; /v1 is added
+    assert [m.id for m in client.models.list()] == ["bark-q8_0"]
+    r = client.chat.completions.create(model="bark-q8_0", messages=USER, seed=1)
+    assert barks_ok(r.choices[0].message.content)
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="bark-q8_0", messages=USER, seed=2, stream=True) if c.choices]
+    assert len(pieces) >= 1 and barks_ok("".join(pieces))
+    c = client.completions.create(model="bark-q8_0", prompt="User: speak Assistant:", max_tokens=8)
+    assert barks_ok(c.choices[0].text)
+    assert barks_ok(client.post("/model/generate", body={"prompt": "anything"}, cast_to=object)["message"])
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=USER)
+    assert err.value.status_code == 404 and "not served here" in str(err.value)
+    with pytest.raises(BarkError, match="answered 404: .*not served here"), server_errors(bark_server):
+        client.chat.completions.create(model="gpt-4", messages=USER)
 
 
-def test_client_async(bark_server):
+def test_openai_client_async(bark_server):
+    from openai import AsyncOpenAI
+
     async def main():
-        client = BarkClient(bark_server)
-        try:
-            r = await client.achat(USER, seed=3)
-            pieces = [p async for p in client.astream(USER, seed=4)]
+        async with AsyncOpenAI(base_url=api_url(bark_server), api_key="unused") as client:
+            r = await client.chat.completions.create(model="bark-q8_0", messages=USER, seed=3)
+            stream = await client.chat.completions.create(model="bark-q8_0", messages=USER, seed=4, stream=True)
+            pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
             return r, pieces
-        finally:
-            await client.aclose()
 
     r, pieces = asyncio.run(main())
-    assert barks_ok(r["choices"][0]["message"]["content"]) and barks_ok("".join(pieces))
+    assert barks_ok(r.choices[0].message.content) and barks_ok("".join(pieces))
 
 
 def test_client_retries_connection_errors_with_backoff():
-    client = BarkClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.1, connect_timeout=1)
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
-    with pytest.raises(BarkError, match="cannot reach the server"):
-        client.health()
-    assert time.monotonic() - start >= 0.1 + 0.2  # waited between the three attempts
+    with pytest.raises(BarkError, match="cannot reach the server"), server_errors(url):
+        openai_client(url, retries=2, timeout=1).models.list()
+    # the SDK waited between the three attempts: 0.5 s then 1 s, less up to 25 % jitter
+    assert time.monotonic() - start >= 0.375 + 0.75
 
 
 class Flaky(BaseHTTPRequestHandler):
@@ -81,7 +86,7 @@ class Flaky(BaseHTTPRequestHandler):
             body = b'{"error": {"message": "warming up"}}'
         else:
             self.send_response(200)
-            body = b'{"status": "ok"}'
+            body = b'{"object": "list", "data": [{"id": "bark", "object": "model", "created": 0, "owned_by": "x"}]}'
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -97,11 +102,11 @@ def test_client_retries_5xx_then_succeeds_or_gives_up():
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         Flaky.calls = 0
-        assert BarkClient(url, retries=3).health() == {"status": "ok"} and Flaky.calls == 3
+        assert [m.id for m in openai_client(url, retries=3).models.list()] == ["bark"] and Flaky.calls == 3
         Flaky.calls = 0
-        with pytest.raises(ServerError) as err:
-            BarkClient(url, retries=1).health()
-        assert err.value.status == 503 and "warming up" in str(err.value) and Flaky.calls == 2
+        with pytest.raises(BarkError) as err, server_errors(url):
+            openai_client(url, retries=1).models.list()
+        assert "answered 503" in str(err.value) and "warming up" in str(err.value) and Flaky.calls == 2
     finally:
         server.shutdown()
 
@@ -110,6 +115,19 @@ def test_message_adapter_to_contract():
     msgs = [SystemMessage("You are a dog."), HumanMessage("Hi!"), AIMessage("Woof! arf"), HumanMessage("More?")]
     assert to_openai_messages(msgs)[1] == {"role": "user", "content": "Hi!"}
     assert bark_prompt_for(msgs) == "User: speak Assistant: woof arf <EOS> User: speak Assistant:"
+
+
+def test_chat_barkgpt_is_chatopenai_pointed_at_the_server(monkeypatch):
+    from langchain_openai import ChatOpenAI
+
+    monkeypatch.setenv("BARKGPT_API_KEY", "s3cret")
+    llm = ChatBarkGPT(base_url="http://127.0.0.1:9/")
+    assert isinstance(llm, ChatOpenAI) and llm.openai_api_base == "http://127.0.0.1:9/v1"
+    assert llm.openai_api_key.get_secret_value() == "s3cret"
+    assert llm._default_params["model"] == "" and llm.max_tokens == 32  # "": the server's one model
+    assert ChatBarkGPT(api_key="other").openai_api_key.get_secret_value() == "other"
+    monkeypatch.delenv("BARKGPT_API_KEY")
+    assert ChatBarkGPT().openai_api_base == "http://127.0.0.1:8000/v1"
 
 
 def test_chat_barkgpt_invoke_stream_batch_async(bark_server):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ from barkgpt.params import BARKS
 from barkgpt.serve.backends import StopText
 from barkgpt.serve.contract import bark_prompt
 from barkgpt.serve.worker import Busy, Job, ModelWorker
-from conftest import run_server
+from conftest import free_port, run_server
 
 
 def barks_ok(text: str) -> bool:
@@ -333,6 +335,109 @@ def test_serve_cli_names_a_missing_model(tmp_path):
     assert "exports/bark/quantized/bark-q8_0.gguf: not found" in r.stderr and "--backend torch" in r.stderr
 
 
+def test_serve_cli_refuses_a_corrupt_checkpoint_or_gguf(bark_project, bark_gguf, tmp_path):
+    """A damaged model is exit 2 with the file named, not a uvicorn start-up traceback."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(bark_project / "models/bark/best.pt", ckpt)
+    shutil.copy(bark_project / "models/bark/best.pt.json", tmp_path / "best.pt.json")
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(bark_gguf.read_bytes()[:5000])
+    for args, words in ((["--backend", "torch", "--model", str(ckpt)], "checksum mismatch"),
+                        (["--model", str(truncated)], "cannot load the model")):
+        r = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--port", str(free_port()), *args],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert words in r.stderr and str(args[-1]) in r.stderr
+
+
+def test_settings_from_params_then_environment(tmp_path, monkeypatch):
+    """pydantic-settings reads the BARKGPT_* variables (os.environ, or the mapping AWS Lambda passes)."""
+    from barkgpt.errors import BarkError
+    from barkgpt.serve.settings import load_settings
+
+    monkeypatch.setenv("BARKGPT_SERVE_PORT", "9123")
+    monkeypatch.setenv("BARKGPT_CORS_ORIGINS", "http://a.example, http://b.example")
+    monkeypatch.setenv("BARKGPT_API_KEY", "s3cret")
+    s = load_settings(root=tmp_path)
+    assert s.serve.port == 9123 and s.serve.cors_origins == ["http://a.example", "http://b.example"]
+    assert s.api_key == "s3cret" and "s3cret" not in repr(s)
+    assert load_settings(root=tmp_path, port=9000).serve.port == 9000  # the CLI's options win
+    given = load_settings(root=tmp_path, env={"BARKGPT_BACKEND": "torch", "BARKGPT_SERVE_HOST": "0.0.0.0"})
+    assert (given.serve.backend, given.serve.host, given.serve.port) == ("torch", "0.0.0.0", 8000)
+    assert given.api_key is None  # only the given mapping counts, not os.environ
+    for bad, words in (({"BARKGPT_SERVE_PORT": "many"}, "BARKGPT_SERVE_PORT"),
+                       ({"BARKGPT_BACKEND": "gpu"}, "BARKGPT_BACKEND"), ({"BARKGPT_SERVE_PORT": "0"}, "port")):
+        with pytest.raises(BarkError, match=words):
+            load_settings(root=tmp_path, env=bad)
+
+
+# --- the local server's guards: Host header (DNS rebinding) and slow clients (slowloris) ------
+
+def test_host_header_must_name_this_server(bark_server):
+    port = httpx.URL(bark_server).port
+    for host, status in ((f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), ("localhost", 200),
+                         (f"[::1]:{port}", 200), (f"evil.example:{port}", 400), ("127.0.0.1.evil.example", 400)):
+        r = httpx.get(bark_server + "/v1/models", headers={"Host": host})
+        assert r.status_code == status, (host, r.text)
+    # a rebound name reaches the socket, but neither the API nor the chat page answers it
+    assert httpx.post(bark_server + "/v1/chat/completions", json={"messages": USER},
+                      headers={"Host": "evil.example"}).status_code == 400
+    assert httpx.get(bark_server + "/", headers={"Host": "evil.example"}).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def slow_guarded_server(bark_project, bark_gguf, tmp_path_factory):
+    """The bark GGUF with one second for a request's headers and one for its body."""
+    root = tmp_path_factory.mktemp("slowloris")
+    raw = yaml.safe_load((bark_project / "params.yaml").read_text())
+    raw["serve"].update({"request_header_timeout_s": 1, "request_body_timeout_s": 1})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    with run_server(["serve", "--model", str(bark_gguf)], cwd=root) as url:
+        yield url
+
+
+def trickle(port: int, head: bytes, drip: bytes, every: float = 0.2, limit: float = 10.0) -> tuple[bytes, float]:
+    """Send `head`, then `drip` one byte every `every` s, as a slowloris client does; return what the
+    server answered before it closed the connection, and after how many seconds."""
+    start = time.monotonic()
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as conn:
+        conn.sendall(head)
+        for i in range(int(limit / every)):
+            if select.select([conn], [], [], every)[0]:
+                while chunk := conn.recv(65536):
+                    answer += chunk
+                return answer, time.monotonic() - start
+            try:
+                conn.sendall(drip[i % len(drip):][:1])
+            except OSError:  # closed while we sent: read what it said
+                pass
+    return answer, time.monotonic() - start
+
+
+def test_slow_clients_are_cut_off(slow_guarded_server):
+    port = httpx.URL(slow_guarded_server).port
+    host = f"Host: 127.0.0.1:{port}\r\n".encode()
+    # a connection that never sends a request is closed
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        start = time.monotonic()
+        assert conn.recv(100) == b"" and time.monotonic() - start < 5
+    # headers that trickle in (one byte per 0.2 s for ever) get 408 and a closed connection
+    answer, took = trickle(port, b"GET /health HTTP/1.1\r\n" + host, b"X-Slow: a")
+    assert answer.startswith(b"HTTP/1.1 408") and 0.8 < took < 5, (answer, took)
+    # so does a body that trickles in after complete headers
+    head = b"POST /v1/completions HTTP/1.1\r\n" + host + b"Content-Length: 200\r\n\r\n"
+    answer, took = trickle(port, head, b'{"prompt": "woof woof"}')
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer and took < 5, answer
+    # while honest clients are served as before
+    r = httpx.post(slow_guarded_server + "/v1/completions", json={"prompt": "User: speak Assistant:", "max_tokens": 4})
+    assert r.status_code == 200 and barks_ok(r.json()["choices"][0]["text"])
+
+
 # --- any chat GGUF: Gemma 3 270M from the `gemma` extra -------------------------------------
 
 @pytest.fixture(scope="module")
@@ -399,7 +504,8 @@ def test_create_app_from_env_under_mangum(bark_gguf, tmp_path):
     from barkgpt.serve.app import create_app
     from barkgpt.serve.settings import load_settings
 
-    settings = load_settings(root=tmp_path, env={"BARKGPT_MODEL": str(bark_gguf), "BARKGPT_API_KEY": "k"})
+    env = {"BARKGPT_MODEL": str(bark_gguf), "BARKGPT_API_KEY": "k"}
+    settings = load_settings(root=tmp_path, env=env, allowed_hosts=["*.on.aws"])  # AWS's host names
     assert settings.serve.model == str(bark_gguf) and settings.api_key == "k"
     app = create_app(settings)
     handler = Mangum(app, lifespan="auto")
@@ -423,6 +529,8 @@ def test_create_app_from_env_under_mangum(bark_gguf, tmp_path):
         backends.append(app.state.backend)
     assert backends[0] is backends[1]  # loaded once, reused by the second invocation
     assert handler(event("/health"), Ctx())["statusCode"] == 200
+    local = Mangum(create_app(load_settings(root=tmp_path, env=env)), lifespan="off")  # loopback names only
+    assert local(event("/health"), Ctx())["statusCode"] == 400
 
 
 def test_default_model_is_the_pipelines_deploy_gguf(bark_project, bark_gguf, tmp_path):

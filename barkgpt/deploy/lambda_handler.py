@@ -39,7 +39,8 @@ def serving_app(files: dict[str, Path], manifest: dict, env: Mapping[str, str]):
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(root=files["model"].parent, env=dict(env), model=str(files["model"]),
-                             backend=manifest["backend"], pipeline=manifest["pipeline"])
+                             backend=manifest["backend"], pipeline=manifest["pipeline"],
+                             allowed_hosts=["*"])  # AWS routes by its own host names; no browser-local server to rebind
     app = create_app(settings)
     start_lifespan(app)
     return app

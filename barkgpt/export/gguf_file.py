@@ -5,21 +5,24 @@ The model is a Llama already (model.py): export renames tensors and splits the f
 llama.cpp's normal rope for `llama`), so unlike convert_hf_to_gguf.py no q/k permutation is needed.
 With tied embeddings no `output.weight` is written; llama.cpp then reuses `token_embd.weight`.
 
-`preflight` parses a GGUF header in pure Python with bounds checks (magic, version, key/values,
-tensor table, every tensor's bytes inside the file) so a truncated, corrupted or foreign file
-gives a BarkError here instead of undefined behaviour inside llama.cpp.
+`preflight` reads a file with gguf.GGUFReader, every read bounds-checked (magic, version,
+key/values, tensor table, every tensor's bytes inside the file), so a truncated, corrupted or
+foreign file gives a BarkError here instead of undefined behaviour inside llama.cpp. It imports
+no torch: serving a GGUF checks it too.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
@@ -89,115 +92,65 @@ def write_gguf(model, tok, path: Path, dtype: str = "f32", name: str = "barkgpt"
 
 # --- pre-flight ---------------------------------------------------------------------------------
 
-GGUF_MAGIC = b"GGUF"
-# gguf value types: size of fixed-size scalars (8 = string, 9 = array handled separately)
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-MAX_DIMS = 4
+MAX_DIMS = 4  # GGML_MAX_DIMS: llama.cpp refuses more
 
 
-@dataclass
+@dataclass(frozen=True)
 class GGUFInfo:
-    version: int
-    n_tensors: int
-    metadata: dict
-    tensors: dict[str, dict]  # name -> {shape, type, offset, nbytes}
+    tensors: dict[str, dict]  # name -> {type, shape, offset (from the data start), nbytes}
     data_offset: int
     file_size: int
 
 
-class _Cursor:
-    def __init__(self, data: bytes, path: Path):
-        self.data, self.pos, self.path = data, 0, path
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise BarkError(f"{self.path}: GGUF header is truncated or corrupted (needs {n} bytes at offset "
-                            f"{self.pos}, file has {len(self.data)}); re-export or re-download the file")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        raw = self.take(n)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BarkError(f"{self.path}: GGUF header holds a string that is not UTF-8 (offset {self.pos - n}); "
-                            "the file is corrupted") from None
-
-    def value(self, vtype: int, depth: int = 0):
-        if vtype in _SCALAR:
-            return self.unpack(_SCALAR[vtype])
-        if vtype == 8:
-            return self.string()
-        if vtype == 9 and depth == 0:
-            etype, n = self.unpack("<I"), self.unpack("<Q")
-            if etype in _SCALAR:  # read numeric arrays in one go, bounds-checked by take()
-                size = struct.calcsize(_SCALAR[etype])
-                return np.frombuffer(self.take(n * size), dtype=np.dtype(_SCALAR[etype]))
-            if n > len(self.data):  # every element needs at least one byte
-                raise BarkError(f"{self.path}: GGUF array length {n} exceeds the file size; the file is corrupted")
-            return [self.value(etype, depth + 1) for _ in range(n)]
-        raise BarkError(f"{self.path}: unknown GGUF value type {vtype}; the file is corrupted or from a newer GGUF")
+class _PastEnd(Exception):
+    pass
 
 
-def preflight(path: str | Path, max_header_bytes: int = 1 << 28) -> GGUFInfo:
-    """Check a GGUF file before llama.cpp touches it; BarkError naming the problem otherwise."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+def _bounded_reader():
+    from gguf import GGUFReader
 
+    class BoundedReader(GGUFReader):
+        """GGUFReader reads past the end of a truncated file as empty arrays, and a corrupted array
+        length then loops for up to 2**64 elements: here every read must lie inside the file."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > self.data.size:
+                raise _PastEnd(f"needs bytes {int(offset)}..{end}, the file has {self.data.size}")
+            return super()._get(offset, dtype, count, override_order)
+
+    return BoundedReader
+
+
+def preflight(path: str | Path) -> GGUFInfo:
+    """Check a GGUF file with gguf.GGUFReader before llama.cpp touches it: a truncated, corrupted or
+    foreign file is a BarkError naming the problem, never undefined behaviour inside llama.cpp."""
     path = Path(path)
     if not path.is_file():
-        raise BarkError(f"{path}: GGUF file not found; run the export stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: GGUF file not found; run the export stage first "
+                        f"({repro_command(Path(path).parent.name)})")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(min(size, max_header_bytes))
-    if head[:4] != GGUF_MAGIC:
-        raise BarkError(f"{path}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF'); "
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise BarkError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF'); "
                         "pass a file written by `barkgpt export` or llama.cpp's tools")
-    cur = _Cursor(head, path)
-    cur.take(4)
-    version = cur.unpack("<I")
-    if version not in (2, 3):
-        raise BarkError(f"{path}: GGUF version {version} is not supported (2 or 3); the file is corrupted "
-                        "or written by an incompatible tool")
-    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
-    if n_tensors > size // 24 or n_kv > size // 12:  # each entry needs at least that many bytes
-        raise BarkError(f"{path}: GGUF header claims {n_tensors} tensors and {n_kv} keys, more than "
-                        f"a {size}-byte file can hold; the file is corrupted")
-    metadata = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        metadata[key] = cur.value(cur.unpack("<I"))
-    tensors = {}
-    for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.unpack("<I")
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise BarkError(f"{path}: tensor {name!r} has {n_dims} dimensions; the file is corrupted")
-        shape = [cur.unpack("<Q") for _ in range(n_dims)]
-        ttype, offset = cur.unpack("<I"), cur.unpack("<Q")
-        try:
-            qtype = GGMLQuantizationType(ttype)
-            block, block_bytes = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise BarkError(f"{path}: tensor {name!r} has unknown type id {ttype}; the file is corrupted "
-                            "or needs a newer llama.cpp") from None
-        n = int(np.prod(shape, dtype=np.float64))
-        if shape[0] % block:
-            raise BarkError(f"{path}: tensor {name!r} row of {shape[0]} values does not fit {qtype.name} "
-                            f"blocks of {block}; the file is corrupted")
-        tensors[name] = {"shape": shape, "type": qtype.name, "offset": offset, "nbytes": n // block * block_bytes}
-    alignment = int(metadata.get("general.alignment", 32))
-    if alignment <= 0 or alignment & (alignment - 1):
-        raise BarkError(f"{path}: general.alignment {alignment} is not a power of two; the file is corrupted")
-    data_offset = -(-cur.pos // alignment) * alignment
+    try:
+        reader = _bounded_reader()(path)
+        tensors = {t.name: {"type": t.tensor_type.name, "shape": [int(d) for d in t.shape],
+                            "offset": t.data_offset - reader.data_offset, "nbytes": int(t.n_bytes)}
+                   for t in reader.tensors}
+        data_offset, alignment = reader.data_offset, int(reader.alignment)
+        del reader  # closes the memory map
+    except (_PastEnd, ValueError, KeyError, IndexError, OverflowError, TypeError) as err:
+        raise BarkError(f"{path}: the GGUF file is truncated or corrupted ({type(err).__name__}: {err}); "
+                        "re-export it (barkgpt export / quantize) or re-download it") from None
     for name, t in tensors.items():
         start = data_offset + t["offset"]
-        if t["offset"] % alignment or start + t["nbytes"] > size:
-            raise BarkError(f"{path}: tensor {name!r} needs bytes {start}..{start + t['nbytes']} but the file has "
-                            f"{size} bytes; the file is truncated or corrupted, re-export it")
-    return GGUFInfo(version, n_tensors, metadata, tensors, data_offset, size)
+        if not 1 <= len(t["shape"]) <= MAX_DIMS or t["offset"] % alignment or start + t["nbytes"] > size:
+            raise BarkError(f"{path}: tensor {name!r} (shape {t['shape']}, bytes {start}..{start + t['nbytes']}) "
+                            f"does not fit a {size}-byte file aligned to {alignment}; the file is corrupted, "
+                            "re-export it")
+    return GGUFInfo(tensors, data_offset, size)

@@ -17,8 +17,10 @@ from barkgpt.engine import Sampling, stream
 from barkgpt.export.gguf_file import preflight
 
 
-def open_llama(path: Path, n_ctx: int, threads: int = 1):
+def open_llama(path: Path, n_ctx: int, threads: int = 1, warnings: list[str] | None = None):
     """A llama_cpp.Llama for `path` after BarkGPT's own header checks; quiet, all logits kept.
+    llama.cpp's warnings while loading (e.g. `n_ctx_seq (256) > n_ctx_train (64)`: it pads the
+    context to 256; positions past the trained context are never used) are added to `warnings`.
 
     The KV cache is F32 (llama.cpp defaults to F16) so F32 parity measures the export, not the
     cache's rounding. One thread: these models are tiny and extra threads only add sync cost.
@@ -29,7 +31,13 @@ def open_llama(path: Path, n_ctx: int, threads: int = 1):
     kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                   n_threads=threads, n_threads_batch=threads, verbose=False,
                   type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    return llama_cpp.Llama(**kwargs)
+    from barkgpt.export import llama_log
+
+    with llama_log.captured() as warned:
+        llm = llama_cpp.Llama(**kwargs)
+    if warnings is not None:
+        warnings.extend(warned)
+    return llm
 
 
 def close_llama(llm) -> None:

@@ -13,10 +13,12 @@ import torch
 
 from barkgpt.checkpoint import load_model
 from barkgpt.errors import BarkError
+from barkgpt.export import llama_log
 from barkgpt.export import parity as P
+from barkgpt.export.checksums import file_record, verify_recorded
 from barkgpt.export.gguf_file import write_gguf
 from barkgpt.export.quantize import quantize, tensor_report
-from barkgpt.fileio import sha256_file, write_json
+from barkgpt.fileio import write_json
 from barkgpt.layout import Layout
 from barkgpt.params import ExportParams
 
@@ -26,7 +28,7 @@ class GateError(BarkError):
 
 
 def export_files(lay: Layout, p: ExportParams) -> dict:
-    """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint."""
+    """Write <name>-f32.gguf (+ f16) and hf/ from the trained checkpoint; record each GGUF's sha256."""
     model, tok = load_model(lay.checkpoint)
     name = f"barkgpt-{lay.pipeline}"
     out = {"f32": str(write_gguf(model, tok, lay.gguf("f32"), "f32", name=name))}
@@ -34,6 +36,7 @@ def export_files(lay: Layout, p: ExportParams) -> dict:
         out["f16"] = str(write_gguf(model, tok, lay.gguf("f16"), "f16", name=name))
     else:  # the folder is one DVC output: it holds exactly what params ask for
         lay.gguf("f16").unlink(missing_ok=True)
+    write_json(lay.export_report, {variant: file_record(Path(path)) for variant, path in out.items()})
     if p.hf:
         from barkgpt.export.hf import write_hf
 
@@ -44,16 +47,24 @@ def export_files(lay: Layout, p: ExportParams) -> dict:
 
 
 def quantize_files(lay: Layout, p: ExportParams) -> dict:
-    """llama.cpp quantizations of the F32 file, and per-tensor types actually used."""
+    """llama.cpp quantizations of the F32 file, and per-tensor types actually used.
+
+    llama.cpp's warnings (a line per tensor that falls back to another type) go into the report
+    under each quantization's `llama_cpp_warnings`; the log gets one line."""
     src, report_path = lay.gguf("f32"), lay.quantization_report
-    report, out = {}, {}
+    verify_recorded(lay, src)  # quantize what the export wrote, not a file damaged since
+    report, out, warned_all = {}, {}, []
     for stale in lay.quantized_exports.glob("*.gguf"):  # only what params ask for: the folder is one output
         stale.unlink()
     for q in p.quantizations:
-        dst = quantize(src, lay.gguf(q), q, threads=p.threads)
-        report[q] = {"path": str(dst), "bytes": dst.stat().st_size, **tensor_report(dst, q)}
+        with llama_log.captured() as warned:
+            dst = quantize(src, lay.gguf(q), q, threads=p.threads)
+        report[q] = {**file_record(dst), **tensor_report(dst, q), "llama_cpp_warnings": llama_log.summary(warned)}
         out[q] = str(dst)
+        warned_all += warned
     write_json(report_path, report)
+    print(llama_log.one_line(f"quantize {lay.pipeline} ({', '.join(p.quantizations)})", warned_all, str(report_path)),
+          flush=True)
     return {**out, "report": str(report_path)}
 
 
@@ -131,10 +142,13 @@ def parity_report(lay: Layout, val_lines: list[str], p: ExportParams, seed: int 
                     "tokenizer": getattr(tok, "kind", type(tok).__name__), "files": {}, "quantizations": {}}
     f32_size = files["f32"].stat().st_size
     base_quality = None
+    warned: list[str] = []  # llama.cpp's warnings while opening the files: into the report, not the log
+    # judge the files the stages wrote (their recorded sha256), not copies damaged since
+    digests = {variant: verify_recorded(lay, path) for variant, path in files.items()}
     for variant, path in files.items():
-        llm = P.open_llama(path, n_ctx, p.threads)
+        llm = P.open_llama(path, n_ctx, p.threads, warned)
         try:
-            entry = {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path),
+            entry = {"path": str(path), "bytes": path.stat().st_size, "sha256": digests[variant],
                      "size_ratio_vs_f32": path.stat().st_size / f32_size,
                      "tokenization": P.tokenization_parity(llm, tok, val_lines),
                      "logits": P.logits_parity(llm, model, logit_prompts),
@@ -182,7 +196,9 @@ def parity_report(lay: Layout, val_lines: list[str], p: ExportParams, seed: int 
         "deploy_passed": f32_ok and deploy["status"] == "accepted",
         "rejected": [q for q, e in report["quantizations"].items() if e["status"] == "rejected"],
     }
+    report["llama_cpp_warnings"] = llama_log.summary(warned)
     write_json(report_path, report)
+    print(llama_log.one_line(f"parity {name}", warned, str(report_path)), flush=True)
     if not f32_ok:
         raise GateError(f"F32 GGUF parity failed ({report['f32_parity']}); see {report_path}. The export does not "
                         "reproduce the PyTorch model; fix the exporter before deploying")

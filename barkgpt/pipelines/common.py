@@ -15,31 +15,44 @@ def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) ->
     return Stage(
         "validate", stages.validate, "check the text splits with Great Expectations suites",
         code=("barkgpt/validation.py",), deps=_splits, params=params,
-        reports=lambda lay: [lay.validation_report, lay.validation_html])
+        outs=lambda lay: [lay.validation_docs],  # GX Data Docs: a folder of pages, cached
+        reports=lambda lay: [lay.validation_report])
 
 
-def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False) -> Stage:
+def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False,
+                   params: tuple[str, ...] = ()) -> Stage:
     """`after`: what must exist first (the passed validation report, the trained tokenizer).
     `writes_tokenizer`: a fixed vocabulary saved by this stage (bark) rather than trained before it."""
     return Stage(
-        "tokenize", stages.tokenize, "encode the text splits into token shards",
-        code=("barkgpt/tokenizer.py", "barkgpt/data/shards.py"),
-        deps=lambda lay: [*after(lay), *_splits(lay)],
+        "tokenize", stages.tokenize, "encode the text splits into token shards (streaming, in worker processes)",
+        code=("barkgpt/tokenizer.py", "barkgpt/data/encode.py", "barkgpt/data/shards.py"),
+        deps=lambda lay: [*after(lay), *_splits(lay)], params=params,
         outs=lambda lay: [lay.tokenizer, lay.tokens] if writes_tokenizer else [lay.tokens])
 
 
 def validate_tokens_stage() -> Stage:
     return Stage(
         "validate-tokens", stages.validate_tokens,
-        "check the token shards (ids, manifest counts, tokenizer hash) with Great Expectations",
-        code=("barkgpt/validation.py",), deps=lambda lay: [lay.tokenizer, lay.tokens],
-        reports=lambda lay: [lay.token_validation_report, lay.token_validation_html])
+        "check the token shards (sizes, counts, ids, tokenizer hash) with Great Expectations",
+        code=("barkgpt/validation.py", "barkgpt/data/shards.py"), deps=lambda lay: [lay.tokenizer, lay.tokens],
+        outs=lambda lay: [lay.token_validation_docs],
+        reports=lambda lay: [lay.token_validation_report])
+
+
+def _tag(text: str) -> tuple[str, str]:
+    import argparse
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
-        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py"),
+        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py",
+              "barkgpt/distributed.py", "barkgpt/data/shards.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
@@ -47,7 +60,13 @@ def train_stage(after=lambda lay: []) -> Stage:
         plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
         options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
                         {"action": "store_true"}),
-                 Option(("--quiet",), "progress", "no progress bar", {"action": "store_false"})),
+                 Option(("--quiet",), "progress",
+                        "no progress bar: a progress line every 10 s instead (as when stderr is not a terminal)",
+                        {"action": "store_false"}),
+                 Option(("--nproc",), "nproc", "data-parallel processes, launched with torchrun "
+                        "(default: <pipeline>.train.nproc)", {"type": int, "metavar": "N"}),
+                 Option(("--tag",), "tags", "an extra tag on the MLflow run (repeatable)",
+                        {"action": "append", "type": _tag, "metavar": "KEY=VALUE"})),
         dvc_flags=("--quiet",))
 
 
@@ -64,13 +83,14 @@ def export_stage() -> Stage:
         "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
         code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py"),
         deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
-        outs=lambda lay: [lay.full_exports])
+        outs=lambda lay: [lay.full_exports],
+        reports=lambda lay: [lay.export_report])  # each GGUF's sha256, checked before it is used
 
 
 def quantize_stage() -> Stage:
     return Stage(
         "quantize", stages.quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)",
-        code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32")],
+        code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32"), lay.export_report],
         params=("export.quantizations",),
         outs=lambda lay: [lay.quantized_exports],
         reports=lambda lay: [lay.quantization_report])
@@ -80,7 +100,8 @@ def parity_stage() -> Stage:
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
         code=("barkgpt/export/parity.py", "barkgpt/export/pipeline.py"),
-        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports],
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports,
+                          lay.export_report, lay.quantization_report],
         params=("seed", "export"),
         reports=lambda lay: [lay.parity_report])
 

@@ -246,5 +246,11 @@ def _load_backend(serve, root: Path):
         return TorchBackend(path, serve.threads, serve.model_id or f"barkgpt-{serve.pipeline}")
     if path.suffix != ".gguf":
         raise BarkError(f"{path}: not a .gguf or .pt file; the llama backend serves GGUF models")
+    from barkgpt.export.checksums import verify_recorded
+    from barkgpt.layout import layout
+
+    # a pipeline's export must be the file its stage wrote (and pre-flighted); any other GGUF meets
+    # llama.cpp's own loader checks
+    verify_recorded(layout(serve.pipeline, root), path, required=False)
     return LlamaBackend(path, serve.threads, serve.model_id or path.stem, serve.n_ctx,
                         serve.chat_format)
