@@ -98,15 +98,13 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
-    from barkgpt.serve.app import create_app, uvicorn_options
+    from barkgpt.serve import launch
     from barkgpt.serve.backends import load_backend, resolve_model
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(args.params, host=args.host, port=args.port, backend=args.backend,
                              model=args.model, chat_format=args.chat_format, model_id=args.model_id,
-                             threads=args.threads)
+                             threads=args.threads, workers=args.workers)
     path = resolve_model(settings.serve, settings.root)  # a missing model fails here, with the fix named
     try:  # load now (the app's start-up reuses it): a damaged model is a clear error, not a uvicorn traceback
         load_backend(settings.serve, settings.root)
@@ -117,8 +115,7 @@ def cmd_serve(args) -> None:
                         "or pass another --model") from None
     s = settings.serve
     print(f"BarkGPT serving on http://{s.host}:{s.port}/ (chat page), OpenAI API at /v1", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=s.host, port=s.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5, **uvicorn_options(s))
+    launch.run(settings, args.log_level)
 
 
 def cmd_chat(args) -> None:
@@ -238,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="the name clients use (default: from the file)")
     p.add_argument("--chat-format", help="llama.cpp chat format for GGUFs without a template, e.g. gemma")
     p.add_argument("--threads", type=int, help="decode threads (default: serve.threads)")
+    p.add_argument("--workers", type=int, help="server processes, each with its own model (default: serve.workers)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)

@@ -96,6 +96,14 @@ class TrainParams(Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' matrices, AdamW (learning_rate) for embeddings and gains")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0, description="decoupled, times the current Muon rate")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="after warm-up: cosine to min_lr_ratio, or wsd: constant, then linear decay")
+    decay_fraction: float = Field(0.4, gt=0, le=1, description="wsd: the final share of the run that decays")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
@@ -289,6 +297,9 @@ class ServeParams(Strict):
     chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
     n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
     threads: int = Field(1, ge=1, le=256, description="decode threads, at most 256; more help only big models on idle cores")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port, each with its own model")
+    inline: Literal["auto", "always", "never"] = Field(
+        "auto", description="generate on the event loop (auto: for the bark model) or in a model thread")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     default_max_tokens: int = Field(32, ge=1)

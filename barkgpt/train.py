@@ -15,7 +15,6 @@ import contextlib
 import csv
 import io
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from barkgpt.fileio import write_text
 from barkgpt.lm.torch_lm import TorchLM
 from barkgpt.loss_eval import eval_windows, evaluate_bpb
 from barkgpt.model import GPT
+from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr  # noqa: F401 (lr_at: API)
 from barkgpt.params import ModelParams, TrainParams
 from barkgpt.tokenizer import Tokenizer
 
@@ -58,22 +58,6 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def lr_at(step: int, progress: float, p: TrainParams) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio*lr as progress -> 1."""
-    if step < p.warmup_steps:
-        return p.learning_rate * (step + 1) / p.warmup_steps
-    floor = p.learning_rate * p.min_lr_ratio
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return floor + (p.learning_rate - floor) * cosine
-
-
-def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.AdamW:
-    # Decay matrices only; norms' gains stay free (nanoGPT's rule).
-    decay = [q for q in model.parameters() if q.dim() >= 2]
-    no_decay = [q for q in model.parameters() if q.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel over all parameters instead of a dozen ops per tensor (CPU, CUDA and MPS).
-    return torch.optim.AdamW(groups, lr=p.learning_rate, betas=(p.beta1, p.beta2), fused=True)
 
 
 def set_threads(threads: int | None) -> None:
@@ -213,9 +197,9 @@ def train(
     fraction = progress_fraction(elapsed())
     report = Progress(p, step, fraction, active=dist.is_main, bar=progress)
     while step < p.max_steps and fraction < 1.0:
-        lr = lr_at(step, fraction, p)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, fraction, p)
+        set_lr(optimizer, factor)  # each param group's own peak rate times the schedule
+        lr = p.learning_rate * factor
         loss_sum = torch.zeros((), device=device)
         for a in range(micro_steps):
             rng = window_rng(p.seed, step, dist.rank * micro_steps + a)

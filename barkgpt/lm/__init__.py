@@ -140,7 +140,7 @@ def model_name(path: str | Path) -> str:
 
 
 def load_lm(path: str | Path, threads: int | None = None, n_ctx: int = 0, chat_format: str | None = None,
-            all_logits: bool = False) -> LM:
+            all_logits: bool = False, flash_attn: bool = False) -> LM:
     """A .pt checkpoint through PyTorch, or a .gguf through llama.cpp (torch is never imported)."""
     path = Path(path)
     if path.suffix == ".pt":
@@ -150,5 +150,6 @@ def load_lm(path: str | Path, threads: int | None = None, n_ctx: int = 0, chat_f
     if path.suffix == ".gguf":
         from barkgpt.lm.llama_lm import LlamaLM
 
-        return LlamaLM(path, n_ctx=n_ctx, threads=threads or 1, chat_format=chat_format, all_logits=all_logits)
+        return LlamaLM(path, n_ctx=n_ctx, threads=threads or 1, chat_format=chat_format, all_logits=all_logits,
+                       flash_attn=flash_attn)
     raise BarkError(f"{path}: not a .pt checkpoint or a .gguf file; pass a model written by barkgpt train/export")

@@ -74,9 +74,10 @@ class LlamaLM:
     backend = "llama.cpp"
 
     def __init__(self, path: str | Path, n_ctx: int = 0, threads: int = 1, chat_format: str | None = None,
-                 all_logits: bool = False):
+                 all_logits: bool = False, flash_attn: bool = False):
         """n_ctx 0: the context the model was trained with (at most 4096). all_logits: keep every
-        position's logits (for `logits` and `token_losses`; judging, not serving)."""
+        position's logits (for `logits` and `token_losses`; judging, not serving). flash_attn:
+        llama.cpp's fused attention, faster decoding (serving; parity keeps the exact path)."""
         import llama_cpp
 
         from barkgpt.export import llama_log
@@ -99,7 +100,7 @@ class LlamaLM:
                 batch = n_ctx if all_logits else min(512, n_ctx)
                 self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=batch, n_ubatch=batch,
                                            logits_all=all_logits, n_threads=threads, n_threads_batch=threads,
-                                           chat_format=chat_format, verbose=False, **cache)
+                                           chat_format=chat_format, flash_attn=flash_attn, verbose=False, **cache)
             except ValueError as err:  # llama-cpp-python: "Failed to load model from file: ..."
                 raise BarkError(f"{path}: llama.cpp could not load it ({err}); re-export it or pass another "
                                 "GGUF") from None

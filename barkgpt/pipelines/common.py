@@ -51,8 +51,8 @@ def _tag(text: str) -> tuple[str, str]:
 def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
-        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/device.py", "barkgpt/distributed.py",
-              "barkgpt/data/shards.py", "barkgpt/loss_eval.py", "barkgpt/lm/torch_lm.py"),
+        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py",
+              "barkgpt/distributed.py", "barkgpt/data/shards.py", "barkgpt/loss_eval.py", "barkgpt/lm/torch_lm.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
