@@ -61,7 +61,10 @@ def load_checkpoint(path: Path) -> dict:
     """Return the checkpoint dict; BarkError if it is missing, truncated, tampered or foreign."""
     path = Path(path)
     if not path.exists():
-        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train or dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train {Path(path).parent.name} or "
+                        f"{repro_command(Path(path).parent.name)})")
     meta_path = _meta_path(path)
     if not meta_path.exists():
         raise BarkError(f"{path}: its checksum file {meta_path.name} is missing; re-train or restore both")

@@ -1,9 +1,11 @@
 """Atomic writes and hashing: a crash mid-write never leaves a half-written output behind."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +21,49 @@ def atomic_path(path: str | Path):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, path.parent)  # judged before the temp file frees its space
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise disk_full_error(path) from err
         raise
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain, or a library's own words for a short write
+    (torch: "... 4096 requested and 1080 written") on a filesystem with (almost) no space left."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+def disk_full_error(path: Path):
+    from barkgpt.errors import BarkError
+
+    try:
+        usage = shutil.disk_usage(path.parent)
+        where = f"{_size(usage.free)} free of {_size(usage.total)}"
+    except OSError:
+        where = "free space unknown"
+    return BarkError(f"disk full: could not write {path} ({where} on the filesystem holding {path.parent.resolve()}); "
+                     "free space there (e.g. old exports/, mlruns/, .dvc/cache: dvc gc) or move the project, "
+                     "then run the stage again")
 
 
 def write_text(path: str | Path, text: str) -> None:

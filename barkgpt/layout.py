@@ -174,8 +174,19 @@ class Layout:
         return self.report("parity")
 
     @property
+    def parity_summary(self) -> Path:
+        """The verdict and a number per file, for `dvc metrics show` (parity.json has the details)."""
+        return self.reports / "parity_summary.json"
+
+    @property
     def deploy_report(self) -> Path:
         return self.report("deploy")
+
+
+def repro_command(pipeline: str) -> str:
+    """The DVC command that runs a pipeline's stages: bark's are in the root dvc.yaml (what a plain
+    `dvc repro` runs), every other pipeline's in pipelines/<name>/dvc.yaml."""
+    return "dvc repro" if pipeline in ("bark", "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"
 
 
 def layout(pipeline: str, root: str | Path = ".") -> Layout:

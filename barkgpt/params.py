@@ -17,12 +17,13 @@ BARKS = ("woof", "arf", "ruff", "grrr")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `learning_rate: .inf` or `.nan` is refused here, not found as NaN weights later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BarkDataParams(Strict):
-    train_conversations: int = Field(4000, gt=0)
-    val_conversations: int = Field(400, gt=0)
+    train_conversations: int = Field(4000, gt=0, le=10_000_000, description="at most 10 million")
+    val_conversations: int = Field(400, gt=0, le=1_000_000, description="at most 1 million")
     max_barks: int = Field(4, ge=1, le=16, description="barks per assistant turn: 1..max_barks")
     max_turns: int = Field(3, ge=1, le=8, description="turns in a multi-turn conversation")
     multi_turn_share: float = Field(0.3, ge=0.0, le=1.0)
@@ -41,12 +42,14 @@ class BarkDataParams(Strict):
 
 
 class ModelParams(Strict):
-    n_layer: int = Field(2, ge=1)
-    n_head: int = Field(2, ge=1)
-    n_kv_head: int | None = Field(None, ge=1, description="grouped-query heads; None = n_head")
-    n_embd: int = Field(64, ge=32)
-    block_size: int = Field(64, ge=8, description="context length in tokens")
-    ffn_hidden: int | None = Field(None, ge=32, description="SwiGLU width; None = ~8/3 n_embd")
+    # Upper bounds: far past what trains on a CPU, low enough that a typo (an extra zero or three)
+    # is refused here rather than met as an allocation failure deep inside torch.
+    n_layer: int = Field(2, ge=1, le=64, description="transformer blocks, 1..64")
+    n_head: int = Field(2, ge=1, le=64, description="attention heads, 1..64")
+    n_kv_head: int | None = Field(None, ge=1, le=64, description="grouped-query heads; None = n_head")
+    n_embd: int = Field(64, ge=32, le=4096, description="width, a multiple of 32, at most 4096")
+    block_size: int = Field(64, ge=8, le=8192, description="context length in tokens, 8..8192")
+    ffn_hidden: int | None = Field(None, ge=32, le=16384, description="SwiGLU width; None = ~8/3 n_embd")
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
@@ -83,9 +86,9 @@ class ModelParams(Strict):
 
 
 class TrainParams(Strict):
-    max_steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(300, ge=1, le=100_000_000)
+    batch_size: int = Field(32, ge=1, le=4096, description="sequences per micro-batch, at most 4096")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step, at most 1024")
     learning_rate: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
@@ -93,29 +96,38 @@ class TrainParams(Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' matrices, AdamW (learning_rate) for embeddings and gains")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0, description="decoupled, times the current Muon rate")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="after warm-up: cosine to min_lr_ratio, or wsd: constant, then linear decay")
+    decay_fraction: float = Field(0.4, gt=0, le=1, description="wsd: the final share of the run that decays")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
     nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes (DDP under torchrun); "
                                                      "one per GPU on CUDA")
     compile: bool = Field(False, description="torch.compile the model (compiled code cached per machine)")
-    threads: int | None = Field(None, ge=1, description="torch threads (per process); None = all cores")
+    threads: int | None = Field(None, ge=1, le=256,
+                                description="torch threads per process, at most 256 (more than the cores only slows); None = all cores")
     seed: int = 1337
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: int = Field(8, ge=1, le=100_000)
     checkpoint_every: int = Field(100, ge=1)
     max_seconds: float | None = Field(None, gt=0, description="wall-clock budget; None = none")
     max_tokens: int | None = Field(None, gt=0, description="token budget; None = none")
 
 
 class BarkEvalParams(Strict):
-    contract_samples: int = Field(200, ge=1)
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, description="contract samples are drawn at this temperature")
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_new_tokens: int = Field(24, ge=1)
-    val_batches: int = Field(20, ge=1)
+    max_new_tokens: int = Field(24, ge=1, le=8192)
+    batch_size: int = Field(32, ge=1, le=4096, description="validation windows per batch (bits per byte)")
+    max_batches: int | None = Field(None, ge=1, le=100_000, description="None = the whole validation split")
     seed: int = 0
     ood_prompts: list[str] = Field(
         default_factory=lambda: [
@@ -128,7 +140,14 @@ class BarkEvalParams(Strict):
 
 
 class BarkGates(Strict):
-    min_contract_accuracy: float = Field(0.99, ge=0, le=1)
+    """The contract gate: a one-sided binomial test on `contract_samples` sampled completions
+    (barkgpt/gates.py). It passes when at most k break the contract, k chosen so that a model whose
+    true accuracy is `contract_accuracy` passes with probability >= `pass_probability`."""
+
+    contract_samples: int = Field(1000, ge=1, le=1_000_000, description="n: completions sampled per model and GGUF")
+    contract_accuracy: float = Field(0.995, gt=0, lt=1, description="a model this good must pass ...")
+    pass_probability: float = Field(0.999, gt=0, lt=1, description="... at least this often")
+    reject_accuracy: float = Field(0.97, gt=0, lt=1, description="reported: how often a model this bad passes")
 
 
 class BarkValidateParams(Strict):
@@ -158,15 +177,13 @@ class ExportParams(Strict):
     f16: bool = Field(True, description="also write an F16 GGUF")
     hf: bool = Field(True, description="also write a Hugging Face LlamaForCausalLM folder")
     logits_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| F32 GGUF vs PyTorch")
-    min_contract_accuracy: float = Field(0.99, ge=0, le=1, description="bark: every quantization")
     max_bpb_delta: dict[str, float] = Field(
         default_factory=lambda: {"q8_0": 0.005, "q4_0": 0.05, "q4_k_m": 0.05},
-        description="webtext: max relative bpb increase vs F32 per quantization",
+        description="webtext: max relative bpb increase vs PyTorch per quantization",
     )
-    contract_samples: int = Field(200, ge=1, description="bark samples per file, through llama.cpp")
-    bpb_tokens: int = Field(8192, ge=64, description="webtext validation tokens scored per file")
-    greedy_max_new_tokens: int = Field(24, ge=1)
-    threads: int = Field(1, ge=1, description="llama.cpp threads for quantizing and parity")
+    bpb_tokens: int = Field(8192, ge=64, le=100_000_000, description="webtext validation tokens scored per file")
+    greedy_max_new_tokens: int = Field(24, ge=1, le=8192)
+    threads: int = Field(1, ge=1, le=256, description="llama.cpp threads for quantizing and parity, at most 256")
 
     @model_validator(mode="after")
     def _check_deploy(self):
@@ -204,23 +221,23 @@ class WebtextSplitParams(Strict):
 
 class WebtextTokenizerParams(Strict):
     kind: Literal["bpe", "tiktoken"] = "bpe"
-    vocab_size: int = Field(2048, ge=258, description="bpe: 256 bytes + merges + <|endoftext|>")
+    vocab_size: int = Field(2048, ge=258, le=262_144, description="bpe: 256 bytes + merges + <|endoftext|>, at most 262,144")
     min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
     name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
-    threads: int = Field(2, ge=1, description="encoding threads (tokenizer stage)")
+    threads: int = Field(2, ge=1, le=256, description="encoding threads (tokenizer stage), at most 256")
     workers: int = Field(2, ge=1, le=256, description="tokenize stage: encoding processes (1 = in-process)")
     shard_tokens: int = Field(2**24, ge=1024, description="tokens per shard file (the last one is shorter)")
 
 
 class WebtextEvalParams(Strict):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=4096)
     max_batches: int | None = Field(None, ge=1, description="None = the whole validation split")
     prompts: list[str] = Field(
         default_factory=lambda: ["The history of", "In 1998 , the", "The game was", "= = Reception = ="])
     temperature: float = Field(0.8, ge=0)
     top_k: int | None = Field(50, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(48, ge=1, le=8192)
     seed: int = 0
 
 
@@ -279,7 +296,10 @@ class ServeParams(Strict):
     model_id: str | None = Field(None, description="name in /v1/models; None = derived from the file")
     chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
     n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
-    threads: int = Field(1, ge=1, description="decode threads; more help only big models on idle cores")
+    threads: int = Field(1, ge=1, le=256, description="decode threads, at most 256; more help only big models on idle cores")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port, each with its own model")
+    inline: Literal["auto", "always", "never"] = Field(
+        "auto", description="generate on the event loop (auto: for the bark model) or in a model thread")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     default_max_tokens: int = Field(32, ge=1)

@@ -49,12 +49,7 @@ class WordTokenizer:
 
     def encode(self, text: str) -> list[int]:
         words = text.split()
-        unknown = [w for w in words if w not in self.ids]
-        if unknown:
-            raise BarkError(
-                f"word {unknown[0]!r} is not in the bark vocabulary {self.vocab}; "
-                "prompts may use only these words, e.g. 'User: speak Assistant:'"
-            )
+        check_words(words, self.vocab)
         return [self.ids[w] for w in words]
 
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
@@ -63,8 +58,23 @@ class WordTokenizer:
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.vocab[i] for i in ids)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id stands for in the text: the word and the space or newline after it."""
+        return [len(w.encode("utf-8")) + 1 for w in self.vocab]
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "vocab": self.vocab}
+
+
+def check_words(words: list[str], vocab: list[str]) -> None:
+    """The word-vocabulary prompt check (BarkGPT's tokenizer and llama.cpp's of the same GGUF)."""
+    known = set(vocab)
+    unknown = [w for w in words if w not in known]
+    if unknown:
+        raise BarkError(
+            f"word {unknown[0]!r} is not in the bark vocabulary {list(vocab)}; "
+            "prompts may use only these words, e.g. 'User: speak Assistant:'"
+        )
 
 
 # --- byte-level BPE (WebText-2) ------------------------------------------------------------------
@@ -292,9 +302,22 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.exists():
-        raise BarkError(f"{path}: tokenizer not found; run the tokenize stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: tokenizer not found; run the tokenize stage first ({repro_command(path.parent.name)})")
+    fix = ("re-create it with its stage (bark: barkgpt tokenize bark; webtext: barkgpt webtext-tokenizer), "
+           "or restore it with dvc checkout")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BarkError(f"{path}: not a tokenizer JSON file ({err})") from None
-    return tokenizer_from_dict(spec)
+        raise BarkError(f"{path}: not a tokenizer JSON file ({err}); {fix}") from None
+    if not isinstance(spec, dict):
+        raise BarkError(f"{path}: holds a JSON {type(spec).__name__}, not a tokenizer object "
+                        f"({{\"kind\": ...}}); {fix}")
+    try:
+        return tokenizer_from_dict(spec)
+    except BarkError as err:
+        raise BarkError(f"{path}: {err}; {fix}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        raise BarkError(f"{path}: not a valid {spec.get('kind')!r} tokenizer ({type(err).__name__}: {err}); "
+                        f"{fix}") from None

@@ -44,3 +44,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   "${pip[@]}" install -q -c constraints.txt -c requirements.lock -e ".[$extras]"
   touch "$stamp"
 fi
+# `dvc plots show` offline: vega, vega-lite and vega-embed inlined into DVC's page template
+# (npm registry, pinned and sha512-checked, cached in ~/.cache/barkgpt/npm; skipped without npm).
+"$venv/bin/python" scripts/offline_plots.py || echo "warning: dvc plots show will load vega from a CDN (see above)"

@@ -195,7 +195,7 @@ def _hub_lines(repo_id: str, text_field: str, timeout_s: float) -> Iterator[str]
     unreachable = (
         f"{repo_id}: the Hugging Face hub is unreachable ({HUB_HOST}:443 did not answer within "
         f"{min(timeout_s, 5.0):.0f} s) and the dataset is not in the local cache; pass a local file instead: "
-        "set webtext.source in params.yaml (or `dvc exp run -S webtext.source=path/to/corpus.txt`)"
+        "set webtext.source in params.yaml, or run `dvc exp run -S webtext.source=path/to/corpus.txt pipelines/webtext/dvc.yaml`"
     )
     try:
         rows = datasets.load_dataset(repo_id, split="train", streaming=online)

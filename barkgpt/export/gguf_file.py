@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
-def gguf_tensors(model) -> dict[str, torch.Tensor]:
+def gguf_tensors(model) -> dict:
     """llama.cpp tensor names -> weights (PyTorch (out, in) layout; gguf reverses to ggml's ne)."""
     cfg = model.cfg
     hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
@@ -127,7 +127,10 @@ def preflight(path: str | Path) -> GGUFInfo:
     foreign file is a BarkError naming the problem, never undefined behaviour inside llama.cpp."""
     path = Path(path)
     if not path.is_file():
-        raise BarkError(f"{path}: GGUF file not found; run the export stage first (dvc repro)")
+        from barkgpt.layout import repro_command
+
+        raise BarkError(f"{path}: GGUF file not found; run the export stage first "
+                        f"({repro_command(Path(path).parent.name)})")
     size = path.stat().st_size
     with open(path, "rb") as f:
         magic = f.read(4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from barkgpt.errors import BarkError
+from barkgpt.export import llama_log
 from barkgpt.export.gguf_file import preflight
 from barkgpt.fileio import atomic_path
 
@@ -22,20 +23,22 @@ QUANTS = {
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int = 2) -> Path:
-    """Quantize the F32/F16 GGUF `src` into `dst` (atomic); BarkError if llama.cpp refuses."""
+    """Quantize the F32/F16 GGUF `src` into `dst` (atomic); BarkError if llama.cpp refuses.
+
+    llama.cpp's warnings go to stderr, or into the list of an enclosing `llama_log.captured()`."""
     import llama_cpp
 
     if quant not in QUANTS:
         raise BarkError(f"unknown quantization {quant!r}; choose from {list(QUANTS)}")
     preflight(src)  # llama.cpp must never see a damaged input
-    _quiet_llama_log()
+    llama_log.install()  # info-level chatter (a line per tensor) nowhere; warnings as the caller decides
     qp = llama_cpp.llama_model_quantize_default_params()
     qp.ftype = getattr(llama_cpp, QUANTS[quant][0])
     qp.nthread = threads
     with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), qp)
         if rc != 0:
-            raise BarkError(f"llama.cpp could not quantize {src} to {quant} (code {rc}); see its log above")
+            raise BarkError(f"llama.cpp could not quantize {src} to {quant} (code {rc}); see its errors above")
     preflight(dst)
     return Path(dst)
 
@@ -69,12 +72,3 @@ def tensor_report(path: Path, quant: str) -> dict:
             why = f"llama.cpp's {quant.upper()} mix keeps this tensor at {actual}"
         rows[name] = {"requested": wanted, "type": actual, "shape": t["shape"], "note": why}
     return {"tensors": rows, "fallbacks": fallbacks}
-
-
-def _quiet_llama_log() -> None:
-    """Only llama.cpp errors reach stderr (its quantizer logs every tensor at info level)."""
-    try:
-        from llama_cpp._logger import set_verbose
-    except ImportError:  # a future llama-cpp-python may move it; the log is only noise
-        return
-    set_verbose(False)

@@ -1,9 +1,10 @@
-"""MLflow tracking and registry: one MLflow run per trained model, whichever door ran the stages.
+"""MLflow runs: one run per trained model, whichever door ran the stages.
 
-The train stage opens the run (params, tags, per-step metrics, checkpoint) and records its id in
+The train stage opens the run (a name that says what ran, the pipeline's own params, tags, the
+token shards as dataset inputs, per-step metrics, system metrics, checkpoint) and records its id in
 `models/<pipeline>/mlflow_run.json`, next to the checkpoint; the evaluate stage, often a separate
-process (DVC runs one per stage), reopens that run to add the final metrics and samples, registers
-the model `<prefix>-<pipeline>` and moves the champion alias only when the gates pass.
+process (DVC runs one per stage), reopens that run to add the final metrics and samples, and
+`barkgpt.tracking.registry` registers the model.
 
 Where runs go: `tracking.uri` in params.yaml (default: SQLite `mlflow.db` in the project, artifacts
 in `mlruns/`), or the `MLFLOW_TRACKING_URI` environment variable (a tracking server).
@@ -11,18 +12,23 @@ in `mlruns/`), or the `MLFLOW_TRACKING_URI` environment variable (a tracking ser
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
+from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
+# The experiment opens on MLflow's classic page (runs, metrics, models), not the GenAI one.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+SYSTEM_METRICS_INTERVAL_S = 5.0  # CPU, memory, disk, network: one psutil sample every 5 s
 
 
 # --- where and whether to track -----------------------------------------------------------------
@@ -56,11 +62,13 @@ def check_server(uri: str, timeout: float) -> None:
     )
 
 
-def _client(params: Params, root: Path):
+def client_for(params: Params, root: Path):
+    """(mlflow module, MlflowClient) for this project's store."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stage logs readable
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: no usage data leaves the machine
     import mlflow  # heavy import (~1.5 s): only stages that track pay for it
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
@@ -74,18 +82,42 @@ def _client(params: Params, root: Path):
     return mlflow, mlflow.MlflowClient(uri)
 
 
-def _experiment_id(client, cfg: TrackingParams, root: Path, uri: str) -> str:
+_client = client_for  # the name other modules used before the split
+
+
+def experiment_id(client, cfg: TrackingParams, root: Path, uri: str) -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if (exp.tags or {}).get(EXPERIMENT_KIND[0]) is None:
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     # The embedded store keeps artifacts in the project; a server chooses its own artifact root.
     location = None
     if not uri.startswith(("http://", "https://")):
         location = (Path(root) / cfg.artifact_dir).resolve().as_uri()
-    return client.create_experiment(cfg.experiment, artifact_location=location)
+    return client.create_experiment(cfg.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
-# --- tags ---------------------------------------------------------------------------------------
+# --- what a run records -------------------------------------------------------------------------
+
+def pipeline_params(params: Params, name: str) -> dict[str, object]:
+    """The params that shaped this pipeline's model and its files: the seed, the pipeline's own
+    section and the export settings. Not serve, deploy or tracking: they do not change the model."""
+    return {k: v for k, v in flatten(params).items() if k == "seed" or k.startswith((f"{name}.", "export."))}
+
+
+def run_name(params: Params, name: str) -> str:
+    """What ran, at a glance in the runs list: `bark 2x64 (ctx 64), 300 steps, lr 0.003, seed 1337`."""
+    cfg = getattr(params, name)
+    m, t = cfg.model, cfg.train
+    budget = [f"{t.max_steps} steps"] if t.max_steps else []
+    if t.max_seconds:
+        budget = [f"{t.max_seconds:g} s"] + ([f"<= {t.max_steps} steps"] if t.max_steps < 100000 else [])
+    if t.max_tokens:
+        budget.append(f"{t.max_tokens:,} tokens")
+    return f"{name} {m.n_layer}x{m.n_embd} (ctx {m.block_size}), {', '.join(budget)}, lr {t.learning_rate:g}, " \
+           f"seed {t.seed}"
+
 
 def git_commit(root: Path) -> str:
     for folder in (Path(root), Path(__file__).resolve().parent):
@@ -102,26 +134,36 @@ def git_commit(root: Path) -> str:
 def data_tags(paths) -> dict[str, str]:
     """The DVC hash of the token shards (from dvc.lock) and our own content hash of them."""
     tags = {}
-    shards = sorted(paths.tokens.glob("*")) if paths.tokens.exists() else []
-    if shards:
-        import hashlib
-
-        digest = hashlib.sha256()
-        for f in shards:
-            digest.update(f.name.encode() + sha256_file(f).encode())
-        tags["data.tokens_sha256"] = digest.hexdigest()
-    lock = paths.root / "dvc.lock"
-    if lock.exists():
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        except yaml.YAMLError:
-            stages = {}
-        rel = str(paths.tokens.relative_to(paths.root))
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                if out.get("path") == rel and out.get("md5"):
-                    tags["dvc.data_md5"] = out["md5"]
+    if sha := tokens_sha256(paths):
+        tags["data.tokens_sha256"] = sha
+    rel = str(paths.tokens.relative_to(paths.root))
+    if md5 := dvc_data_md5(paths).get(rel):
+        tags["dvc.data_md5"] = md5
     return tags
+
+
+def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
+    """The token shards as the run's dataset inputs (MLflow's Datasets column): name, source, digest."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for split, context in (("train", "training"), ("val", "validation")):
+        shard = paths.shard(split)
+        if not shard.exists():
+            continue
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file, either way
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(shard.resolve().as_uri())
+        digest = sha256_file(shard)[:16]
+        dataset = MetaDataset(source, name=f"{name}-{split}-tokens", digest=digest)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                   tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -132,19 +174,44 @@ class TrainingRun:
     def __init__(self, mlflow, client, run_id: str, params: Params, name: str, paths):
         self.mlflow, self.client, self.run_id = mlflow, client, run_id
         self.params, self.name, self.paths = params, name, paths
+        self._system = None
 
     def log_step(self, step: int, metrics: dict) -> None:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
 
+    def watch_system(self) -> None:
+        """system/cpu_utilization_percentage, system/system_memory_usage_megabytes, ... while training."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                                resume_logging=True, tracking_uri=self.mlflow.get_tracking_uri())
+            self._system.start()
+        except Exception:  # psutil missing or the like: system metrics are a nicety, never a failure
+            self._system = None
+
+    def stop_system(self) -> None:
+        monitor, self._system = self._system, None
+        if monitor is None:
+            return
+        try:
+            if monitor._logging_step == 0:  # a run shorter than one interval: still one sample
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.finish()
+        except Exception:
+            pass
+
     def fail(self) -> None:
+        self.stop_system()
         self.client.set_terminated(self.run_id, status="FAILED")
 
     def end(self) -> None:
+        self.stop_system()
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
@@ -159,25 +226,33 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
     run_file.unlink(missing_ok=True)  # a stale id must never receive another model's metrics
     if not params.tracking.enabled:
         return None
-    mlflow, client = _client(params, paths.root)
+    mlflow, client = client_for(params, paths.root)
     uri = mlflow.get_tracking_uri()
     if previous:
         try:
             client.update_run(previous, status="RUNNING")
             write_json(run_file, {"run_id": previous, "tracking_uri": uri})
-            return TrainingRun(mlflow, client, previous, params, name, paths)
+            run = TrainingRun(mlflow, client, previous, params, name, paths)
+            run.watch_system()
+            return run
         except Exception:  # MlflowException: not in this store; start a new run below
             pass
-    exp_id = _experiment_id(client, params.tracking, paths.root, uri)
+    exp_id = experiment_id(client, params.tracking, paths.root, uri)
     all_tags = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths), **(tags or {})}
-    run = client.create_run(exp_id, run_name=f"{name}-train", tags=all_tags)
+    created = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags)
     from mlflow.entities import Param
 
-    flat = flatten(params)
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in flat.items()],
+    run_id = created.info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in pipeline_params(params, name).items()],
                      synchronous=True)
-    write_json(run_file, {"run_id": run.info.run_id, "tracking_uri": uri})
-    return TrainingRun(mlflow, client, run.info.run_id, params, name, paths)
+    try:
+        log_dataset_inputs(client, run_id, paths, name)
+    except Exception as err:  # a record of the inputs, not a gate: say so on the run and go on
+        client.set_tag(run_id, "dataset_inputs_error", f"{type(err).__name__}: {err}"[:500])
+    write_json(run_file, {"run_id": run_id, "tracking_uri": uri})
+    run = TrainingRun(mlflow, client, run_id, params, name, paths)
+    run.watch_system()
+    return run
 
 
 def finish_training(run: TrainingRun | None, summary: dict) -> None:
@@ -227,7 +302,7 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
     """The run that trained this checkpoint; a fresh run if it is unknown to this tracking store."""
     if not params.tracking.enabled:
         return None
-    mlflow, client = _client(params, paths.root)
+    mlflow, client = client_for(params, paths.root)
     run_file = paths.run_record
     run_id = read_json(run_file).get("run_id") if run_file.exists() else None
     if run_id:
@@ -236,10 +311,11 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
         except Exception:  # MlflowException: the checkpoint came from another store (e.g. dvc pull)
             run_id = None
     if run_id is None:
-        exp_id = _experiment_id(client, params.tracking, paths.root, mlflow.get_tracking_uri())
+        exp_id = experiment_id(client, params.tracking, paths.root, mlflow.get_tracking_uri())
         base = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths),
                 "note": "checkpoint's training run not in this store"}
-        run_id = client.create_run(exp_id, run_name=f"{name}-evaluate", tags=base).info.run_id
+        run_id = client.create_run(exp_id, run_name=f"{name} evaluation of a checkpoint trained elsewhere",
+                                   tags=base).info.run_id
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
     client.update_run(run_id, status="RUNNING")
@@ -247,10 +323,13 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
 
 
 def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool) -> dict:
-    """Log final metrics and samples, register the model, move the champion alias if gates pass."""
+    """Log final metrics and samples, register the model (one version per trained model) and move
+    the champion alias to the best gate-passing version."""
+    from barkgpt.tracking import registry
+
     if run is None:
         return {}
-    p, cfg = run.paths, run.params.tracking
+    p = run.paths
     flat = {}
     for k, v in metrics.items():
         if isinstance(v, dict):
@@ -263,35 +342,12 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool)
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = log_and_register(run, gate_passed)
+        info = registry.register(run, metrics, gate_passed)
     except BaseException:
         run.fail()
         raise
     run.end()
     return info
-
-
-def log_and_register(run: TrainingRun, gate_passed: bool) -> dict:
-    from barkgpt import mlflow_model
-
-    mlflow, p, cfg = run.mlflow, run.paths, run.params.tracking
-    name = f"{cfg.model_prefix}-{run.name}"
-    eval_cfg = getattr(run.params, run.name).eval
-    artifacts = {"checkpoint": str(p.checkpoint), "checkpoint_sha256": str(p.checkpoint) + ".json",
-                 "tokenizer": str(p.tokenizer)}
-    with mlflow.start_run(run_id=run.run_id):
-        # Model from code: MLflow stores mlflow_model.py, which imports barkgpt; no pickled objects.
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=mlflow_model.__file__, artifacts=artifacts,
-            model_config={"temperature": eval_cfg.temperature, "top_k": eval_cfg.top_k,
-                          "top_p": eval_cfg.top_p, "max_new_tokens": eval_cfg.max_new_tokens, "sample_seed": 0},
-            pip_requirements=["barkgpt", "torch==2.13.0", "numpy", "pydantic", "pyyaml"],
-        )
-    version = mlflow.register_model(info.model_uri, name, tags={"gate_passed": str(gate_passed).lower()})
-    if gate_passed:
-        run.client.set_registered_model_alias(name, cfg.champion_alias, version.version)
-    return {"run_id": run.run_id, "registered_model": name, "version": int(version.version),
-            "champion": gate_passed}
 
 
 def run_summary(paths) -> dict | None:
@@ -303,12 +359,14 @@ def log_export(params: Params, name: str, paths, files: list[Path], report: dict
     """Attach the GGUF files and the parity report to the run that trained the model, and tag the
     model versions registered from that run with the parity verdict and the deploy file's sha256.
     Skipped (None) when tracking is off or the checkpoint's run is not in this store."""
+    from barkgpt.tracking import registry
+
     if not params.tracking.enabled:
         return None
     run_file = paths.run_record
     if not run_file.exists():
         return None
-    _, client = _client(params, paths.root)
+    _, client = client_for(params, paths.root)
     run_id = read_json(run_file).get("run_id")
     try:
         client.get_run(run_id)
@@ -328,13 +386,5 @@ def log_export(params: Params, name: str, paths, files: list[Path], report: dict
     for key, value in metrics.items():
         if isinstance(value, (int, float)):
             client.log_metric(run_id, key, float(value))
-    gate = report.get("gate", {})
-    deploy_file = paths.root / gate["deploy_file"] if gate.get("deploy_file") else None
-    tags = {"parity.deploy_passed": str(gate.get("deploy_passed")).lower(),
-            "gguf.deploy_file": Path(gate.get("deploy_file") or "").name,
-            "gguf.deploy_sha256": sha256_file(deploy_file) if deploy_file and deploy_file.exists() else ""}
-    versions = client.search_model_versions(f"run_id='{run_id}'")
-    for mv in versions:
-        for key, value in tags.items():
-            client.set_model_version_tag(mv.name, mv.version, key, value)
-    return {"run_id": run_id, "model_versions": [f"{mv.name}/{mv.version}" for mv in versions]}
+    versions = registry.tag_export(client, run_id, paths, report)
+    return {"run_id": run_id, "model_versions": versions}

@@ -1,0 +1,173 @@
+"""MLflow model registry: one version per trained model, `champion` on the best gate-passing one.
+
+A version is known by its checkpoint's sha256 (tag `sha256.best.pt`): evaluating the same model
+again (other evaluation params, another door, a re-run) updates that version's tags instead of
+registering another. Every version carries the sha256 of its files, the data hashes of the
+project's current dvc.lock, the evaluation verdict and the pipeline's ranking metrics. The
+`champion` alias goes to the best gate-passing version by the pipeline's metric (RANKING), not
+to the newest; when no version passes, there is no champion.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from barkgpt.fileio import sha256_file
+from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
+
+# The pipeline's metric, then its tie-breakers: (metric in metrics.json, "max" or "min").
+# Bark's contract accuracy saturates at 1.0 for any good model, so validation loss breaks ties.
+RANKING = {
+    "bark": [("contract_accuracy", "max"), ("val_loss", "min")],
+    "webtext": [("val_bpb", "min")],
+}
+CHECKPOINT_TAG = "sha256.best.pt"
+
+
+def model_name(params, name: str) -> str:
+    return f"{params.tracking.model_prefix}-{name}"
+
+
+def model_files(paths) -> dict[str, Path]:
+    """The files a registered version is made of (the checkpoint's checksum file when there is one)."""
+    files = {"best.pt": paths.checkpoint, "best.pt.json": Path(str(paths.checkpoint) + ".json"),
+             "tokenizer.json": paths.tokenizer}
+    return {k: f for k, f in files.items() if f.exists()}
+
+
+def version_tags(paths, name: str, metrics: dict, gate_passed: bool) -> dict[str, str]:
+    tags = {f"sha256.{k}": sha256_file(f) for k, f in model_files(paths).items()}
+    tags.update({f"dvc.md5.{path}": md5 for path, md5 in dvc_data_md5(paths).items()})
+    if sha := tokens_sha256(paths):
+        tags["data.tokens_sha256"] = sha
+    tags["gate_passed"] = str(bool(gate_passed)).lower()
+    for metric, _ in RANKING.get(name, []):
+        if isinstance(metrics.get(metric), (int, float)):
+            tags[f"eval.{metric}"] = repr(float(metrics[metric]))
+    return tags
+
+
+def find_version(client, model: str, checkpoint_sha256: str):
+    """The registered version made from this checkpoint, or None."""
+    for mv in client.search_model_versions(f"name='{model}'"):
+        if (mv.tags or {}).get(CHECKPOINT_TAG) == checkpoint_sha256:
+            return mv
+    return None
+
+
+def register(run, metrics: dict, gate_passed: bool) -> dict:
+    """Register the run's model once (a known checkpoint only gets fresh tags), then elect the champion."""
+    mlflow, client, p, params, name = run.mlflow, run.client, run.paths, run.params, run.name
+    if gate_passed:  # a champion candidate must be the model its gate judged, byte for byte
+        from barkgpt.gates import verify_judged
+
+        verify_judged(p.metrics, {"checkpoint": p.checkpoint, "tokenizer": p.tokenizer})
+    model = model_name(params, name)
+    tags = version_tags(p, name, metrics, gate_passed)
+    mv = find_version(client, model, tags.get(CHECKPOINT_TAG, "")) if CHECKPOINT_TAG in tags else None
+    if mv is None:
+        mv = mlflow.register_model(log_model(run), model, tags=tags)
+    else:
+        for key, value in tags.items():
+            client.set_model_version_tag(model, mv.version, key, value)
+    champion = elect_champion(client, model, name, params.tracking.champion_alias)
+    return {"run_id": run.run_id, "registered_model": model, "version": int(mv.version),
+            "champion": champion == int(mv.version), "champion_version": champion}
+
+
+def log_model(run) -> str:
+    """Log the MLflow model (from code: barkgpt/mlflow_model.py; nothing pickled) with an input
+    example, and return its URI."""
+    from barkgpt import mlflow_model
+
+    mlflow, p, params, name = run.mlflow, run.paths, run.params, run.name
+    eval_cfg = getattr(params, name).eval
+    artifacts = {"checkpoint": str(p.checkpoint), "tokenizer": str(p.tokenizer)}
+    if (checksum := Path(str(p.checkpoint) + ".json")).exists():
+        artifacts["checkpoint_sha256"] = str(checksum)
+    prompt = "User: speak Assistant:" if name == "bark" else (getattr(eval_cfg, "prompts", None) or ["The"])[0]
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow_model.__file__, artifacts=artifacts,
+            model_config={"temperature": eval_cfg.temperature, "top_k": eval_cfg.top_k,
+                          "top_p": eval_cfg.top_p, "max_new_tokens": eval_cfg.max_new_tokens, "sample_seed": 0},
+            # given, not inferred: inferring would load the model and generate once more here
+            signature=ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])),
+            input_example=[prompt],
+            pip_requirements=["barkgpt", "torch==2.13.0", "numpy", "pydantic", "pyyaml"],
+        )
+    return info.model_uri
+
+
+def _rank_key(mv, name: str, run_metrics) -> tuple | None:
+    """Sort key (smaller is better) from the version's eval.* tags (or its run's metrics for versions
+    registered before those tags existed); None when the pipeline's metric is unknown."""
+    key = []
+    for metric, direction in RANKING.get(name, []):
+        raw = (mv.tags or {}).get(f"eval.{metric}")
+        value = float(raw) if raw is not None else run_metrics(mv.run_id).get(f"eval.{metric}")
+        if value is None or not math.isfinite(value):
+            if not key:
+                return None
+            value = math.inf if direction == "min" else -math.inf
+        key.append(-value if direction == "max" else value)
+    return (*key, -int(mv.version))  # a tie goes to the newer version
+
+
+def best_version(versions, name: str, run_metrics=lambda run_id: {}) -> int | None:
+    ranked = []
+    for mv in versions:
+        if (mv.tags or {}).get("gate_passed") != "true":
+            continue
+        key = _rank_key(mv, name, run_metrics)
+        if key is not None:
+            ranked.append((key, int(mv.version)))
+    return min(ranked)[1] if ranked else None
+
+
+def elect_champion(client, model: str, name: str, alias: str) -> int | None:
+    """Point `alias` at the best gate-passing version; remove it when none passes."""
+    cache: dict[str, dict] = {}
+
+    def run_metrics(run_id: str) -> dict:
+        if run_id not in cache:
+            try:
+                cache[run_id] = dict(client.get_run(run_id).data.metrics)
+            except Exception:  # a run deleted from the store: its version cannot be ranked
+                cache[run_id] = {}
+        return cache[run_id]
+
+    best = best_version(client.search_model_versions(f"name='{model}'"), name, run_metrics)
+    current = (client.get_registered_model(model).aliases or {}).get(alias)
+    if best is None:
+        if current is not None:
+            client.delete_registered_model_alias(model, alias)
+    elif str(current) != str(best):
+        client.set_registered_model_alias(model, alias, str(best))
+    return best
+
+
+def tag_export(client, run_id: str, paths, report: dict) -> list[str]:
+    """Tag the version of the current checkpoint (else the run's versions) with the parity verdict and
+    the sha256 of every exported file the parity report judged."""
+    checkpoint = model_files(paths).get("best.pt")
+    versions = []
+    if checkpoint is not None:
+        sha = sha256_file(checkpoint)
+        versions = [mv for mv in client.search_model_versions(f"run_id='{run_id}'")
+                    if (mv.tags or {}).get(CHECKPOINT_TAG) in (sha, None)]
+    gate = report.get("gate", {})
+    deploy_file = paths.root / gate["deploy_file"] if gate.get("deploy_file") else None
+    tags = {"parity.deploy_passed": str(gate.get("deploy_passed")).lower(),
+            "gguf.deploy_file": Path(gate.get("deploy_file") or "").name,
+            "gguf.deploy_sha256": sha256_file(deploy_file) if deploy_file and deploy_file.exists() else ""}
+    for variant, entry in (report.get("files") or {}).items():
+        if entry.get("sha256"):
+            tags[f"sha256.{Path(entry.get('path') or variant).name}"] = entry["sha256"]
+    for mv in versions:
+        for key, value in tags.items():
+            client.set_model_version_tag(mv.name, mv.version, key, value)
+    return [f"{mv.name}/{mv.version}" for mv in versions]

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Run the `barkgpt` command on bad inputs and print a Markdown table: input, exit code, message.
+
+Every row is a real run in a throw-away project (a small bark model trained once, ~30 s), so the
+table shows what a user sees today. A row whose output holds a Python traceback is marked: those
+are the places where a clear error (exit 2, naming the file and the fix) still has to be written.
+
+    python scripts/bad_inputs.py            # the table on stdout
+    python scripts/bad_inputs.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
+                  "train": {"max_steps": 60, "threads": 1, "eval_every": 30, "checkpoint_every": 30},
+                  "eval": {"contract_samples": 20}},
+         "tracking": {"enabled": False}}
+
+
+def barkgpt(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([sys.executable, "-m", "barkgpt", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def write_params(root: Path, overrides: dict) -> None:
+    from barkgpt.params import deep_merge
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(deep_merge(deep_merge(base, SMALL), overrides)))
+
+
+def trained_project(folder: Path) -> Path:
+    root = folder / "trained"
+    root.mkdir(parents=True)
+    write_params(root, {})
+    for cmd in (["data", "bark"], ["tokenize", "bark"], ["train", "bark", "--quiet"]):
+        out = barkgpt(cmd, root)
+        if out.returncode:
+            raise SystemExit(f"could not prepare the project ({cmd}): {out.stderr[-2000:]}")
+    return root
+
+
+def copy_of(base: Path, folder: Path, name: str) -> Path:
+    dest = folder / name
+    shutil.copytree(base, dest)
+    return dest
+
+
+def tiny_filesystem(folder: Path, kib: int) -> Path | None:
+    """A tmpfs of `kib` KiB (needs root); None where it cannot be mounted."""
+    mnt = folder / f"tmpfs-{kib}k"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True)
+    return mnt if ok.returncode == 0 else None
+
+
+def cases(base: Path, folder: Path):
+    """(label, setup -> (args, cwd)); each setup prepares its own copy of the trained project."""
+
+    def params_case(overrides: dict, args: list[str]):
+        def setup():
+            root = copy_of(base, folder, f"p{len(os.listdir(folder))}")
+            write_params(root, overrides)
+            return args, root
+        return setup
+
+    def file_case(rel: str, content: bytes, args: list[str]):
+        def setup():
+            root = copy_of(base, folder, f"p{len(os.listdir(folder))}")
+            (root / rel).write_bytes(content)
+            return args, root
+        return setup
+
+    def raw_params(text: str, args: list[str]):
+        def setup():
+            root = copy_of(base, folder, f"p{len(os.listdir(folder))}")
+            (root / "params.yaml").write_text(text)
+            return args, root
+        return setup
+
+    def truncated(rel: str, keep: int, args: list[str]):
+        def setup():
+            root = copy_of(base, folder, f"p{len(os.listdir(folder))}")
+            data = (root / rel).read_bytes()
+            (root / rel).write_bytes(data[:keep])
+            return args, root
+        return setup
+
+    def empty_project(args: list[str], overrides: dict | None = None):
+        def setup():
+            root = folder / f"e{len(os.listdir(folder))}"
+            root.mkdir()
+            write_params(root, overrides or {})
+            return args, root
+        return setup
+
+    def disk_full():
+        mnt = tiny_filesystem(folder, 64)
+        if mnt is None:
+            return None
+        root = mnt / "project"
+        root.mkdir()
+        write_params(root, {"bark": {"data": {"train_conversations": 20000}}})
+        return ["data", "bark"], root
+
+    yield "params.yaml: bark.model.n_embd: 100000000", params_case({"bark": {"model": {"n_embd": 100000000}}},
+                                                                   ["train", "bark", "--quiet"])
+    yield "params.yaml: bark.train.batch_size: 1000000000", params_case({"bark": {"train": {"batch_size": 10**9}}},
+                                                                        ["train", "bark", "--quiet"])
+    yield "params.yaml: bark.train.threads: 100000", params_case({"bark": {"train": {"threads": 100000}}},
+                                                                 ["train", "bark", "--quiet"])
+    yield "params.yaml: n_layer 64, n_embd 4096, n_head 32 (each within bounds)", params_case(
+        {"bark": {"model": {"n_layer": 64, "n_embd": 4096, "n_head": 32}}}, ["train", "bark", "--quiet"])
+    yield "params.yaml: bark.train.learning_rate: .inf", params_case({"bark": {"train": {"learning_rate": float("inf")}}},
+                                                                     ["train", "bark", "--quiet"])
+    yield "params.yaml: bark.model.n_head: 3", params_case({"bark": {"model": {"n_head": 3}}}, ["train", "bark"])
+    yield "params.yaml: unknown key bark.model.n_embdd", params_case({"bark": {"model": {"n_embdd": 64}}},
+                                                                     ["train", "bark"])
+    yield "params.yaml: export.deploy_quantization: q2_k", params_case({"export": {"deploy_quantization": "q2_k"}},
+                                                                       ["quantize", "bark"])
+    yield "params.yaml: serve.threads: 100000", params_case({"serve": {"threads": 100000}}, ["serve"])
+    yield "params.yaml: not YAML (`bark: [`)", raw_params("bark: [\n", ["train", "bark"])
+    yield "--params missing.yaml", params_case({}, ["--params", "missing.yaml", "train", "bark"])
+    yield "data/bark/tokenizer.json holding []", file_case("data/bark/tokenizer.json", b"[]", ["train", "bark"])
+    yield "data/bark/tokenizer.json holding {}", file_case("data/bark/tokenizer.json", b"{}", ["train", "bark"])
+    yield 'data/bark/tokenizer.json: {"kind": "word"} (no vocab)', file_case(
+        "data/bark/tokenizer.json", b'{"kind": "word"}', ["train", "bark"])
+    yield "data/bark/tokenizer.json: not JSON", file_case("data/bark/tokenizer.json", b"woof", ["train", "bark"])
+    yield "models/bark/best.pt truncated to 1000 bytes", truncated("models/bark/best.pt", 1000, ["evaluate", "bark"])
+    yield "models/bark/best.pt.json holding []", file_case("models/bark/best.pt.json", b"[]", ["evaluate", "bark"])
+    yield "data/bark/tokens/train.bin of odd size", file_case("data/bark/tokens/train.bin", b"\x01\x02\x03",
+                                                              ["train", "bark"])
+    yield "data/bark/tokens/train.bin.json holding {}", file_case("data/bark/tokens/train.bin.json", b"{}",
+                                                                  ["train", "bark"])
+    yield "data/bark/val.txt: a row 'User: speak Assistant: meow <EOS>'", file_case(
+        "data/bark/val.txt", b"User: speak Assistant: meow <EOS>\n", ["validate", "bark"])
+    yield "generate --prompt 'User: hey Assistant:'", params_case({}, ["generate", "--prompt", "User: hey Assistant:"])
+    yield "generate --temperature 1e-300", params_case({}, ["generate", "--temperature", "1e-300", "--seed", "0"])
+    yield "generate --checkpoint missing.pt", params_case({}, ["generate", "--checkpoint", "missing.pt"])
+    yield "train bark before any data (empty project)", empty_project(["train", "bark"])
+    yield "evaluate bark with no checkpoint", empty_project(["evaluate", "bark"])
+    yield "parity bark before export", params_case({}, ["parity", "bark"])
+    yield "serve --model missing.gguf", params_case({}, ["serve", "--model", "missing.gguf"])
+    yield "serve --model data/bark/val.txt (not a model)", params_case({}, ["serve", "--model", "data/bark/val.txt"])
+    yield "ingest webtext, source: missing.txt", empty_project(["ingest", "webtext"], {"webtext": {"source": "missing.txt"}})
+    yield "deploy bark before evaluation", params_case({}, ["deploy", "bark"])
+    yield "disk full (64 KiB tmpfs) during data bark", disk_full
+
+
+def first_message(out: subprocess.CompletedProcess) -> str:
+    text = (out.stderr or "") + (out.stdout or "")
+    if "Traceback (most recent call last)" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        return f"TRACEBACK: {last.strip()[:160]}"
+    lines = [line.strip() for line in (out.stderr or out.stdout or "").splitlines() if line.strip()]
+    shown = " ".join(lines[:3])
+    return shown[:220] + ("..." if len(shown) > 220 else "")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="barkgpt-bad-") as tmp:
+        folder = Path(tmp)
+        base = trained_project(folder)
+        cases_dir = folder / "cases"
+        cases_dir.mkdir()
+        mounts = []
+        try:
+            for label, setup in cases(base, cases_dir):
+                prepared = setup()
+                if prepared is None:
+                    rows.append({"input": label, "exit": None, "message": "skipped: cannot mount a tmpfs (needs root)"})
+                    continue
+                argv, cwd = prepared
+                if "tmpfs" in str(cwd):
+                    mounts.append(cwd.parent)
+                out = barkgpt(argv, cwd, timeout=60 if argv[0] == "serve" else 300)
+                rows.append({"input": label, "command": "barkgpt " + " ".join(argv), "exit": out.returncode,
+                             "message": first_message(out)})
+                print(f"{out.returncode:>4}  {label}", file=sys.stderr)
+        finally:
+            for mnt in mounts:
+                subprocess.run(["umount", str(mnt)], capture_output=True)
+    print("| # | input | command | exit | message |\n|---|---|---|---|---|")
+    for i, r in enumerate(rows, 1):
+        msg = r["message"].replace("|", "\\|")
+        print(f"| {i} | {r['input']} | `{r.get('command', '')}` | {r['exit']} | {msg} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

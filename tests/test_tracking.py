@@ -1,0 +1,103 @@
+"""MLflow on the embedded store: what a run records, one model version per trained model, and the
+champion on the best gate-passing version (not the newest)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from barkgpt.pipelines import run_stage
+from barkgpt.params import load_params
+from tests.conftest import make_project
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
+                  "train": {"max_steps": 120, "threads": 1, "eval_every": 60, "checkpoint_every": 60},
+                  "gates": {"contract_samples": 30, "contract_accuracy": 0.001}}}  # k = n: every model passes
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Model A (120 steps) trained and evaluated, then evaluated again; then a worse model B (8 steps)."""
+    import mlflow
+
+    root = make_project(tmp_path_factory.mktemp("tracking") / "project", SMALL)
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"bark-tokenize": {"outs": [
+        {"path": "data/bark/tokens", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}))
+    params = load_params(root / "params.yaml")
+    run_stage(params, "bark", "data", root)
+    run_stage(params, "bark", "tokenize", root)
+    run_stage(params, "bark", "train", root, progress=False)
+    first = run_stage(params, "bark", "evaluate", root)
+    again = run_stage(params, "bark", "evaluate", root)
+    worse_params = load_params(root / "params.yaml", {"bark": {"train": {"max_steps": 8}}})
+    run_stage(worse_params, "bark", "train", root, progress=False)
+    worse = run_stage(worse_params, "bark", "evaluate", root)
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    return {"root": root, "client": client, "first": first, "again": again, "worse": worse}
+
+
+def test_one_version_per_trained_model_and_champion_is_the_best(tracked):
+    client, first, again, worse = tracked["client"], tracked["first"], tracked["again"], tracked["worse"]
+    assert again["mlflow"]["version"] == first["mlflow"]["version"] == 1  # re-evaluated: no second version
+    assert worse["mlflow"]["version"] == 2 and worse["gate_passed"]  # B passes the (zero) gate ...
+    assert worse["contract_accuracy"] < first["contract_accuracy"] or worse["val_loss"] > first["val_loss"]
+    versions = client.search_model_versions("name='barkgpt-bark'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias("barkgpt-bark", "champion")
+    assert str(champion.version) == "1" and worse["mlflow"]["champion"] is False  # ... but A stays champion
+
+
+def test_versions_carry_file_and_data_hashes(tracked):
+    from barkgpt.fileio import sha256_file
+
+    root, client = tracked["root"], tracked["client"]
+    v2 = client.get_model_version("barkgpt-bark", "2")
+    assert v2.tags["sha256.best.pt"] == sha256_file(root / "models/bark/best.pt")
+    assert v2.tags["sha256.tokenizer.json"] == sha256_file(root / "data/bark/tokenizer.json")
+    assert v2.tags["dvc.md5.data/bark/tokens"] == "0123456789abcdef0123456789abcdef.dir"
+    assert v2.tags["gate_passed"] == "true" and float(v2.tags["eval.contract_accuracy"]) >= 0
+
+
+def test_run_names_params_inputs_and_experiment_kind(tracked):
+    client = tracked["client"]
+    exp = client.get_experiment_by_name("barkgpt")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the classic ML page
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"bark 2x64 (ctx 64), 120 steps, lr 0.003, seed 1337",
+                         "bark 2x64 (ctx 64), 8 steps, lr 0.003, seed 1337"}
+    run = runs["bark 2x64 (ctx 64), 120 steps, lr 0.003, seed 1337"]
+    keys = set(run.data.params)
+    assert "bark.train.max_steps" in keys and "export.deploy_quantization" in keys and "seed" in keys
+    assert not any(k.startswith(("serve.", "deploy.", "tracking.", "webtext.")) for k in keys), keys
+    assert len(keys) < 90
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
+    assert inputs == {"bark-train-tokens": {"mlflow.data.context": "training"},
+                      "bark-val-tokens": {"mlflow.data.context": "validation"}}
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+
+
+def test_registered_model_has_an_input_example(tracked):
+    import mlflow
+
+    client = tracked["client"]
+    v1 = client.get_model_version("barkgpt-bark", "1")
+    info = mlflow.models.get_model_info(v1.source) if hasattr(mlflow.models, "get_model_info") else None
+    assert info is not None and info.saved_input_example_info is not None
+    assert info.signature is not None
+
+
+def test_failing_reevaluation_takes_the_champion_away(tracked, tmp_path):
+    """Champion = best gate-passing version: when no version passes, there is none."""
+    from barkgpt.tracking.registry import best_version
+
+    class V:
+        def __init__(self, version, gate, acc, loss):
+            self.version, self.run_id = str(version), f"r{version}"
+            self.tags = {"gate_passed": gate, "eval.contract_accuracy": repr(acc), "eval.val_loss": repr(loss)}
+
+    assert best_version([V(1, "true", 1.0, 0.70), V(2, "true", 1.0, 0.69), V(3, "true", 0.98, 0.5)], "bark") == 2
+    assert best_version([V(1, "false", 1.0, 0.7), V(2, "true", 0.5, 1.0)], "bark") == 2
+    assert best_version([V(1, "false", 1.0, 0.7)], "bark") is None
+    assert best_version([V(1, "true", 1.0, 0.7), V(2, "true", 1.0, 0.7)], "bark") == 2  # a tie: newer
