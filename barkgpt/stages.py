@@ -91,6 +91,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
 
     cfg = pipe.params(params)
     nproc = nproc or cfg.train.nproc
+    tags = dict(tags or {})  # a dict from the Prefect door, (key, value) pairs from --tag
     dist = distributed.from_env()
     device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
     tok = load_tokenizer(lay.tokenizer)
