@@ -184,22 +184,45 @@ def fresh_project(tmp_path_factory) -> Path:
     return root
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Servers:
+    """Servers on their documented ports; where another process (the machine is shared) holds one,
+    on a free port instead, and the commands after it are rewritten to that port."""
+
     def __init__(self):
         self.procs: dict[int, subprocess.Popen] = {}
         self.commands: dict[int, str] = {}
+        self.moved: dict[int, int] = {}  # documented port -> the port used
+
+    def rewrite(self, text: str) -> str:
+        for doc, real in self.moved.items():
+            text = re.sub(rf"(?<=[:\s]){doc}\b", str(real), text)
+            if doc == 8000 and text.startswith("barkgpt chat") and "--url" not in text:
+                text += f" --url http://127.0.0.1:{real}"
+        return text
 
     def start(self, cmd: str, port: int, cwd: Path, env: dict, log: Path) -> None:
         self.stop(port)
-        if port_open(port):
-            pytest.fail(f"port {port} is taken by another process; the documented command `{cmd}` needs it")
+        self.moved.pop(port, None)
+        if port_open(port):  # not ours: another process on this shared machine
+            real = free_port()
+            self.moved[port] = real
+            cmd = self.rewrite(cmd) if re.search(rf"[:\s]{port}\b", cmd) else f"{cmd} --port {real}"
+            port_used = real
+        else:
+            port_used = port
         proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdout=log.open("w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
-        while not port_open(port):
+        while not port_open(port_used):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop_proc(proc)
-                pytest.fail(f"`{cmd}` did not listen on {port}: {log.read_text()[-2000:]}")
+                pytest.fail(f"`{cmd}` did not listen on {port_used}: {log.read_text()[-2000:]}")
             time.sleep(0.3)
         self.procs[port], self.commands[port] = proc, cmd
 
@@ -246,7 +269,7 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
                 skipped.append(f"{where}: {text.splitlines()[0]} -- {kind}: {reason}")
                 continue
             if kind == "env":
-                apply_env(text, env, fresh_project)
+                apply_env(servers.rewrite(text), env, fresh_project)
                 continue
             if kind in ("server", "server-check"):
                 port, text = int(reason), text.removesuffix("&").strip()
@@ -259,6 +282,7 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
                 ran.append(where)
                 continue
             argv = [sys.executable, "-c", text] if cmd.python else ["bash", "-c", text]
+            argv[-1] = servers.rewrite(argv[-1])
             out = subprocess.run(argv, cwd=fresh_project, env=env, capture_output=True, text=True, timeout=600,
                                  input="\n" if kind == "input" else None)
             ran.append(where)

@@ -4,7 +4,7 @@ A version is known by its checkpoint's sha256 (tag `sha256.best.pt`): evaluating
 again (other evaluation params, another door, a re-run) updates that version's tags instead of
 registering another. Every version carries the sha256 of its files, the data hashes of the
 project's current dvc.lock, the evaluation verdict and the pipeline's ranking metrics. The
-`champion` alias goes to the best gate-passing version by the pipeline's metric (RANKING), not
+`champion` alias goes to the best gate-passing version by the pipeline's metric (`ranking`), not
 to the newest; when no version passes, there is no champion.
 """
 from __future__ import annotations
@@ -15,13 +15,17 @@ from pathlib import Path
 from barkgpt.fileio import sha256_file
 from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
-# The pipeline's metric, then its tie-breakers: (metric in metrics.json, "max" or "min").
-# Bark's contract accuracy saturates at 1.0 for any good model, so validation loss breaks ties.
-RANKING = {
-    "bark": [("contract_accuracy", "max"), ("val_loss", "min")],
-    "webtext": [("val_bpb", "min")],
-}
 CHECKPOINT_TAG = "sha256.best.pt"
+
+
+def ranking(name: str) -> list[tuple[str, str]]:
+    """The pipeline's declared metric (barkgpt/pipelines/), then validation loss to break ties:
+    bark's contract accuracy saturates at 1.0 for any good model. [(metric, "max" | "min")]."""
+    from barkgpt.pipelines import get
+
+    pipe = get(name)
+    order = [(pipe.metric, "max" if pipe.higher_is_better else "min")]
+    return order if pipe.metric == "val_loss" else order + [("val_loss", "min")]
 
 
 def model_name(params, name: str) -> str:
@@ -41,7 +45,7 @@ def version_tags(paths, name: str, metrics: dict, gate_passed: bool) -> dict[str
     if sha := tokens_sha256(paths):
         tags["data.tokens_sha256"] = sha
     tags["gate_passed"] = str(bool(gate_passed)).lower()
-    for metric, _ in RANKING.get(name, []):
+    for metric, _ in ranking(name):
         if isinstance(metrics.get(metric), (int, float)):
             tags[f"eval.{metric}"] = repr(float(metrics[metric]))
     return tags
@@ -106,7 +110,7 @@ def _rank_key(mv, name: str, run_metrics) -> tuple | None:
     """Sort key (smaller is better) from the version's eval.* tags (or its run's metrics for versions
     registered before those tags existed); None when the pipeline's metric is unknown."""
     key = []
-    for metric, direction in RANKING.get(name, []):
+    for metric, direction in ranking(name):
         raw = (mv.tags or {}).get(f"eval.{metric}")
         value = float(raw) if raw is not None else run_metrics(mv.run_id).get(f"eval.{metric}")
         if value is None or not math.isfinite(value):
