@@ -6,6 +6,7 @@ where a model is without importing the stages (or torch). Paths are relative to 
     data/<p>/        train.txt, val.txt, tokenizer.json,
                      tokens/{train,val}.json (shard manifests) + tokens/<split>-NNNNNN.bin (fixed-size shards)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
+    runs/<p>/<id>/   one training run's own files until it is promoted (never a DVC output)
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
     reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
                      validation/: Great Expectations' Data Docs
@@ -76,6 +77,20 @@ class Layout:
     def run_record(self) -> Path:
         """The MLflow run that trained the current model (read by evaluate, parity and deploy)."""
         return self.models / "mlflow_run.json"
+
+    # --- training runs (barkgpt/runs.py) ----------------------------------------------------------
+    @property
+    def runs(self) -> Path:
+        """Each training writes here first; models/<p>/ changes only when a run is promoted."""
+        return self.root / "runs" / self.pipeline
+
+    def run_folder(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    @property
+    def writer_lock(self) -> Path:
+        """flock'ed by the process writing this pipeline's model (one writer at a time)."""
+        return self.runs / "writer.lock"
 
     # --- exports --------------------------------------------------------------------------------
     @property

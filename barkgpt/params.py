@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from barkgpt.errors import BarkError
 
 BARKS = ("woof", "arf", "ruff", "grrr")
+# Words of an environment variable name that mark it as a secret (API_KEY, HF_TOKEN, DB_PASSWORD...).
+SECRET_WORDS = {"KEY", "APIKEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS",
+                "PRIVATE"}
 
 
 class Strict(BaseModel):
@@ -350,7 +353,11 @@ class DeployParams(Strict):
     memory_mb: int = Field(1024, ge=128, le=10240)
     timeout_s: int = Field(30, ge=1, le=900)
     ephemeral_storage_mb: int = Field(1024, ge=512, le=10240, description="/tmp size; holds the model")
-    environment: dict[str, str] = Field(default_factory=dict, description="extra function environment")
+    environment: dict[str, str] = Field(default_factory=dict,
+                                        description="extra function environment; never secrets (see api_key_secret)")
+    api_key_secret: str | None = Field(
+        None, min_length=1, description="where the serving API key is: a Secrets Manager secret name or ARN, or "
+        "ssm:<parameter name>; the function reads it at cold start (deploy stores $BARKGPT_API_KEY there if set)")
     alias: str = Field("live", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,127}$")
     url_auth_type: Literal["AWS_IAM", "NONE"] = "AWS_IAM"
     multipart_threshold_mb: float = Field(64, gt=0, description="files at least this big upload in parts")
@@ -359,6 +366,18 @@ class DeployParams(Strict):
     smoke: Literal["auto", "remote", "in_process"] = Field(
         "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
     smoke_prompt: str = Field("speak", description="user message the smoke test sends to /v1/model/generate")
+
+    @field_validator("environment")
+    @classmethod
+    def _no_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        # params are copied into every checkpoint, MLflow run and the function configuration.
+        secret = sorted(k for k in env if SECRET_WORDS & set(k.upper().replace("-", "_").split("_")))
+        if secret:
+            raise ValueError(
+                f"{secret} look like secrets, and params.yaml is copied into checkpoints, MLflow and the "
+                "function configuration; keep the value in AWS Secrets Manager or SSM and set "
+                "deploy.api_key_secret to its name (docs/deploy.md, 'API key')")
+        return env
 
 
 class Params(Strict):

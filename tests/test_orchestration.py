@@ -353,7 +353,11 @@ def test_cli_door_tracks_one_run_across_train_resume_and_evaluate(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_stage(params, "bark", "train", root, on_log=crash_at_4, progress=False)
-    first = json.loads((root / "models/bark/mlflow_run.json").read_text())["run_id"]
+    from barkgpt.layout import layout
+    from barkgpt.runs import latest_interrupted
+
+    assert not (root / "models/bark/mlflow_run.json").exists()  # recorded there only on promotion
+    first = json.loads(latest_interrupted(layout("bark", root)).run_record.read_text())["run_id"]
     assert run_stage(params, "bark", "train", root, resume=True, progress=False)["mlflow_run_id"] == first
     assert run_stage(params, "bark", "evaluate", root)["mlflow"]["run_id"] == first
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

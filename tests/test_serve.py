@@ -351,7 +351,6 @@ def test_serve_cli_refuses_a_corrupt_checkpoint_or_gguf(bark_project, bark_gguf,
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     ckpt = tmp_path / "best.pt"
     shutil.copy(bark_project / "models/bark/best.pt", ckpt)
-    shutil.copy(bark_project / "models/bark/best.pt.json", tmp_path / "best.pt.json")
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0x01
     ckpt.write_bytes(bytes(data))

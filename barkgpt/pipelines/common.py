@@ -58,7 +58,8 @@ def train_stage(after=lambda lay: []) -> Stage:
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
         reports=lambda lay: [lay.train_summary],
         plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
-        options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
+        options=(Option(("--resume",), "resume", "continue the interrupted run in runs/<pipeline>/, else train "
+                        "models/<pipeline>/last.pt further",
                         {"action": "store_true"}),
                  Option(("--quiet",), "progress",
                         "no progress bar: a progress line every 10 s instead (as when stderr is not a terminal)",

@@ -33,9 +33,8 @@ def model_name(params, name: str) -> str:
 
 
 def model_files(paths) -> dict[str, Path]:
-    """The files a registered version is made of (the checkpoint's checksum file when there is one)."""
-    files = {"best.pt": paths.checkpoint, "best.pt.json": Path(str(paths.checkpoint) + ".json"),
-             "tokenizer.json": paths.tokenizer}
+    """The files a registered version is made of (a checkpoint is one file, its sha256 inside)."""
+    files = {"best.pt": paths.checkpoint, "tokenizer.json": paths.tokenizer}
     return {k: f for k, f in files.items() if f.exists()}
 
 
@@ -87,8 +86,6 @@ def log_model(run) -> str:
     mlflow, p, params, name = run.mlflow, run.paths, run.params, run.name
     eval_cfg = getattr(params, name).eval
     artifacts = {"checkpoint": str(p.checkpoint), "tokenizer": str(p.tokenizer)}
-    if (checksum := Path(str(p.checkpoint) + ".json")).exists():
-        artifacts["checkpoint_sha256"] = str(checksum)
     prompt = "User: speak Assistant:" if name == "bark" else (getattr(eval_cfg, "prompts", None) or ["The"])[0]
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema

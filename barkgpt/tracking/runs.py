@@ -216,12 +216,12 @@ class TrainingRun:
 
 
 def start_training_run(params: Params, name: str, paths, tags: dict | None = None,
-                       resume: bool = False) -> TrainingRun | None:
+                       resume: bool = False, record: Path | None = None) -> TrainingRun | None:
     """Open the run before training (so a dead server fails now, not after the training).
 
-    The run id is written next to the checkpoint at once, so a resumed training (--resume)
-    continues the same run, and evaluate finds it."""
-    run_file = paths.run_record
+    The run id is written at once to `record` (the training's run folder; promotion copies it
+    to paths.run_record), so a resumed training (--resume) continues the same run."""
+    run_file = record or paths.run_record
     previous = read_json(run_file).get("run_id") if resume and run_file.exists() else None
     run_file.unlink(missing_ok=True)  # a stale id must never receive another model's metrics
     if not params.tracking.enabled:
