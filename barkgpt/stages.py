@@ -187,6 +187,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
     from barkgpt import runs, tracking
     from barkgpt.checkpoint import load_model
     from barkgpt.gates import contract_test, judge, judged_files
+    from barkgpt.tracking.registry import ranking
 
     if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
         load_model(lay.checkpoint)
@@ -208,7 +209,8 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
             if run:
                 run.fail()
             raise
-        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
+        order = ranking(pipe.metric, pipe.higher_is_better)  # champion: the best by the pipeline's metric
+        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"], order)
     return {**metrics, "mlflow": registry}
 
 

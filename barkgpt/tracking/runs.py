@@ -322,7 +322,8 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
     return TrainingRun(mlflow, client, run_id, params, name, paths)
 
 
-def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool) -> dict:
+def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
+                      order: list[tuple[str, str]]) -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
     the champion alias to the best gate-passing version."""
     from barkgpt.tracking import registry
@@ -342,7 +343,7 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool)
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed)
+        info = registry.register(run, metrics, gate_passed, order)
     except BaseException:
         run.fail()
         raise
