@@ -3,14 +3,17 @@
 A leaf: it imports nothing from barkgpt, so serving, deployment and the Lambda handler can ask
 where a model is without importing the stages (or torch). Paths are relative to the project root.
 
-    data/<p>/        train.txt, val.txt, tokenizer.json, tokens/{train,val}.bin (+ .json manifests)
+    data/<p>/        train.txt, val.txt, tokenizer.json,
+                     tokens/{train,val}.json (shard manifests) + tokens/<split>-NNNNNN.bin (fixed-size shards)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
+    runs/<p>/<id>/   one training run's own files until it is promoted (never a DVC output)
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
     reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
                      validation/: Great Expectations' Data Docs
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +47,16 @@ class Layout:
     def tokens(self) -> Path:
         return self.data / "tokens"
 
-    def shard(self, split: str) -> Path:
-        return self.tokens / f"{split}.bin"
+    def token_manifest(self, split: str) -> Path:
+        """The split's shard manifest: dtype, vocabulary, tokenizer hash and the shard files in order."""
+        return self.tokens / f"{split}.json"
+
+    def token_shard(self, split: str, index: int) -> Path:
+        return self.tokens / f"{split}-{index:06d}.bin"
+
+    def token_shard_files(self, split: str) -> list[Path]:
+        """The split's shard files on disk now (its manifest says which belong to the current encoding)."""
+        return sorted(self.tokens.glob(f"{split}-{'[0-9]' * 6}.bin"))
 
     # --- models ---------------------------------------------------------------------------------
     @property
@@ -66,6 +77,20 @@ class Layout:
     def run_record(self) -> Path:
         """The MLflow run that trained the current model (read by evaluate, parity and deploy)."""
         return self.models / "mlflow_run.json"
+
+    # --- training runs (barkgpt/runs.py) ----------------------------------------------------------
+    @property
+    def runs(self) -> Path:
+        """Each training writes here first; models/<p>/ changes only when a run is promoted."""
+        return self.root / "runs" / self.pipeline
+
+    def run_folder(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    @property
+    def writer_lock(self) -> Path:
+        """flock'ed by the process writing this pipeline's model (one writer at a time)."""
+        return self.runs / "writer.lock"
 
     # --- exports --------------------------------------------------------------------------------
     @property
@@ -164,6 +189,11 @@ class Layout:
         return self.report("parity")
 
     @property
+    def parity_summary(self) -> Path:
+        """The verdict and a number per file, for `dvc metrics show` (parity.json has the details)."""
+        return self.reports / "parity_summary.json"
+
+    @property
     def deploy_report(self) -> Path:
         return self.report("deploy")
 
@@ -176,3 +206,15 @@ def repro_command(pipeline: str) -> str:
 
 def layout(pipeline: str, root: str | Path = ".") -> Layout:
     return Layout(pipeline, Path(root))
+
+
+# --- per machine, outside any project ----------------------------------------------------------
+
+def machine_cache() -> Path:
+    """~/.cache/barkgpt (or $XDG_CACHE_HOME/barkgpt): what one machine keeps across projects."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "barkgpt"
+
+
+def compile_cache() -> Path:
+    """torch.compile's kernels and graphs: a cold compile is paid once per machine, not per run."""
+    return machine_cache() / "torch-compile"

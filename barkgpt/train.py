@@ -1,14 +1,22 @@
 """The trainer both models share: random windows from token shards, AdamW, warm-up then cosine.
 
-Deterministic on CPU for a given seed and thread count; checkpoints hold everything needed to
-resume exactly (weights, optimizer, step, RNG states, the metric history).
+One process or many (DDP under torchrun), on the CPU, a CUDA GPU or Apple's MPS. The windows of
+micro-batch j of step s come from a generator seeded by (seed, s, j), and process r trains
+micro-batches r*grad_accum ... (r+1)*grad_accum - 1 of each step. Hence:
+- resume is exact with no data-RNG state: the step counter says which windows come next;
+- N processes with grad_accum A train on exactly the windows of one process with grad_accum N*A,
+  and DDP's gradient mean equals that process's accumulated mean (up to summation order).
+Deterministic on CPU for a given seed and thread count. Only rank 0 writes checkpoints, logs and
+reports; checkpoints hold what resuming needs (weights, optimizer, step, metric history).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,14 +27,24 @@ import torch
 from tqdm import tqdm
 
 from barkgpt.checkpoint import load_checkpoint, save_checkpoint
-from barkgpt.data.shards import random_windows, sequential_windows
+from barkgpt.data.shards import random_windows, window_rng
+from barkgpt.device import autocast, prepare, to_device
+from barkgpt.distributed import SINGLE, Dist, from_main, mean_across
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
+from barkgpt.lm.torch_lm import TorchLM
+from barkgpt.loss_eval import eval_windows, evaluate_bpb
 from barkgpt.model import GPT
+from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr  # noqa: F401 (lr_at: API)
 from barkgpt.params import ModelParams, TrainParams
+from barkgpt.runs import TrainingDiverged
 from barkgpt.tokenizer import Tokenizer
 
 LogFn = Callable[[int, dict], None]
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0  # a progress line at least this often when no progress bar is shown
+
+__all__ = ["autocast", "lr_at", "make_optimizer", "set_threads", "train", "TrainResult"]
 
 
 @dataclass
@@ -42,54 +60,54 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def autocast(dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def lr_at(step: int, progress: float, p: TrainParams) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio*lr as progress -> 1."""
-    if step < p.warmup_steps:
-        return p.learning_rate * (step + 1) / p.warmup_steps
-    floor = p.learning_rate * p.min_lr_ratio
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return floor + (p.learning_rate - floor) * cosine
-
-
-def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.AdamW:
-    # Decay matrices only; norms' gains stay free (nanoGPT's rule).
-    decay = [q for q in model.parameters() if q.dim() >= 2]
-    no_decay = [q for q in model.parameters() if q.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel over all parameters instead of a dozen ops per tensor (works on CPU).
-    return torch.optim.AdamW(groups, lr=p.learning_rate, betas=(p.beta1, p.beta2), fused=True)
-
-
-@torch.inference_mode()
-def mean_loss(model, ids: np.ndarray, block: int, batch: int, max_batches: int | None, dtype: str,
-              token_bytes: np.ndarray | None = None):
-    """Mean next-token loss over consecutive windows from the start of `ids` (same every call).
-    With `token_bytes` (UTF-8 length of each id), returns (loss, bits per byte) instead."""
-    was_training = model.training
-    model.eval()
-    total, count, nbytes = 0.0, 0, 0
-    for x, y in sequential_windows(ids, batch, block, max_batches):
-        with autocast(dtype):
-            _, loss = model(x, y)
-        total += float(loss) * y.numel()
-        count += y.numel()
-        if token_bytes is not None:
-            nbytes += int(token_bytes[y.numpy()].sum())
-    model.train(was_training)
-    if token_bytes is not None:
-        return total / count, total / math.log(2) / max(nbytes, 1)
-    return total / count
+def require_finite(what: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training diverged at step {step}: {what} is {value}; stopped early "
+                               "(lower learning_rate, add warmup_steps or grad_clip)")
 
 
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (DVC, Prefect, a log file) a plain log line at least
+    every PROGRESS_EVERY_S seconds: step, loss, tokens/s, elapsed and ETA. Rank 0 only."""
+
+    def __init__(self, p: TrainParams, step: int, fraction: float, active: bool, bar: bool):
+        self.p, self.active, self.first_step, self.first_fraction = p, active, step, fraction
+        self.bar = tqdm(total=p.max_steps, initial=step, unit="step", dynamic_ncols=True) \
+            if active and bar and sys.stderr.isatty() else None
+        self.start = self.last = time.perf_counter()
+        self.last_tokens = None
+
+    def update(self, step: int, loss: float, tokens: int, fraction: float, done: bool) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % self.p.log_every == 0 or done:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        if not (step == self.first_step + 1 or done or now - self.last >= PROGRESS_EVERY_S):
+            return
+        tps = "-" if self.last_tokens is None else f"{(tokens - self.last_tokens) / max(now - self.last, 1e-9):,.0f}"
+        self.last, self.last_tokens = now, tokens
+        spent, gained = now - self.start, fraction - self.first_fraction
+        eta = spent * (1 - fraction) / gained if gained > 0 and not done else 0.0
+        log.info("step %d/%d (%.0f%%) loss %.4f | %s tok/s | elapsed %s | ETA %s", step, self.p.max_steps,
+                 100 * min(fraction, 1.0), loss, tps, _clock(spent), _clock(eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def train(
@@ -106,43 +124,58 @@ def train(
     on_log: LogFn | None = None,
     progress: bool = True,
     token_bytes: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+    dist: Dist = SINGLE,
 ) -> TrainResult:
-    """Train; write `out_dir/last.pt`, `out_dir/best.pt` (lowest validation loss) and the log CSV."""
+    """Train; rank 0 writes `out_dir/last.pt`, `out_dir/best.pt` (lowest validation loss) and the log CSV.
+    Under torchrun (`dist.enabled`) the process group must already be initialized."""
+    device = torch.device(device)
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     set_threads(p.threads)
+    prepare(device, p.compile)
     torch.manual_seed(p.seed)
-    model = GPT(model_params, tokenizer.vocab_size)
+    model = GPT(model_params, tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, p)
-    data_gen = torch.Generator().manual_seed(p.seed)
     step, tokens, elapsed_before, history, best_val = 0, 0, 0.0, [], None
 
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         if state["model_params"] != model_params.model_dump():
             raise BarkError(f"{last_path}: was trained with other model parameters; remove it or drop --resume")
+        if not state.get("optimizer") or "history" not in state.get("extra", {}):
+            raise BarkError(f"{last_path}: holds no training state (optimizer, history); drop --resume to start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        data_gen.set_state(state["rng"]["data"])
         step, history = state["step"], state["extra"]["history"]
         tokens, elapsed_before = state["extra"]["tokens"], state["extra"]["seconds"]
         best_val = state["extra"]["best_val"]
-    elif resume:
-        print(f"no checkpoint at {last_path}; starting from scratch")
+        saved_world = state["extra"].get("world_size", 1)
+        if saved_world != dist.world_size and dist.is_main:
+            log.warning("%s was written by %d processes, resuming with %d: training continues, but on other "
+                        "windows than an uninterrupted run would see", last_path, saved_world, dist.world_size)
+    elif resume and dist.is_main:
+        log.info("no checkpoint at %s; starting from scratch", last_path)
 
     step_fn = torch.compile(model) if p.compile else model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     last_bpb = [None]
-    tokens_per_step = p.batch_size * p.grad_accum * model_params.block_size
+    block, micro_steps = model_params.block_size, p.grad_accum
+    tokens_per_step = p.batch_size * micro_steps * block * dist.world_size
     start = time.perf_counter()
 
     def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - start
+        # Rank 0's clock on every process when a wall-clock budget decides the schedule and the stop.
+        seconds = elapsed_before + time.perf_counter() - start
+        return from_main(seconds, dist, device) if p.max_seconds else seconds
 
-    def progress_fraction() -> float:
+    def progress_fraction(seconds: float) -> float:
         parts = [step / p.max_steps]
         if p.max_seconds:
-            parts.append(elapsed() / p.max_seconds)
+            parts.append(seconds / p.max_seconds)
         if p.max_tokens:
             parts.append(tokens / p.max_tokens)
         return max(parts)
@@ -150,36 +183,49 @@ def train(
     def checkpoint(path: Path) -> None:
         save_checkpoint(
             path, model=model, tokenizer=tokenizer, params=params_dict, step=step, optimizer=optimizer,
-            rng={"torch": torch.get_rng_state(), "data": data_gen.get_state()},
-            extra={"history": history, "tokens": tokens, "seconds": elapsed(), "best_val": best_val},
+            extra={"history": history, "tokens": tokens, "seconds": elapsed_before + time.perf_counter() - start,
+                   "best_val": best_val, "world_size": dist.world_size},
         )
 
     def evaluate_now() -> float | None:
         nonlocal best_val
         if val_ids is None:
             return None
-        val = mean_loss(model, val_ids, model_params.block_size, p.batch_size, p.eval_batches, p.dtype, token_bytes)
-        if token_bytes is not None:
-            val, last_bpb[0] = val
+        # The evaluate stage's metric on the same windows, in float32 whatever the training dtype
+        windows = eval_windows(val_ids, block, p.batch_size, tokenizer.eos_id, p.eval_batches)
+        result = evaluate_bpb(TorchLM(model, tokenizer), windows, token_bytes)
+        val, last_bpb[0] = result["loss"], result["bpb"]
+        require_finite("validation loss", val, step)
         if best_val is None or val < best_val:
             best_val = val
             checkpoint(best_path)
         return val
 
-    bar = tqdm(total=p.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
-    loss_value, val, window_start, window_tokens = float("nan"), None, time.perf_counter(), 0
-    while step < p.max_steps and progress_fraction() < 1.0:
-        lr = lr_at(step, progress_fraction(), p)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for _ in range(p.grad_accum):
-            x, y = random_windows(train_ids, p.batch_size, model_params.block_size, data_gen)
-            with autocast(p.dtype):
-                _, loss = step_fn(x, y)
-            (loss / p.grad_accum).backward()
-            loss_sum += float(loss.detach())
+    # A resumed run that had already reached its end reports what it ended with.
+    loss_value = history[-1]["loss"] if history else float("nan")
+    val = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
+    last_bpb[0] = next((r["val_bpb"] for r in reversed(history) if r.get("val_bpb") is not None), None)
+    window_start, window_tokens = time.perf_counter(), 0
+    fraction = progress_fraction(elapsed())
+    report = Progress(p, step, fraction, active=dist.is_main, bar=progress)
+    while step < p.max_steps and fraction < 1.0:
+        factor = lr_factor(step, fraction, p)
+        set_lr(optimizer, factor)  # each param group's own peak rate times the schedule
+        lr = p.learning_rate * factor
+        loss_sum = torch.zeros((), device=device)
+        for a in range(micro_steps):
+            rng = window_rng(p.seed, step, dist.rank * micro_steps + a)
+            x, y = random_windows(train_ids, p.batch_size, block, rng)
+            if model_params.dropout > 0:  # dropout masks follow the same counters as the windows
+                torch.manual_seed(int(rng.integers(2**62)))
+            # DDP all-reduces gradients on the last micro-step only; the others just accumulate.
+            sync = not dist.enabled or a == micro_steps - 1
+            with contextlib.nullcontext() if sync else step_fn.no_sync():
+                with autocast(p.dtype, device.type):
+                    _, loss = step_fn(to_device(x, device), to_device(y, device))
+                (loss / micro_steps).backward()
+            loss_sum += loss.detach()
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
@@ -187,12 +233,16 @@ def train(
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
-        loss_value = loss_sum / p.grad_accum
-        bar.update(1)
+        loss_value = float(loss_sum) / micro_steps
+        require_finite("train loss", loss_value, step)  # before this step's checkpoint: no NaN is saved
+        fraction = progress_fraction(elapsed())
+        last_step = step >= p.max_steps or fraction >= 1.0
+        report.update(step, loss_value, tokens, fraction, last_step)
 
-        last_step = step >= p.max_steps or progress_fraction() >= 1.0
         row = None
         if step % p.log_every == 0 or last_step:
+            loss_value = mean_across(loss_value, dist, device)  # the global batch's loss, as one process sees it
+        if dist.is_main and (step % p.log_every == 0 or last_step):
             now = time.perf_counter()
             tps = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
@@ -203,18 +253,18 @@ def train(
                 if token_bytes is not None:
                     row["val_bpb"] = last_bpb[0]
             history.append(row)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
         # Checkpoint before reporting: whatever a logger does (or a crash does) after this point,
         # the step is already safe on disk and --resume continues from it exactly.
-        if step % p.checkpoint_every == 0 or last_step:
+        if dist.is_main and (step % p.checkpoint_every == 0 or last_step):
             checkpoint(last_path)
         if row is not None and on_log:
             on_log(step, {k: v for k, v in row.items() if v is not None and k != "step"})
-    bar.close()
-    if step == 0 or not last_path.exists():
+    report.close()
+    if dist.is_main and (step == 0 or not last_path.exists()):
         checkpoint(last_path)
-    write_history(log_path, history)
-    seconds = elapsed()
+    if dist.is_main:
+        write_history(log_path, history)
+    seconds = elapsed_before + time.perf_counter() - start
     return TrainResult(
         step=step, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
         train_loss=loss_value, val_loss=val, best_val_loss=best_val, val_bpb=last_bpb[0], history=history,

@@ -33,6 +33,7 @@ class Suite:
     frame: object  # pandas.DataFrame
     expectations: list
     index_column: str = "line"
+    coverage: str = "every row"  # what the frame holds: all rows, a sample, or counts streamed over all rows
 
 
 def _gx():
@@ -98,28 +99,66 @@ def bark_suites(params: Params, paths) -> list[Suite]:
 
 # --- the webtext suites ---------------------------------------------------------------------------
 
+SAMPLE_ROWS = 50_000  # row-level sample size for pipelines whose params do not set one
+FLAGGED_ROWS_KEPT = 100  # per rule: offending lines always reach the row-level checks, up to this many
+EXACT_DISTINCT_LINES = 500_000  # duplicates are counted exactly up to this many distinct lines
+
+
 def letter_share(line: str) -> float:
     """Letters over non-space characters: prose is mostly letters; markup, tables and numbers are not."""
     chars = [c for c in line if not c.isspace()]
     return sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
 
 
-def read_text_rows(path: Path) -> list[tuple[str, bool]]:
-    """(text, valid UTF-8) per line. Decoded line by line so one bad line is reported, not fatal."""
-    raw = path.read_bytes().split(b"\n")
-    if raw and raw[-1] == b"":
-        raw.pop()  # the final newline ends the last row
-    rows = []
-    for line in raw:
-        try:
-            rows.append((line.decode("utf-8"), True))
-        except UnicodeDecodeError:
-            rows.append((line.decode("utf-8", errors="replace"), False))
-    return rows
+def text_rows(path: Path):
+    """(line number, text, valid UTF-8) per line, streamed. Decoded line by line so one bad line is
+    reported, not fatal; the file's final newline ends the last row (it is not an empty row)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            try:
+                yield number, line.decode("utf-8"), True
+            except UnicodeDecodeError:
+                yield number, line.decode("utf-8", errors="replace"), False
+
+
+class DuplicateShare:
+    """Share of non-empty lines that repeat an earlier line, in bounded memory: exact while the
+    distinct lines fit EXACT_DISTINCT_LINES; past that, measured on the lines whose 64-bit hash
+    falls below a threshold that halves as needed (every copy of a line shares its hash, so the
+    share in that hash range estimates the share overall)."""
+
+    def __init__(self, limit: int = EXACT_DISTINCT_LINES):
+        self.limit, self.threshold, self.counts = limit, 1 << 64, {}
+
+    def add(self, text: str) -> None:
+        import hashlib
+
+        key = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+        if key < self.threshold:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if len(self.counts) > self.limit:
+                self.threshold //= 2
+                self.counts = {k: c for k, c in self.counts.items() if k < self.threshold}
+
+    @property
+    def exact(self) -> bool:
+        return self.threshold == 1 << 64
+
+    def share(self) -> float:
+        total = sum(self.counts.values())
+        return (total - len(self.counts)) / total if total else 0.0
 
 
 def webtext_suites(params: Params, paths) -> list[Suite]:
-    """Text suites per split: what the ingest stage promises and what the tokenizer and model need."""
+    """Text suites per split: what webtext-ingest promises and what the tokenizer and model need.
+
+    One streaming pass per split: row-level checks (not empty, valid UTF-8, length) run on a seeded
+    sample of at most `validation.sample_rows` lines plus every line the pass flagged (up to
+    FLAGGED_ROWS_KEPT per rule); the duplicate share and the mean letter share stream over every
+    line. Each suite's `coverage` says which."""
+    import random
+
     import pandas as pd
 
     _, gxe = _gx()
@@ -129,58 +168,120 @@ def webtext_suites(params: Params, paths) -> list[Suite]:
     for split, path in (("train", paths.train_text), ("val", paths.val_text)):
         if not path.exists():
             raise BarkError(f"{path}: not found; run the ingest stage first (barkgpt ingest {paths.pipeline})")
-        rows = read_text_rows(path)
+        rng = random.Random(f"{params.seed}-{split}")
+        sample, flagged = [], {"empty": [], "utf8": [], "chars": []}
+        duplicates, letters, total = DuplicateShare(), 0.0, 0
+        for number, text, ok in text_rows(path):
+            total += 1
+            row = (number, text[:200] if text.strip() else None, len(text), ok)
+            rules = [("empty", not text.strip()), ("utf8", not ok),
+                     ("chars", not clean.min_line_chars <= len(text) <= clean.max_line_chars)]
+            kept = False
+            for rule, broken in rules:
+                if broken and len(flagged[rule]) < FLAGGED_ROWS_KEPT:
+                    flagged[rule].append(row)
+                    kept = True
+            if not kept:  # reservoir sampling (Algorithm R): each unflagged line equally likely
+                if len(sample) < v.sample_rows:
+                    sample.append(row)
+                else:
+                    j = rng.randrange(total)
+                    if j < v.sample_rows:
+                        sample[j] = row
+            letters += letter_share(text)
+            if text.strip():
+                duplicates.add(text)
+        rows = sorted({r[0]: r for r in sample + [r for rs in flagged.values() for r in rs]}.values())
         frame = pd.DataFrame({
-            "line": range(1, len(rows) + 1),
-            "text": [text if text.strip() else None for text, _ in rows],
-            "chars": [len(text) for text, _ in rows],
-            "valid_utf8": [ok for _, ok in rows],
-            "letter_share": [letter_share(text) for text, _ in rows],
+            "line": [r[0] for r in rows], "text": [r[1] for r in rows],
+            "chars": [r[2] for r in rows], "valid_utf8": [r[3] for r in rows],
         })
+        coverage = "every line" if len(rows) == total else (
+            f"{len(rows):,} of {total:,} lines: a seeded sample plus every line the streaming pass flagged "
+            f"(first {FLAGGED_ROWS_KEPT} per rule)")
         suites.append(Suite(f"{paths.pipeline}.{split}.text", frame, [
             gxe.ExpectColumnValuesToNotBeNull(column="text"),
             gxe.ExpectColumnValuesToBeInSet(column="valid_utf8", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(column="chars", min_value=clean.min_line_chars,
                                               max_value=clean.max_line_chars),
-            # unique share >= 1 - max duplicate rate (ingest deduplicates, so this is normally 1.0)
-            gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(column="text",
-                                                                min_value=1.0 - v.max_duplicate_rate),
+        ], coverage=coverage))
+        stats = pd.DataFrame({"split": [split], "lines": [total],
+                              "duplicate_share": [duplicates.share()],
+                              "mean_letter_share": [letters / max(total, 1)]})
+        suites.append(Suite(f"{paths.pipeline}.{split}.stats", stats, [
+            # ingest deduplicates, so the share is normally 0.0
+            gxe.ExpectColumnValuesToBeBetween(column="duplicate_share", min_value=0.0, max_value=v.max_duplicate_rate),
             # over the corpus, not per line: headings ("= = Reception = =") and score lines are fine
-            gxe.ExpectColumnMeanToBeBetween(column="letter_share", min_value=v.min_letter_share),
-        ]))
+            gxe.ExpectColumnValuesToBeBetween(column="mean_letter_share", min_value=v.min_letter_share),
+        ], index_column="split", coverage=f"counts streamed over all {total:,} lines; duplicate share "
+           + ("exact" if duplicates.exact else "estimated from a hash-range sample of the lines")))
     return suites
 
 
-def webtext_token_suites(params: Params, paths) -> list[Suite]:
-    """Shard suites: ids below the vocabulary, counts matching the manifest, the tokenizer's hash."""
+# --- token shards (every pipeline) -----------------------------------------------------------------
+
+def token_suites(params: Params, paths) -> list[Suite]:
+    """Shard suites: every file's size and token count against the manifest, ids below the
+    vocabulary (counted by a streaming pass over every shard), the tokenizer's vocabulary and hash;
+    plus the ids of a seeded sample of positions, for row-level reports."""
     import numpy as np
     import pandas as pd
 
-    from barkgpt.data.shards import manifest_path
-    from barkgpt.fileio import read_json
+    from barkgpt.data.shards import TokenStream, read_manifest
     from barkgpt.tokenizer import load_tokenizer, tokenizer_hash
 
     _, gxe = _gx()
+    name = paths.pipeline
     if not paths.tokenizer.exists():
         raise BarkError(f"{paths.tokenizer}: not found; run the tokenizer stage first "
-                        f"(barkgpt tokenizer {paths.pipeline})")
+                        f"(barkgpt {'tokenize' if name == 'bark' else 'tokenizer'} {name})")
     tok = load_tokenizer(paths.tokenizer)
-    expected_hash = tokenizer_hash(tok)
-    suites, manifests = [], []
+    expected_hash, redo = tokenizer_hash(tok), f"run barkgpt tokenize {name}"
+    suites, splits, files = [], [], []
     for split in ("train", "val"):
-        shard = paths.shard(split)
-        if not shard.exists() or not manifest_path(shard).exists():
-            raise BarkError(f"{shard}: token shard or its manifest is missing; run barkgpt tokenize {paths.pipeline}")
-        manifest = read_json(manifest_path(shard))
-        ids = np.fromfile(shard, dtype=np.dtype(manifest["dtype"]))  # not load_shard: it stops at a bad count
-        manifests.append({"split": split, "file_tokens": int(ids.size), "manifest_tokens": manifest["tokens"],
-                          "manifest_vocab_size": manifest["vocab_size"], "tokenizer_vocab_size": tok.vocab_size,
-                          "manifest_hash": manifest.get("tokenizer_hash"), "tokenizer_hash": expected_hash})
-        frame = pd.DataFrame({"position": np.arange(ids.size), "id": ids.astype(np.int64)})
-        suites.append(Suite(f"{paths.pipeline}.{split}.token_ids", frame, [
+        manifest_file = paths.token_manifest(split)
+        manifest = read_manifest(manifest_file, redo)
+        dtype = np.dtype(manifest["dtype"])
+        parts, names, split_tokens, flagged = [], [], 0, []
+        for entry in manifest["files"]:
+            path = manifest_file.parent / entry["name"]
+            size = path.stat().st_size if path.exists() else 0
+            ids = np.memmap(path, dtype=dtype, mode="r", shape=(size // dtype.itemsize,)) if size >= dtype.itemsize \
+                else np.zeros(0, dtype=dtype)
+            out_of_vocab = 0
+            for i in range(0, len(ids), 2**24):  # chunked: bounded memory whatever the shard size
+                bad = np.flatnonzero(ids[i : i + 2**24] >= tok.vocab_size)
+                out_of_vocab += len(bad)
+                flagged.extend((split_tokens + i + bad[: FLAGGED_ROWS_KEPT - len(flagged)]).tolist())
+            files.append({"file": f"{split}/{entry['name']}", "exists": path.exists(), "bytes_remainder": size % dtype.itemsize,
+                          "file_tokens": int(ids.size), "manifest_tokens": entry["tokens"], "out_of_vocab": out_of_vocab})
+            parts.append(ids)
+            names.append(entry["name"])
+            split_tokens += int(ids.size)
+        splits.append({"split": split, "file_tokens": split_tokens, "manifest_tokens": manifest["tokens"],
+                       "manifest_vocab_size": manifest["vocab_size"], "tokenizer_vocab_size": tok.vocab_size,
+                       "manifest_hash": manifest.get("tokenizer_hash"), "tokenizer_hash": expected_hash})
+        stream = TokenStream(parts, names)
+        n, k = len(stream), getattr(getattr(params, name).validation, "sample_rows", SAMPLE_ROWS)
+        if n <= k:
+            positions = np.arange(n)
+        else:  # a seeded sample, plus every position the streaming pass flagged (first FLAGGED_ROWS_KEPT)
+            sampled = np.random.default_rng(params.seed).choice(n, k, replace=False)
+            positions = np.unique(np.concatenate([sampled, np.array(flagged, dtype=np.int64)]))
+        ids = np.asarray(stream, np.int64) if n <= k else np.array([stream[int(i)] for i in positions], np.int64)
+        suites.append(Suite(f"{name}.{split}.token_ids", pd.DataFrame({"position": positions, "id": ids}), [
             gxe.ExpectColumnValuesToBeBetween(column="id", min_value=0, max_value=tok.vocab_size - 1),
-        ], index_column="position"))
-    suites.append(Suite(f"{paths.pipeline}.shards.manifest", pd.DataFrame(manifests), [
+        ], index_column="position",
+            coverage="every token" if n <= k else f"{len(positions):,} of {n:,} token positions: a seeded "
+            f"sample plus every position the streaming pass flagged (first {FLAGGED_ROWS_KEPT})"))
+    suites.append(Suite(f"{name}.shards.files", pd.DataFrame(files), [
+        gxe.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
+        gxe.ExpectColumnValuesToBeBetween(column="bytes_remainder", min_value=0, max_value=0),
+        gxe.ExpectColumnValuesToBeBetween(column="file_tokens", min_value=1),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="file_tokens", column_B="manifest_tokens"),
+        gxe.ExpectColumnValuesToBeBetween(column="out_of_vocab", min_value=0, max_value=0),
+    ], index_column="file", coverage="counts streamed over every shard file"))
+    suites.append(Suite(f"{name}.shards.manifest", pd.DataFrame(splits), [
         gxe.ExpectColumnPairValuesToBeEqual(column_A="file_tokens", column_B="manifest_tokens"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_vocab_size", column_B="tokenizer_vocab_size"),
         gxe.ExpectColumnPairValuesToBeEqual(column_A="manifest_hash", column_B="tokenizer_hash"),
@@ -249,7 +350,7 @@ def run_suite(suite: Suite, context) -> dict:
             if isinstance(r.exception_info, dict) and r.exception_info.get("raised_exception") else None,
         })
     return {"suite": suite.name, "index_column": suite.index_column, "rows": len(suite.frame),
-            "success": bool(result.success), "checks": checks}
+            "coverage": suite.coverage, "success": bool(result.success), "checks": checks}
 
 
 def _plain(value):

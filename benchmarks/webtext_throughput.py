@@ -31,7 +31,7 @@ def measure(mode: str, args) -> dict:
     optimizer = make_optimizer(model, p)
     step_fn = torch.compile(model) if p.compile else model
     data = np.random.default_rng(0).integers(0, args.vocab, 1_000_000).astype(np.uint16)
-    gen = torch.Generator().manual_seed(0)
+    gen = np.random.default_rng(0)
 
     def step():
         x, y = random_windows(data, p.batch_size, cfg.block_size, gen)

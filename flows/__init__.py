@@ -1,4 +1,5 @@
 """Prefect flows over the stage tasks. Prefect state stays in the project (.prefect/) by default."""
+import logging
 import os
 from pathlib import Path
 
@@ -13,3 +14,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
 # The temporary local API starts in seconds on an idle laptop, slower on a loaded 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# barkgpt's own log lines (training progress at least every 10 s) go to the flow run's log.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "barkgpt")
+logging.getLogger("barkgpt").setLevel(logging.INFO)

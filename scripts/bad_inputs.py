@@ -139,7 +139,7 @@ def cases(base: Path, folder: Path):
         "data/bark/tokenizer.json", b'{"kind": "word"}', ["train", "bark"])
     yield "data/bark/tokenizer.json: not JSON", file_case("data/bark/tokenizer.json", b"woof", ["train", "bark"])
     yield "models/bark/best.pt truncated to 1000 bytes", truncated("models/bark/best.pt", 1000, ["evaluate", "bark"])
-    yield "models/bark/best.pt.json holding []", file_case("models/bark/best.pt.json", b"[]", ["evaluate", "bark"])
+    yield "models/bark/best.pt holding []", file_case("models/bark/best.pt", b"[]", ["evaluate", "bark"])
     yield "data/bark/tokens/train.bin of odd size", file_case("data/bark/tokens/train.bin", b"\x01\x02\x03",
                                                               ["train", "bark"])
     yield "data/bark/tokens/train.bin.json holding {}", file_case("data/bark/tokens/train.bin.json", b"{}",

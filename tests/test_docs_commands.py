@@ -34,7 +34,7 @@ from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
-        "docs/webtext.md"]
+        "docs/webtext.md", "docs/evaluation.md"]
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
 COMMAND_TIMEOUT_S = 900
 pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)

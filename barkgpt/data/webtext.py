@@ -1,26 +1,32 @@
-"""WebText-2 ingestion: one function reads the hub corpus or any local text, JSONL or parquet
-file or folder, cleans it line by line and splits it into train and validation lines.
+"""WebText-2 ingestion: one streaming pass reads the hub corpus or any local text, JSONL or parquet
+file or folder, cleans it line by line and writes the train and validation lines as they come.
 
-The hub path (`Raziel1234/WebText-2`, a `corpus.txt` of about 67k lines) goes through Hugging
-Face `datasets` with bounded timeouts; with no network it fails fast with a message that says
-how to point `webtext.source` at a local file instead. Local `.txt` files are read directly
-(no cache copies); `.jsonl`/`.json`/`.parquet` go through `datasets`' builders.
+Memory stays flat whatever the corpus size: local `.txt` files are read line by line;
+`.jsonl`/`.json`/`.parquet` files and the hub (`Raziel1234/WebText-2`, a `corpus.txt` of about 67k
+lines) stream through Hugging Face `datasets` (`streaming=True`, bounded timeouts). With no network
+the hub fails fast with a message that says how to point `webtext.source` at a local file instead.
+The one thing that grows with the corpus is deduplication: one 64-bit hash per distinct line
+(about 60 bytes in a Python set); `webtext.clean.dedup: false` removes it.
+
+Two passes: the first counts the source's lines (the `head` split cuts at a line number) and
+hashes it, spooling table and hub rows into a temporary text file beside the outputs; the second
+cleans, splits and writes.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from barkgpt.errors import BarkError
-from barkgpt.fileio import sha256_bytes, sha256_file, write_text
+from barkgpt.fileio import atomic_path, sha256_bytes, sha256_file
 from barkgpt.params import WebtextCleanParams, WebtextPipeline, WebtextSplitParams
 
 TEXT_SUFFIXES = (".txt", ".md")  # plain text, one text per line
@@ -28,31 +34,54 @@ TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SUFFIXES = TEXT_SUFFIXES + tuple(TABLE_SUFFIXES)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_HOST = "huggingface.co"
+BINARY_PROBE = 1 << 20  # bytes checked for NUL before a file is read as text
 
 
 @dataclass
-class Corpus:
-    lines: list[str]  # raw lines in source order (not yet stripped)
-    source: str
-    source_sha256: str
-    files: list[str] = field(default_factory=list)
+class Source:
+    """Where the corpus is: local files (in order) or a hub dataset id. `lines()` streams raw lines
+    (not yet stripped) in source order; reading errors name the file and the fix."""
+
+    name: str
+    files: list[Path] = field(default_factory=list)
+    hub_id: str | None = None
+    text_field: str = "text"
+    hub_timeout_s: float = 20.0
+
+    @property
+    def plain_text(self) -> bool:
+        """Only local .txt files: cheap to read twice, no spooling needed."""
+        return self.hub_id is None and all(f.suffix.lower() in TEXT_SUFFIXES for f in self.files)
+
+    def lines(self) -> Iterator[str]:
+        if self.hub_id is not None:
+            yield from _hub_lines(self.hub_id, self.text_field, self.hub_timeout_s)
+            return
+        for f in self.files:
+            suffix = f.suffix.lower()
+            if suffix in TEXT_SUFFIXES:
+                yield from text_file_lines(f)
+            else:
+                yield from _table_lines(f, TABLE_SUFFIXES[suffix], self.text_field)
+
+    def sha256(self) -> str | None:
+        """Content hash of local files (None for the hub: hashed as it streams)."""
+        if self.hub_id is not None:
+            return None
+        if len(self.files) == 1:
+            return sha256_file(self.files[0])
+        return sha256_bytes("".join(sha256_file(f) for f in self.files).encode())
 
 
 # --- reading ------------------------------------------------------------------------------------
 
-def load_corpus(source: str, text_field: str = "text", hub_timeout_s: float = 20.0) -> Corpus:
-    """Raw lines from a local file or folder, or from a Hugging Face hub dataset id."""
+def open_source(source: str, text_field: str = "text", hub_timeout_s: float = 20.0) -> Source:
+    """The corpus at a local file or folder, or a Hugging Face hub dataset id (read nothing yet)."""
     path = Path(source).expanduser()
     if path.exists():
-        files = _corpus_files(path)
-        lines: list[str] = []
-        for f in tqdm(files, desc="read", unit="file", disable=len(files) < 4):
-            lines += _read_file(f, text_field)
-        digest = sha256_file(files[0]) if len(files) == 1 else sha256_bytes(
-            "".join(sha256_file(f) for f in files).encode())
-        return _nonempty(Corpus(lines, str(path), digest, [str(f) for f in files]))
+        return Source(str(path), _corpus_files(path), text_field=text_field, hub_timeout_s=hub_timeout_s)
     if _looks_like_hub_id(source):
-        return _nonempty(_load_hub(source, text_field, hub_timeout_s))
+        return Source(source, hub_id=source, text_field=text_field, hub_timeout_s=hub_timeout_s)
     raise BarkError(
         f"{source}: no such file or folder; set webtext.source to a local .txt/.jsonl/.parquet file or "
         "folder, or to a Hugging Face dataset id such as Raziel1234/WebText-2"
@@ -74,52 +103,60 @@ def _corpus_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_file(path: Path, text_field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
+def _check_not_binary(path: Path) -> None:
+    with open(path, "rb") as f:
+        if b"\x00" in f.read(BINARY_PROBE):
+            raise BarkError(f"{path}: looks binary (contains NUL bytes), not text; point webtext.source at a text file")
+
+
+def text_file_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, one at a time, split as `str.splitlines` splits the whole text."""
+    _check_not_binary(path)
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BarkError(
+                    f"{path}: not valid UTF-8 (bad byte at offset {offset + err.start}); convert it, e.g. "
+                    f"`iconv -f latin1 -t utf-8 {path.name} > fixed.txt`"
+                ) from None
+            offset += len(raw)
+            yield from text.splitlines()
+
+
+def _table_lines(path: Path, builder: str, text_field: str) -> Iterator[str]:
+    if builder == "parquet":
         with open(path, "rb") as f:
             if f.read(4) != b"PAR1":
                 raise BarkError(f"{path}: not a parquet file (no PAR1 header); check the file or its suffix")
-        return _read_table(path, "parquet", text_field)
-    text = _read_utf8(path)
-    if suffix in TEXT_SUFFIXES:
-        return text.splitlines()
-    return _read_table(path, "json", text_field)
-
-
-def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\x00" in data[: 1 << 20]:
-        raise BarkError(f"{path}: looks binary (contains NUL bytes), not text; point webtext.source at a text file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise BarkError(
-            f"{path}: not valid UTF-8 (bad byte at offset {err.start}); convert it, e.g. "
-            f"`iconv -f latin1 -t utf-8 {path.name} > fixed.txt`"
-        ) from None
-
-
-def _read_table(path: Path, builder: str, text_field: str) -> list[str]:
+    else:
+        _check_not_binary(path)
     _hub_env(20.0, offline=True)  # local files never need the network
     import datasets
 
-    with tempfile.TemporaryDirectory(prefix="barkgpt-ds-") as cache:
+    rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    yield from _rows_to_lines(rows, text_field, str(path), f"cannot read it as {builder}")
+
+
+def _rows_to_lines(rows, text_field: str, where: str, problem: str) -> Iterator[str]:
+    """Lines of each row's text column; the library's many exception types become one BarkError."""
+    iterator = iter(rows)
+    first = True
+    while True:
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
-        except Exception as err:  # datasets raises many types for bad files; name the file instead
-            raise BarkError(f"{path}: cannot read it as {builder} ({type(err).__name__}: {str(err)[:200]})") from None
-        return _column_lines(ds, text_field, str(path))
-
-
-def _column_lines(ds, text_field: str, where: str) -> list[str]:
-    if text_field not in ds.column_names:
-        raise BarkError(f"{where}: has no column {text_field!r} (columns: {ds.column_names}); set webtext.text_field")
-    lines: list[str] = []
-    for text in tqdm(ds[text_field], desc="rows", unit="row", disable=len(ds) < 100_000):
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:  # datasets/pyarrow raise many types for bad files; name the file instead
+            raise BarkError(f"{where}: {problem} ({type(err).__name__}: {str(err)[:200]})") from None
+        if first and text_field not in row:
+            raise BarkError(f"{where}: has no column {text_field!r} (columns: {list(row)}); set webtext.text_field")
+        first = False
+        text = row.get(text_field)
         if isinstance(text, str):
-            lines += text.splitlines()
-    return lines
+            yield from text.splitlines()
 
 
 def _hub_env(timeout_s: float, offline: bool) -> None:
@@ -149,9 +186,9 @@ def hub_reachable(host: str = HUB_HOST, timeout_s: float = 5.0) -> bool:
     return bool(result)
 
 
-def _load_hub(repo_id: str, text_field: str, timeout_s: float) -> Corpus:
+def _hub_lines(repo_id: str, text_field: str, timeout_s: float) -> Iterator[str]:
     online = hub_reachable(timeout_s=min(timeout_s, 5.0))
-    # Offline, datasets can still answer from its local cache; it must not try the network.
+    # Offline, datasets can still answer from its local cache (not streaming); it must not try the network.
     _hub_env(timeout_s, offline=not online)
     import datasets
 
@@ -161,18 +198,12 @@ def _load_hub(repo_id: str, text_field: str, timeout_s: float) -> Corpus:
         "set webtext.source in params.yaml, or run `dvc exp run -S webtext.source=path/to/corpus.txt pipelines/webtext/dvc.yaml`"
     )
     try:
-        ds = datasets.load_dataset(repo_id, split="train")
+        rows = datasets.load_dataset(repo_id, split="train", streaming=online)
     except Exception as err:
         if not online:
             raise BarkError(unreachable) from None
         raise BarkError(f"{repo_id}: could not load it from the hub ({type(err).__name__}: {str(err)[:200]})") from None
-    return Corpus(_column_lines(ds, text_field, repo_id), repo_id, sha256_bytes(ds._fingerprint.encode()))
-
-
-def _nonempty(corpus: Corpus) -> Corpus:
-    if not any(line.strip() for line in corpus.lines):
-        raise BarkError(f"{corpus.source}: the corpus is empty (no non-blank lines); check webtext.source")
-    return corpus
+    yield from _rows_to_lines(rows, text_field, repo_id, "streaming from the hub failed")
 
 
 # --- cleaning and splitting ----------------------------------------------------------------------
@@ -186,63 +217,113 @@ class CleanStats:
     kept: int = 0
 
 
-def clean_lines(lines: list[str], p: WebtextCleanParams, seen: set[str] | None = None,
-                stats: CleanStats | None = None) -> list[str]:
-    """Strip each line; drop short, over-long and (with dedup) already-seen lines. Order kept."""
-    seen = set() if seen is None else seen
-    stats = stats if stats is not None else CleanStats()
-    kept = []
-    for line in tqdm(lines, desc="clean", unit="line", disable=len(lines) < 500_000):
+class LineCleaner:
+    """Strip each line; drop short, over-long and (with dedup) already-seen lines.
+
+    Dedup remembers a 64-bit hash per distinct line, not the line (a collision between two different
+    lines is a 1-in-10^19 event per pair; blake2b rather than hash() so runs are reproducible)."""
+
+    def __init__(self, p: WebtextCleanParams, stats: CleanStats | None = None):
+        self.p, self.stats, self.seen = p, stats if stats is not None else CleanStats(), set()
+
+    def __call__(self, line: str) -> str | None:
+        stats, p = self.stats, self.p
         stats.lines_in += 1
         line = line.strip()
         if len(line) < p.min_line_chars:
             stats.empty_or_short += 1
-        elif len(line) > p.max_line_chars:
+            return None
+        if len(line) > p.max_line_chars:
             stats.too_long += 1
-        elif p.dedup and line in seen:
-            stats.duplicates += 1
+            return None
+        if p.dedup:
+            key = int.from_bytes(hashlib.blake2b(line.encode("utf-8"), digest_size=8).digest(), "little")
+            if key in self.seen:
+                stats.duplicates += 1
+                return None
+            self.seen.add(key)
+        stats.kept += 1
+        return line
+
+
+def split_lines(lines, total: int, clean: WebtextCleanParams, split: WebtextSplitParams,
+                stats: CleanStats | None = None) -> Iterator[tuple[str, str]]:
+    """("train" | "val", cleaned line) in source order, one line at a time.
+
+    `head`: the first (1 - val_fraction) of the `total` *source* lines train, the rest validate
+    (cleaned after cutting, so the cut matches "first 90% of lines" exactly; dedup still keeps
+    each line's first occurrence in file order). `random`: each kept line validates with
+    probability val_fraction, drawn from a generator seeded by split.seed (a stream has no
+    length to sample from, so the validation share is val_fraction in expectation)."""
+    cleaner = LineCleaner(clean, stats)
+    cut = int(total * (1 - split.val_fraction))
+    rng = random.Random(split.seed)
+    for index, raw in enumerate(lines):
+        line = cleaner(raw)
+        if line is None:
+            continue
+        if split.mode == "head":
+            yield ("train" if index < cut else "val"), line
         else:
-            if p.dedup:
-                seen.add(line)
-            kept.append(line)
-    stats.kept += len(kept)
-    return kept
+            yield ("val" if rng.random() < split.val_fraction else "train"), line
 
 
-def split_corpus(lines: list[str], clean: WebtextCleanParams, split: WebtextSplitParams) -> tuple[list[str], list[str], CleanStats]:
-    """(train, val, stats). `head`: the first (1 - val_fraction) of the *source* lines train, the
-    rest validate (cleaned after cutting, so the cut matches "first 90% of lines" exactly;
-    dedup still keeps each line's first occurrence in file order). `random`: clean, then a
-    seeded choice of lines validates; both splits keep source order."""
-    stats = CleanStats()
-    if split.mode == "head":
-        cut = int(len(lines) * (1 - split.val_fraction))
-        seen: set[str] = set()
-        train = clean_lines(lines[:cut], clean, seen, stats)
-        val = clean_lines(lines[cut:], clean, seen, stats)
-    else:
-        kept = clean_lines(lines, clean, None, stats)
-        n_val = max(1, round(len(kept) * split.val_fraction))
-        val_idx = set(random.Random(split.seed).sample(range(len(kept)), min(n_val, len(kept))))
-        train = [line for i, line in enumerate(kept) if i not in val_idx]
-        val = [line for i, line in enumerate(kept) if i in val_idx]
-    return train, val, stats
+@dataclass
+class Scan:
+    lines: int = 0
+    nonblank: int = 0
+    sha256: str | None = None
+
+
+def scan(lines, spool=None) -> Scan:
+    """Count the source's lines (and hash them); with `spool` (a binary file), copy them there."""
+    result, digest = Scan(), hashlib.sha256()
+    for line in lines:
+        result.lines += 1
+        result.nonblank += bool(line.strip())
+        data = line.encode("utf-8") + b"\n"
+        digest.update(data)
+        if spool is not None:
+            spool.write(data)
+    result.sha256 = digest.hexdigest()
+    return result
 
 
 def ingest(p: WebtextPipeline, train_path: Path, val_path: Path) -> dict:
-    """Read, clean, split and write `train_path` and `val_path` (one line of text per line)."""
-    corpus = load_corpus(p.source, p.text_field, p.hub_timeout_s)
-    train, val, stats = split_corpus(corpus.lines, p.clean, p.split)
-    if not train or not val:
-        raise BarkError(
-            f"{corpus.source}: after cleaning, the {'training' if not train else 'validation'} split is empty "
-            f"({stats.kept} lines kept of {stats.lines_in}); use a larger corpus or change webtext.split.val_fraction"
-        )
-    write_text(train_path, "\n".join(train) + "\n")
-    write_text(val_path, "\n".join(val) + "\n")
+    """Read, clean, split and write `train_path` and `val_path` (one line of text per line),
+    streaming: memory does not grow with the corpus (dedup hashes aside, see the module doc)."""
+    source = open_source(p.source, p.text_field, p.hub_timeout_s)
+    train_path, val_path = Path(train_path), Path(val_path)
+    train_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".ingest-", dir=train_path.parent) as scratch:
+        if source.plain_text:
+            counted = scan(source.lines())
+            second_pass = source.lines
+        else:  # tables and the hub: one read, spooled as text for the second pass
+            spool_path = Path(scratch) / "source.txt"
+            with open(spool_path, "wb") as spool:
+                counted = scan(source.lines(), spool)
+            second_pass = lambda: text_file_lines(spool_path)  # noqa: E731
+        if counted.nonblank == 0:
+            raise BarkError(f"{source.name}: the corpus is empty (no non-blank lines); check webtext.source")
+        stats = CleanStats()
+        written = {"train": 0, "val": 0}
+        with atomic_path(train_path) as train_tmp, atomic_path(val_path) as val_tmp, \
+                open(train_tmp, "w", encoding="utf-8") as train_file, open(val_tmp, "w", encoding="utf-8") as val_file:
+            files = {"train": train_file, "val": val_file}
+            for split, line in split_lines(second_pass(), counted.lines, p.clean, p.split, stats):
+                files[split].write(line + "\n")
+                written[split] += 1
+            if not written["train"] or not written["val"]:
+                raise BarkError(
+                    f"{source.name}: after cleaning, the {'training' if not written['train'] else 'validation'} "
+                    f"split is empty ({stats.kept} lines kept of {stats.lines_in}); use a larger corpus or "
+                    "change webtext.split.val_fraction"
+                )
     return {
-        "source": corpus.source, "source_sha256": corpus.source_sha256, "files": corpus.files,
-        "split_mode": p.split.mode, "train_lines": len(train), "val_lines": len(val),
+        "source": source.name, "source_sha256": source.sha256() or counted.sha256,
+        "files": [str(f) for f in source.files], "split_mode": p.split.mode, "source_lines": counted.lines,
+        "train_lines": written["train"], "val_lines": written["val"],
         "train_bytes": train_path.stat().st_size, "val_bytes": val_path.stat().st_size,
         **{f"clean_{k}": v for k, v in stats.__dict__.items()},
     }

@@ -19,44 +19,66 @@ def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) ->
         reports=lambda lay: [lay.validation_report])
 
 
-def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False) -> Stage:
+def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False,
+                   params: tuple[str, ...] = ()) -> Stage:
     """`after`: what must exist first (the passed validation report, the trained tokenizer).
     `writes_tokenizer`: a fixed vocabulary saved by this stage (bark) rather than trained before it."""
     return Stage(
-        "tokenize", stages.tokenize, "encode the text splits into token shards",
-        code=("barkgpt/tokenizer.py", "barkgpt/data/shards.py"),
-        deps=lambda lay: [*after(lay), *_splits(lay)],
+        "tokenize", stages.tokenize, "encode the text splits into token shards (streaming, in worker processes)",
+        code=("barkgpt/tokenizer.py", "barkgpt/data/encode.py", "barkgpt/data/shards.py"),
+        deps=lambda lay: [*after(lay), *_splits(lay)], params=params,
         outs=lambda lay: [lay.tokenizer, lay.tokens] if writes_tokenizer else [lay.tokens])
 
 
 def validate_tokens_stage() -> Stage:
     return Stage(
         "validate-tokens", stages.validate_tokens,
-        "check the token shards (ids, manifest counts, tokenizer hash) with Great Expectations",
-        code=("barkgpt/validation.py",), deps=lambda lay: [lay.tokenizer, lay.tokens],
+        "check the token shards (sizes, counts, ids, tokenizer hash) with Great Expectations",
+        code=("barkgpt/validation.py", "barkgpt/data/shards.py"), deps=lambda lay: [lay.tokenizer, lay.tokens],
         outs=lambda lay: [lay.token_validation_docs],
         reports=lambda lay: [lay.token_validation_report])
+
+
+def _tag(text: str) -> tuple[str, str]:
+    import argparse
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
-        code=("barkgpt/model.py", "barkgpt/train.py"),
+        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py",
+              "barkgpt/distributed.py", "barkgpt/data/shards.py", "barkgpt/loss_eval.py", "barkgpt/lm/torch_lm.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
         reports=lambda lay: [lay.train_summary],
         plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
-        options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
+        options=(Option(("--resume",), "resume", "continue the interrupted run in runs/<pipeline>/, else train "
+                        "models/<pipeline>/last.pt further",
                         {"action": "store_true"}),
-                 Option(("--quiet",), "progress", "no progress bar", {"action": "store_false"})),
+                 Option(("--quiet",), "progress",
+                        "no progress bar: a progress line every 10 s instead (as when stderr is not a terminal)",
+                        {"action": "store_false"}),
+                 Option(("--nproc",), "nproc", "data-parallel processes, launched with torchrun "
+                        "(default: <pipeline>.train.nproc)", {"type": int, "metavar": "N"}),
+                 Option(("--tag",), "tags", "an extra tag on the MLflow run (repeatable)",
+                        {"action": "append", "type": _tag, "metavar": "KEY=VALUE"})),
         dvc_flags=("--quiet",))
 
 
-def evaluate_stage(code: tuple[str, ...]) -> Stage:
+# The model interface, the metrics and the gate: what evaluation and parity judge with.
+EVALUATION_CODE = ("barkgpt/lm", "barkgpt/evaluate.py", "barkgpt/loss_eval.py", "barkgpt/gates.py")
+
+
+def evaluate_stage() -> Stage:
     return Stage(
         "evaluate", stages.evaluate, "evaluate the current model with the pipeline's metric and gate",
-        code=code, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
+        code=EVALUATION_CODE, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
         params=("{p}.eval", "{p}.gates"),
         metrics=lambda lay: [lay.summary], reports=lambda lay: [lay.metrics, lay.samples])
 
@@ -79,17 +101,18 @@ def quantize_stage() -> Stage:
         reports=lambda lay: [lay.quantization_report])
 
 
-def parity_stage() -> Stage:
+def parity_stage(params: tuple[str, ...] = ()) -> Stage:
+    """`params`: what the pipeline's quality measure reads besides export (bark: its eval and gates)."""
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
-        code=("barkgpt/export/parity.py", "barkgpt/export/pipeline.py"),
-        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports,
+        code=("barkgpt/export/parity.py", "barkgpt/export/checksums.py", *EVALUATION_CODE),
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens, lay.full_exports, lay.quantized_exports,
                           lay.export_report, lay.quantization_report],
-        params=("seed", "export"),
-        reports=lambda lay: [lay.parity_report])
+        params=("seed", "export", *params),
+        metrics=lambda lay: [lay.parity_summary], reports=lambda lay: [lay.parity_report])
 
 
-def model_stages(evaluate_code: tuple[str, ...], train_after=lambda lay: []) -> tuple[Stage, ...]:
+def model_stages(train_after=lambda lay: [], parity_params: tuple[str, ...] = ()) -> tuple[Stage, ...]:
     """train -> evaluate -> export -> quantize -> parity: the same for every pipeline."""
-    return (train_stage(train_after), evaluate_stage(evaluate_code), export_stage(), quantize_stage(),
-            parity_stage())
+    return (train_stage(train_after), evaluate_stage(), export_stage(), quantize_stage(),
+            parity_stage(parity_params))

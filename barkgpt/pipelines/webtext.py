@@ -21,8 +21,9 @@ def ingest(params, pipe, lay: Layout) -> dict:
 
 
 def train_tokenizer(params, pipe, lay: Layout) -> dict:
-    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash."""
-    from barkgpt.stages import read_lines
+    """Train the byte-level BPE on the training split (or load tiktoken's gpt2); save it with its hash.
+    Both splits are streamed: the trainer keeps word counts, not the text."""
+    from barkgpt.data.encode import TextStats, encode_chunk, line_chunks
     from barkgpt.fileio import write_json
     from barkgpt.tokenizer import BPETokenizer, save_tokenizer, tokenizer_hash, train_bpe
 
@@ -30,15 +31,14 @@ def train_tokenizer(params, pipe, lay: Layout) -> dict:
     if p.kind == "tiktoken":
         tok = BPETokenizer.from_tiktoken(p.name)
     else:
-        tok = train_bpe(read_lines(lay.train_text), p.vocab_size, p.min_frequency)
+        tok = train_bpe(line_chunks(lay.train_text, TextStats()), p.vocab_size, p.min_frequency)
     save_tokenizer(tok, lay.tokenizer)
-    val_lines = read_lines(lay.val_text)
-    val_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(val_lines, p.threads))  # +1: the EOS per line
-    val_bytes = sum(len(line.encode("utf-8")) + 1 for line in val_lines)  # +1: the newline the EOS stands for
+    val = TextStats()  # +1 per line in both counts: the EOS, and the newline it stands for
+    val_tokens = sum(len(encode_chunk(tok, lines, True, p.threads)) for lines in line_chunks(lay.val_text, val))
     report = {
         "kind": tok.kind, "name": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val_bytes,
-        "val_bytes_per_token": val_bytes / max(val_tokens, 1),
+        "tokenizer_hash": tokenizer_hash(tok), "val_tokens": val_tokens, "val_bytes": val.text_bytes,
+        "val_bytes_per_token": val.text_bytes / max(val_tokens, 1),
     }
     write_json(lay.tokenizer_report, report)
     return report
@@ -51,24 +51,12 @@ def saved_tokenizer(params, lay: Layout):
 
 
 def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
-    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
-    from barkgpt.checkpoint import load_model
-    from barkgpt.data.shards import load_shard
-    from barkgpt.errors import BarkError
-    from barkgpt.loss_eval import evaluate_lm
-    from barkgpt.tokenizer import tokenizer_hash
+    """Validation bits per byte and perplexity over the validation split, plus samples."""
+    from barkgpt.evaluate import evaluate_text, open_for_evaluation
 
     cfg = pipe.params(params)
-    model, tok = load_model(lay.checkpoint)
-    val_ids, manifest = load_shard(lay.shard("val"))
-    if manifest.get("tokenizer_hash") != tokenizer_hash(tok):
-        raise BarkError(f"{lay.shard('val')}: was encoded with another tokenizer than {lay.checkpoint}; "
-                        f"re-run the tokenize and train stages (dvc repro {pipe.dvc_file})")
-    # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
-    metrics["val_text_bytes"] = manifest.get("text_bytes")
-    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
-    return metrics, samples
+    lm, val_ids, token_bytes = open_for_evaluation(lay, cfg.train.threads)
+    return evaluate_text(lm, val_ids, token_bytes, cfg.eval)
 
 
 def _text_suites(params, lay):
@@ -78,9 +66,9 @@ def _text_suites(params, lay):
 
 
 def _token_suites(params, lay):
-    from barkgpt.validation import webtext_token_suites
+    from barkgpt.validation import token_suites
 
-    return webtext_token_suites(params, lay)
+    return token_suites(params, lay)
 
 
 def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
@@ -100,10 +88,9 @@ def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
               params=("{p}.tokenizer.kind", "{p}.tokenizer.vocab_size", "{p}.tokenizer.min_frequency",
                       "{p}.tokenizer.name"),
               outs=lambda lay: [lay.tokenizer], reports=lambda lay: [lay.tokenizer_report]),
-        common.tokenize_stage(after=lambda lay: [lay.tokenizer]),
+        common.tokenize_stage(after=lambda lay: [lay.tokenizer], params=("{p}.tokenizer.shard_tokens",)),
         common.validate_tokens_stage(),
-        *common.model_stages(evaluate_code=("barkgpt/loss_eval.py", "barkgpt/engine.py"),
-                             train_after=lambda lay: [lay.token_validation_report]),
+        *common.model_stages(train_after=lambda lay: [lay.token_validation_report]),
     )
 
 
