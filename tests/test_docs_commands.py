@@ -36,6 +36,8 @@ BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
         "docs/webtext.md", "docs/evaluation.md"]
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
+COMMAND_TIMEOUT_S = 900
+pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)
 
 # (regex on the command, kind, reason). First match wins.
 RULES: list[tuple[str, str, str]] = [
@@ -48,6 +50,9 @@ RULES: list[tuple[str, str, str]] = [
     (r"^(aws|docker) ", "skip", "real AWS or docker: not reachable offline"),
     (r"^moto_server -H 127\.0\.0\.1 -p 5000 &$", "server", "5000"),
     (r"^dvc remote (add|modify) -d s3|^dvc remote modify s3", "skip", "an S3 remote (docs/deploy.md)"),
+    (r"^dvc push && dvc pull$", "skip", "pushes to the S3 remote configured above (docs/deploy.md)"),
+    (r"^dvc exp run -S bark\.train\.max_steps=500", "expensive",
+     "retrains 500 steps and re-runs every later stage (~1 min idle); tests/test_dvc_remote.py runs dvc repro"),
     (r"^PYTHONPATH=\$PWD/\.dvc-s3", "skip", "an S3 remote (docs/deploy.md)"),
     (r"^git clone <repo>", "skip", "a placeholder (<repo>); tests/test_dvc_remote.py clones and pulls"),
     (r"^dvc remote modify --local local url /path/to/", "skip", "a placeholder path"),
@@ -243,6 +248,20 @@ class Servers:
                 self.stop_proc(proc)
 
 
+def run_command(argv: list[str], cwd: Path, env: dict, stdin: str | None) -> subprocess.CompletedProcess:
+    """Run in its own session; on a time-out the whole group goes (a `dvc repro` left behind would
+    hold DVC's lock against every later command)."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(killed after {COMMAND_TIMEOUT_S} s)"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def apply_env(line: str, env: dict, cwd: Path) -> None:
     if line.startswith("source "):
         return  # .venv/bin/activate: this test already runs with the venv's PATH
@@ -283,8 +302,7 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
                 continue
             argv = [sys.executable, "-c", text] if cmd.python else ["bash", "-c", text]
             argv[-1] = servers.rewrite(argv[-1])
-            out = subprocess.run(argv, cwd=fresh_project, env=env, capture_output=True, text=True, timeout=600,
-                                 input="\n" if kind == "input" else None)
+            out = run_command(argv, fresh_project, env, "\n" if kind == "input" else None)
             ran.append(where)
             if out.returncode != 0 or (text.startswith("curl ") and not out.stdout.strip()):
                 failures.append(f"{where}: `{text.splitlines()[0]}` exited {out.returncode}:\n"
