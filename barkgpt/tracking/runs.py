@@ -152,7 +152,7 @@ def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
 
     inputs = []
     for split, context in (("train", "training"), ("val", "validation")):
-        shard = paths.shard(split)
+        shard = paths.token_manifest(split)  # the split's manifest names its shard files and their counts
         if not shard.exists():
             continue
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file, either way
