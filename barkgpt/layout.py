@@ -222,6 +222,11 @@ class Layout:
         return self.report("parity")
 
     @property
+    def parity_summary(self) -> Path:
+        """The verdict and a number per file, for `dvc metrics show` (parity.json has the details)."""
+        return self.reports / "parity_summary.json"
+
+    @property
     def deploy_report(self) -> Path:
         return self.report("deploy")
 

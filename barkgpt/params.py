@@ -99,6 +99,14 @@ class TrainParams(Strict):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon for the blocks' matrices, AdamW (learning_rate) for embeddings and gains")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate")
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_weight_decay: float = Field(0.0, ge=0, description="decoupled, times the current Muon rate")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="after warm-up: cosine to min_lr_ratio, or wsd: constant, then linear decay")
+    decay_fraction: float = Field(0.4, gt=0, le=1, description="wsd: the final share of the run that decays")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
@@ -117,12 +125,12 @@ class TrainParams(Strict):
 
 
 class BarkEvalParams(Strict):
-    contract_samples: int = Field(200, ge=1, le=1_000_000)
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, description="contract samples are drawn at this temperature")
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
     max_new_tokens: int = Field(24, ge=1, le=8192)
-    val_batches: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=4096, description="validation windows per batch (bits per byte)")
+    max_batches: int | None = Field(None, ge=1, le=100_000, description="None = the whole validation split")
     seed: int = 0
     ood_prompts: list[str] = Field(
         default_factory=lambda: [
@@ -135,7 +143,14 @@ class BarkEvalParams(Strict):
 
 
 class BarkGates(Strict):
-    min_contract_accuracy: float = Field(0.99, ge=0, le=1)
+    """The contract gate: a one-sided binomial test on `contract_samples` sampled completions
+    (barkgpt/gates.py). It passes when at most k break the contract, k chosen so that a model whose
+    true accuracy is `contract_accuracy` passes with probability >= `pass_probability`."""
+
+    contract_samples: int = Field(1000, ge=1, le=1_000_000, description="n: completions sampled per model and GGUF")
+    contract_accuracy: float = Field(0.995, gt=0, lt=1, description="a model this good must pass ...")
+    pass_probability: float = Field(0.999, gt=0, lt=1, description="... at least this often")
+    reject_accuracy: float = Field(0.97, gt=0, lt=1, description="reported: how often a model this bad passes")
 
 
 class BarkValidateParams(Strict):
@@ -165,12 +180,10 @@ class ExportParams(Strict):
     f16: bool = Field(True, description="also write an F16 GGUF")
     hf: bool = Field(True, description="also write a Hugging Face LlamaForCausalLM folder")
     logits_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| F32 GGUF vs PyTorch")
-    min_contract_accuracy: float = Field(0.99, ge=0, le=1, description="bark: every quantization")
     max_bpb_delta: dict[str, float] = Field(
         default_factory=lambda: {"q8_0": 0.005, "q4_0": 0.05, "q4_k_m": 0.05},
-        description="webtext: max relative bpb increase vs F32 per quantization",
+        description="webtext: max relative bpb increase vs PyTorch per quantization",
     )
-    contract_samples: int = Field(200, ge=1, le=1_000_000, description="bark samples per file, through llama.cpp")
     bpb_tokens: int = Field(8192, ge=64, le=100_000_000, description="webtext validation tokens scored per file")
     greedy_max_new_tokens: int = Field(24, ge=1, le=8192)
     threads: int = Field(1, ge=1, le=256, description="llama.cpp threads for quantizing and parity, at most 256")
@@ -287,6 +300,9 @@ class ServeParams(Strict):
     chat_format: str | None = Field(None, description="llama.cpp chat format; None = the GGUF's template")
     n_ctx: int = Field(0, ge=0, description="llama.cpp context; 0 = the model's trained context (max 4096)")
     threads: int = Field(1, ge=1, le=256, description="decode threads, at most 256; more help only big models on idle cores")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port, each with its own model")
+    inline: Literal["auto", "always", "never"] = Field(
+        "auto", description="generate on the event loop (auto: for the bark model) or in a model thread")
     queue_size: int = Field(64, ge=1, description="requests waiting for the model; more get 429")
     request_timeout_s: float = Field(30.0, gt=0)
     default_max_tokens: int = Field(32, ge=1)

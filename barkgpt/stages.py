@@ -13,7 +13,7 @@ import numpy as np
 
 from barkgpt.data.shards import SHARD_TOKENS
 from barkgpt.errors import BarkError
-from barkgpt.fileio import read_json, sha256_file, write_json
+from barkgpt.fileio import read_json, write_json
 from barkgpt.layout import Layout
 from barkgpt.params import Params
 
@@ -96,6 +96,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
 
     cfg = pipe.params(params)
     nproc = nproc or cfg.train.nproc
+    tags = dict(tags or {})  # a dict from the Prefect door, (key, value) pairs from --tag
     dist = distributed.from_env()
     device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
     tok = load_tokenizer(lay.tokenizer)
@@ -106,7 +107,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
         resolve_device(cfg.train.device, nproc - 1)  # on CUDA: a GPU for every process
         with runs.writer_lock(lay, f"train {pipe.name}"):
             return train_distributed(params, pipe, lay, nproc, runs.open_run(lay, resume), resume, progress, tags)
-    token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
+    token_bytes = np.array(tok.token_bytes())
     launched = os.environ.get(runs.ENV_RUN_FOLDER)  # set by train_distributed, which holds the lock
     with contextlib.ExitStack() as held:
         if dist.is_main and not launched:
@@ -180,17 +181,27 @@ def _both(*fns):
 
 
 def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dict:
-    """Evaluate the current model with the pipeline's metric, log it to the model's MLflow run and
-    register it (the champion alias moves only when the pipeline's gate passes)."""
+    """Evaluate the current model with the pipeline's metric, judge it with the pipeline's gate
+    (barkgpt.gates), log it to the model's MLflow run and register it (the champion alias moves only
+    when the gate passes). metrics.json records the sha256 of every file it judged."""
     from barkgpt import runs, tracking
     from barkgpt.checkpoint import load_model
+    from barkgpt.gates import contract_test, judge, judged_files
+    from barkgpt.tracking.registry import ranking
 
     if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
         load_model(lay.checkpoint)
     with runs.writer_lock(lay, f"evaluate {pipe.name}"):  # the model and its run record stay a pair
         run = tracking.reopen_run(params, pipe.name, lay, tags)
         try:
-            metrics, samples = pipe.evaluate(params, pipe, lay)
+            measured, samples = pipe.evaluate(params, pipe, lay)
+            metrics = {"pipeline": pipe.name, "stage": "evaluate", **measured}
+            verdict = judge(metrics, params)
+            metrics |= {"gate_passed": verdict.passed, "gate": verdict.as_dict(),
+                        "judged": judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
+                                                          "val_text": lay.val_text, "val_tokens": lay.token_manifest("val")})}
+            if "contract_failures" in metrics:  # the test behind the verdict, with its error rates
+                metrics["gate"]["test"] = contract_test(pipe.params(params).gates).__dict__
             write_json(lay.metrics, metrics)
             write_json(lay.samples, samples)
             write_json(lay.summary, {short: metrics[key] for key, short in pipe.summary if key in metrics})
@@ -198,7 +209,8 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
             if run:
                 run.fail()
             raise
-        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
+        order = ranking(pipe.metric, pipe.higher_is_better)  # champion: the best by the pipeline's metric
+        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"], order)
     return {**metrics, "mlflow": registry}
 
 
@@ -219,21 +231,22 @@ def quantize(params: Params, pipe, lay: Layout) -> dict:
 
 
 def parity(params: Params, pipe, lay: Layout) -> dict:
-    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<pipeline>/parity.json.
+    """The evaluation on every exported file through llama.cpp, diffed with PyTorch and judged ->
+    reports/<pipeline>/parity.json (+ parity_summary.json for `dvc metrics show`).
 
     Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
     """
     from barkgpt import tracking
-    from barkgpt.export.pipeline import parity_report
+    from barkgpt.export.parity import parity_report
 
     stale = lay.parity_report.stat().st_mtime_ns if lay.parity_report.exists() else None
     try:
-        report = parity_report(lay, read_lines(lay.val_text), params.export, seed=params.seed)
+        report = parity_report(lay, params, pipe, read_lines(lay.val_text))
     finally:  # the report is worth keeping with the run, also (above all) when the gate failed
         if lay.parity_report.exists() and lay.parity_report.stat().st_mtime_ns != stale:
-            tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("*.gguf")),
+            tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("**/*.gguf")),
                                 read_json(lay.parity_report))
-    return {"report": str(lay.parity_report), "gate": report["gate"],
+    return {"report": str(lay.parity_report), "gate": {k: v for k, v in report["gate"].items() if k != "checks"},
             "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
             "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}
                               for q, e in report["quantizations"].items()}}

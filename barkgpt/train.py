@@ -27,12 +27,15 @@ import torch
 from tqdm import tqdm
 
 from barkgpt.checkpoint import load_checkpoint, save_checkpoint
-from barkgpt.data.shards import random_windows, sequential_windows, window_rng
+from barkgpt.data.shards import random_windows, window_rng
 from barkgpt.device import autocast, prepare, to_device
 from barkgpt.distributed import SINGLE, Dist, from_main, mean_across
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
+from barkgpt.lm.torch_lm import TorchLM
+from barkgpt.loss_eval import eval_windows, evaluate_bpb
 from barkgpt.model import GPT
+from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr  # noqa: F401 (lr_at: API)
 from barkgpt.params import ModelParams, TrainParams
 from barkgpt.runs import TrainingDiverged
 from barkgpt.tokenizer import Tokenizer
@@ -41,7 +44,7 @@ LogFn = Callable[[int, dict], None]
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often when no progress bar is shown
 
-__all__ = ["autocast", "lr_at", "make_optimizer", "mean_loss", "set_threads", "train", "TrainResult"]
+__all__ = ["autocast", "lr_at", "make_optimizer", "set_threads", "train", "TrainResult"]
 
 
 @dataclass
@@ -55,46 +58,6 @@ class TrainResult:
     best_val_loss: float | None
     val_bpb: float | None = None  # on the last evaluation's windows, when token byte lengths are known
     history: list[dict] = field(default_factory=list)
-
-
-def lr_at(step: int, progress: float, p: TrainParams) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio*lr as progress -> 1."""
-    if step < p.warmup_steps:
-        return p.learning_rate * (step + 1) / p.warmup_steps
-    floor = p.learning_rate * p.min_lr_ratio
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return floor + (p.learning_rate - floor) * cosine
-
-
-def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.AdamW:
-    # Decay matrices only; norms' gains stay free (nanoGPT's rule).
-    decay = [q for q in model.parameters() if q.dim() >= 2]
-    no_decay = [q for q in model.parameters() if q.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel over all parameters instead of a dozen ops per tensor (CPU, CUDA and MPS).
-    return torch.optim.AdamW(groups, lr=p.learning_rate, betas=(p.beta1, p.beta2), fused=True)
-
-
-@torch.inference_mode()
-def mean_loss(model, ids: np.ndarray, block: int, batch: int, max_batches: int | None, dtype: str,
-              token_bytes: np.ndarray | None = None):
-    """Mean next-token loss over consecutive windows from the start of `ids` (same every call).
-    With `token_bytes` (UTF-8 length of each id), returns (loss, bits per byte) instead."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count, nbytes = 0.0, 0, 0
-    for x, y in sequential_windows(ids, batch, block, max_batches):
-        if token_bytes is not None:
-            nbytes += int(token_bytes[y.numpy()].sum())
-        with autocast(dtype, device.type):
-            _, loss = model(to_device(x, device), to_device(y, device))
-        total += float(loss) * y.numel()
-        count += y.numel()
-    model.train(was_training)
-    if token_bytes is not None:
-        return total / count, total / math.log(2) / max(nbytes, 1)
-    return total / count
 
 
 def require_finite(what: str, value: float, step: int) -> None:
@@ -228,9 +191,10 @@ def train(
         nonlocal best_val
         if val_ids is None:
             return None
-        val = mean_loss(model, val_ids, block, p.batch_size, p.eval_batches, p.dtype, token_bytes)
-        if token_bytes is not None:
-            val, last_bpb[0] = val
+        # The evaluate stage's metric on the same windows, in float32 whatever the training dtype
+        windows = eval_windows(val_ids, block, p.batch_size, tokenizer.eos_id, p.eval_batches)
+        result = evaluate_bpb(TorchLM(model, tokenizer), windows, token_bytes)
+        val, last_bpb[0] = result["loss"], result["bpb"]
         require_finite("validation loss", val, step)
         if best_val is None or val < best_val:
             best_val = val
@@ -246,9 +210,9 @@ def train(
     fraction = progress_fraction(elapsed())
     report = Progress(p, step, fraction, active=dist.is_main, bar=progress)
     while step < p.max_steps and fraction < 1.0:
-        lr = lr_at(step, fraction, p)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, fraction, p)
+        set_lr(optimizer, factor)  # each param group's own peak rate times the schedule
+        lr = p.learning_rate * factor
         loss_sum = torch.zeros((), device=device)
         for a in range(micro_steps):
             rng = window_rng(p.seed, step, dist.rank * micro_steps + a)

@@ -5,7 +5,11 @@ a fixed number of chat requests from that many concurrent clients (keep-alive co
 prints p50/p90/p99 latency, requests/s, 4xx/5xx counts, dropped connections and how many replies
 kept the bark contract. Bounded: every level stops after --requests requests.
 
-    python benchmarks/serve_load.py                       # full: 8 and 32 clients, 2000 requests each
+With several --workers values it starts one server per value in turn (the first is the baseline,
+1 = one process, the configuration before serve.workers existed), so all figures come from one
+run, and prints each configuration's requests/s as a ratio to the baseline's.
+
+    python benchmarks/serve_load.py                       # full: 1 and 2 workers, 8 and 32 clients, 2000 requests
     python benchmarks/serve_load.py --requests 200        # short check
     python benchmarks/serve_load.py --url http://HOST:PORT --model-id NAME   # an already running server
 """
@@ -51,10 +55,10 @@ def bark_gguf(root: Path, quant: str) -> Path:
         return quantize(f32, out / f"bark-{quant.lower()}.gguf", quant.lower())
 
 
-def start_server(model: Path, port: int, threads: int) -> subprocess.Popen:
+def start_server(model: Path, port: int, threads: int, workers: int = 1) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
-           "--host", "127.0.0.1", "--log-level", "warning", "--threads", str(threads)]
+           "--host", "127.0.0.1", "--log-level", "warning", "--threads", str(threads), "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -158,44 +162,68 @@ def main() -> None:
     ap.add_argument("--model", help="GGUF to serve (default: the pipeline's Q8_0 GGUF, else one exported now)")
     ap.add_argument("--quant", default=None, help="default: export.deploy_quantization")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="server processes; one server per value, in turn (the first is the baseline)")
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
     ap.add_argument("--model-id", help="with --url: the model name to send")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
-    proc = None
     if args.url:
-        url, model_id = args.url.rstrip("/"), args.model_id
+        results = measure(args.url.rstrip("/"), args.model_id, args)
+        for r in results:
+            r["workers"] = "?"
     else:
-        import socket
-
         model = Path(args.model) if args.model else bark_gguf(ROOT, args.quant)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        proc = start_server(model, port, args.threads)
-        url = f"http://127.0.0.1:{port}"
-        model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        print(f"serving {model} as {model_id!r} on {url}")
-    try:
-        asyncio.run(run_level(url, model_id, 4, 100, args.max_tokens))  # warm-up, not reported
-        results = [asyncio.run(run_level(url, model_id, c, args.requests, args.max_tokens)) for c in args.clients]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
-    cols = ["clients", "requests", "ok", "4xx", "5xx", "dropped", "contract_ok", "req_per_s", "p50_ms", "p90_ms",
-            "p99_ms", "max_ms"]
+        results = []
+        for workers in args.workers:
+            proc, url = serve(model, args.threads, workers)
+            try:
+                model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                print(f"serving {model} as {model_id!r} on {url} with {workers} worker(s)", flush=True)
+                for r in measure(url, model_id, args):
+                    results.append({"workers": workers, **r})
+            finally:
+                proc.terminate()
+                proc.wait(timeout=10)
+    cols = ["workers", "clients", "requests", "ok", "4xx", "5xx", "dropped", "contract_ok", "req_per_s", "p50_ms",
+            "p90_ms", "p99_ms", "max_ms"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
         print("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    level8 = next((r for r in results if r["clients"] == 8), None)
-    if level8:
-        ok = level8["p50_ms"] <= 20 and level8["p99_ms"] <= 100
-        print(f"targets at 8 clients (p50 <= 20 ms, p99 <= 100 ms): {'met' if ok else 'NOT met'}")
+    report(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+def serve(model: Path, threads: int, workers: int) -> tuple[subprocess.Popen, str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return start_server(model, port, threads, workers), f"http://127.0.0.1:{port}"
+
+
+def measure(url: str, model_id: str, args) -> list[dict]:
+    asyncio.run(run_level(url, model_id, 4, 100 * max(args.workers), args.max_tokens))  # warm-up, not reported
+    return [asyncio.run(run_level(url, model_id, c, args.requests, args.max_tokens)) for c in args.clients]
+
+
+def report(results: list[dict]) -> None:
+    """Ratios to the first configuration and issue 14's targets, per configuration."""
+    base = {r["clients"]: r for r in results if r["workers"] == results[0]["workers"]}
+    for r in results:
+        within = r["contract_ok"] == r["requests"]
+        line = f"workers {r['workers']}, {r['clients']} clients: {r['req_per_s']:.0f} req/s"
+        if r["clients"] in base:
+            line += f" = {r['req_per_s'] / base[r['clients']]['req_per_s']:.2f}x the first configuration"
+        if r["clients"] == 8:
+            line += f"; p50 {r['p50_ms']:.1f} ms (target <= 5)"
+        if r["clients"] == 32:
+            line += f"; p99/p50 {r['p99_ms'] / r['p50_ms']:.1f} (target <= 4)"
+        print(line + f"; every reply within the contract: {'yes' if within else 'NO'}")
 
 
 if __name__ == "__main__":

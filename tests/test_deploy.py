@@ -392,7 +392,7 @@ def test_failing_first_deploy_leaves_no_alias(target, bark_copy, names):
 def test_gates_must_pass(target, bark_copy, names):
     metrics = bark_copy / "reports/bark/metrics.json"
     original = metrics.read_text()
-    metrics.write_text(json.dumps({**json.loads(original), "gate_passed": False}))
+    metrics.write_text(json.dumps({**json.loads(original), "contract_failures": 100}))  # the gate re-judges
     with pytest.raises(BarkError, match="evaluation gate did not pass"):
         deploy_pipeline(deploy_params(bark_copy, names), "bark", bark_copy, target=target, log=lambda *_: None)
     metrics.write_text(original)
@@ -532,16 +532,24 @@ def test_dvc_push_pull_round_trip_on_s3(moto_endpoint, tmp_path):
 # --- the whole step through the CLI, embedded default, GGUF through llama.cpp -------------------
 
 def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
-    """Put the Q8_0 GGUF where export writes it, and a parity report whose gate says `status`
-    (the shape barkgpt.export.pipeline.parity_report writes; its own tests cover how it decides)."""
+    """Put the Q8_0 GGUF where export writes it, and a parity report (the shape
+    barkgpt.export.parity writes, bound to these files) whose q8_0 measurement passes the gate or not;
+    test_export and test_gates cover how parity measures and judges."""
+    from barkgpt.gates import judged_files
+
     dest = Layout("bark", root).gguf("q8_0")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(gguf, dest)
+    tok = {"agreement": 1.0, "detokenize_round_trip": 1.0, "lines": 400}
+    f32 = {"tokenization": tok, "logits": {"max_abs_diff": 1e-5}, "greedy": {"identical": 8, "prompts": 8}}
+    failures = 0 if status == "accepted" else 200
+    q8 = {**f32, "quality": {"contract_samples": 1000, "contract_failures": failures}}
     (root / "reports" / "bark" / "parity.json").write_text(json.dumps({
-        "f32_parity": {"passed": True, "tokenization_agreement": 1.0, "logits_max_abs_diff": 1e-5},
-        "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1.0,
+        "stage": "parity", "pipeline": "bark", "metric": "contract", "files": {"f32": f32, "q8_0": q8},
+        "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1 - failures / 1000,
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
-        "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"}}))
+        "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},
+        "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest})}))
 
 
 def _no_aws_env(tmp_path: Path) -> dict:

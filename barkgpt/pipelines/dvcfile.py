@@ -49,7 +49,7 @@ def stage_entry(pipe: Pipeline, stage: Stage) -> dict:
 
 def render(pipe: Pipeline) -> str:
     what = ("The default pipeline." if pipe.default else
-            f"Kept apart from the root dvc.yaml so a plain `dvc repro` runs only the default pipeline.")
+            "Kept apart from the root dvc.yaml so a plain `dvc repro` runs only the default pipeline.")
     target = "" if pipe.default else f" {pipe.dvc_file}"
     body = {} if pipe.default else {"vars": ["../../params.yaml"]}  # for ${...} in a stage, as in the root
     body["stages"] = {pipe.dvc_stage(s.name): stage_entry(pipe, s) for s in pipe.stages}

@@ -21,7 +21,7 @@ from barkgpt.serve.limits import RequestLimits
 from barkgpt.serve.routes import router
 from barkgpt.serve.schemas import ApiError, describe, error_response
 from barkgpt.serve.settings import Settings, load_settings
-from barkgpt.serve.worker import ModelWorker
+from barkgpt.serve.worker import make_worker
 
 log = logging.getLogger("barkgpt.serve")
 ANY_ADDRESS = {"0.0.0.0", "::", ""}
@@ -43,9 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.backend = load_backend(serve, settings.root)  # once per process
-        app.state.worker = ModelWorker(serve.queue_size)
+        app.state.worker = make_worker(app.state.backend, serve)
         app.state.worker.start()
-        log.info("serving %s (%s, %s backend)", app.state.backend.model_id, app.state.backend.kind, serve.backend)
+        log.info("serving %s (%s model, %s)", app.state.backend.model_id, app.state.backend.kind,
+                 app.state.backend.lm.backend)
         yield
         app.state.worker.stop()
 

@@ -24,15 +24,15 @@ STATIC = Path(__file__).parent / "static"
 
 # --- dependencies ----------------------------------------------------------------------------------
 
-def settings(request: Request) -> Settings:
+async def settings(request: Request) -> Settings:  # async: FastAPI runs a sync dependency in a thread
     return request.app.state.settings
 
 
-def serve_params(s: Annotated[Settings, Depends(settings)]) -> ServeParams:
+async def serve_params(s: Annotated[Settings, Depends(settings)]) -> ServeParams:
     return s.serve
 
 
-def require_key(request: Request, s: Annotated[Settings, Depends(settings)]) -> None:
+async def require_key(request: Request, s: Annotated[Settings, Depends(settings)]) -> None:
     if not s.api_key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -41,7 +41,7 @@ def require_key(request: Request, s: Annotated[Settings, Depends(settings)]) -> 
                        {"WWW-Authenticate": "Bearer"})
 
 
-def loaded_backend(request: Request, serve: Annotated[ServeParams, Depends(serve_params)]):
+async def loaded_backend(request: Request, serve: Annotated[ServeParams, Depends(serve_params)]):
     backend = request.app.state.backend
     if backend is None:
         raise ApiError(503, "the model is still loading; retry shortly", "not_ready",
@@ -129,8 +129,9 @@ async def chat_page():
 
 @api.get("/models")
 async def models(backend: Backend):
+    # OpenAI's fields, then what the model is and what it hears (the chat page shows them)
     return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": 0,
-                                         "owned_by": "barkgpt", "context_length": backend.n_ctx}]}
+                                         "owned_by": "barkgpt", **backend.info()}]}
 
 
 @api.post("/completions")

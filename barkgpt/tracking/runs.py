@@ -11,7 +11,6 @@ in `mlruns/`), or the `MLFLOW_TRACKING_URI` environment variable (a tracking ser
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,11 +20,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import yaml
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
+from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
 # The experiment opens on MLflow's classic page (runs, metrics, models), not the GenAI one.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -132,30 +131,6 @@ def git_commit(root: Path) -> str:
     return "unknown"
 
 
-def dvc_data_md5(paths) -> dict[str, str]:
-    """The md5 DVC recorded in the project's current dvc.lock for each output under data/<pipeline>/."""
-    lock = paths.root / "dvc.lock"
-    if not lock.exists():
-        return {}
-    try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    except yaml.YAMLError:
-        return {}
-    prefix = str(paths.data.relative_to(paths.root)) + "/"
-    return {o["path"]: o["md5"] for st in stages.values() if isinstance(st, dict) for o in st.get("outs", [])
-            if str(o.get("path", "")).startswith(prefix) and o.get("md5")}
-
-
-def tokens_sha256(paths) -> str | None:
-    shards = sorted(paths.tokens.glob("*")) if paths.tokens.exists() else []
-    if not shards:
-        return None
-    digest = hashlib.sha256()
-    for f in shards:
-        digest.update(f.name.encode() + sha256_file(f).encode())
-    return digest.hexdigest()
-
-
 def data_tags(paths) -> dict[str, str]:
     """The DVC hash of the token shards (from dvc.lock) and our own content hash of them."""
     tags = {}
@@ -177,7 +152,7 @@ def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
 
     inputs = []
     for split, context in (("train", "training"), ("val", "validation")):
-        shard = paths.shard(split)
+        shard = paths.token_manifest(split)  # the split's manifest names its shard files and their counts
         if not shard.exists():
             continue
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file, either way
@@ -347,7 +322,8 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
     return TrainingRun(mlflow, client, run_id, params, name, paths)
 
 
-def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool) -> dict:
+def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
+                      order: list[tuple[str, str]]) -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
     the champion alias to the best gate-passing version."""
     from barkgpt.tracking import registry
@@ -367,7 +343,7 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool)
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed)
+        info = registry.register(run, metrics, gate_passed, order)
     except BaseException:
         run.fail()
         raise
