@@ -23,6 +23,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -70,10 +71,15 @@ def writer_lock(paths: Layout, purpose: str):
 
 
 def _held_by(lock: Path, pipeline: str, purpose: str) -> str:
-    try:
-        h = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
-        h = {}
+    h: dict = {}
+    deadline = time.monotonic() + 2.0  # the holder writes its details just after taking the lock
+    while not h.get("pid") and time.monotonic() < deadline:
+        try:
+            h = json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            h = {}
+        if not h.get("pid"):
+            time.sleep(0.05)
     if h.get("pid"):
         who = (f"pid {h['pid']} on {h.get('host')} ({h.get('command')}), {h.get('purpose')} "
                f"since {h.get('since')}; wait for it to finish or stop it (kill {h['pid']})")
