@@ -289,6 +289,9 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     ckpt = bark_copy / "models/bark/best.pt"
     model, tok = model_from_checkpoint(load_checkpoint(ckpt))
     save_checkpoint(ckpt, model=model, tokenizer=tok, params={}, step=999)
+    from barkgpt.pipelines import run_stage
+
+    run_stage(params, "bark", "evaluate", bark_copy)  # the gate judges these bytes (a stale report is refused)
     new = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     assert new["release"]["id"] != first["release"]["id"]
     assert new["function"]["version"] == "2" and new["function"]["previous_version"] == "1"
