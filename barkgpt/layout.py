@@ -19,6 +19,39 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class RunLayout:
+    """One training's own folder, runs/<p>/<run id>/: models/<p>/'s files until it is promoted."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_log.csv"
+
+    @property
+    def run_record(self) -> Path:
+        """The run's MLflow run id (promotion copies it to models/<p>/mlflow_run.json)."""
+        return self.path / "mlflow_run.json"
+
+    @property
+    def info(self) -> Path:
+        """The run's status: running, diverged or promoted (barkgpt/runs.py)."""
+        return self.path / "run.json"
+
+
+@dataclass(frozen=True)
 class Layout:
     pipeline: str
     root: Path = Path(".")
@@ -84,8 +117,8 @@ class Layout:
         """Each training writes here first; models/<p>/ changes only when a run is promoted."""
         return self.root / "runs" / self.pipeline
 
-    def run_folder(self, run_id: str) -> Path:
-        return self.runs / run_id
+    def run_folder(self, run_id: str) -> RunLayout:
+        return RunLayout(self.runs / run_id)
 
     @property
     def writer_lock(self) -> Path:

@@ -23,9 +23,9 @@ import os
 import shlex
 import socket
 import sys
+import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import torch
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.errors import BarkError
 from barkgpt.fileio import copy_atomic, fsync_dir, read_json, write_json
-from barkgpt.layout import Layout
+from barkgpt.layout import Layout, RunLayout
 
 
 def _now() -> str:
@@ -71,10 +71,15 @@ def writer_lock(paths: Layout, purpose: str):
 
 
 def _held_by(lock: Path, pipeline: str, purpose: str) -> str:
-    try:
-        h = json.loads(lock.read_text() or "{}")
-    except (OSError, ValueError):
-        h = {}
+    h: dict = {}
+    deadline = time.monotonic() + 2.0  # the holder writes its details just after taking the lock
+    while not h.get("pid") and time.monotonic() < deadline:
+        try:
+            h = json.loads(lock.read_text() or "{}")
+        except (OSError, ValueError):
+            h = {}
+        if not h.get("pid"):
+            time.sleep(0.05)
     if h.get("pid"):
         who = (f"pid {h['pid']} on {h.get('host')} ({h.get('command')}), {h.get('purpose')} "
                f"since {h.get('since')}; wait for it to finish or stop it (kill {h['pid']})")
@@ -86,34 +91,8 @@ def _held_by(lock: Path, pipeline: str, purpose: str) -> str:
 
 # --- run folders -------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RunFolder:
-    path: Path
-
-    @property
-    def id(self) -> str:
-        return self.path.name
-
-    @property
-    def last(self) -> Path:
-        return self.path / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.path / "best.pt"
-
-    @property
-    def train_log(self) -> Path:
-        return self.path / "train_log.csv"
-
-    @property
-    def run_record(self) -> Path:
-        """The MLflow run of this training (tracking.start_training_run writes it)."""
-        return self.path / "mlflow_run.json"
-
-    @property
-    def info(self) -> Path:
-        return self.path / "run.json"
+class RunFolder(RunLayout):
+    """A run folder (paths from barkgpt.layout) and its status file."""
 
     def status(self) -> dict:
         try:
@@ -133,7 +112,7 @@ def open_run(paths: Layout, resume: bool = False, log=print) -> RunFolder:
             log(f"resuming interrupted run {interrupted.id} ({interrupted.path})")
             remove_temp_files(interrupted.path)
             return interrupted
-    folder = RunFolder(paths.run_folder(f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"))
+    folder = RunFolder(paths.run_folder(f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}").path)
     folder.path.mkdir(parents=True)
     if resume and paths.last_checkpoint.exists():
         # Train the promoted model further: its state, its best model so far and its MLflow run.

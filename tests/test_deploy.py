@@ -289,6 +289,9 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     ckpt = bark_copy / "models/bark/best.pt"
     model, tok = model_from_checkpoint(load_checkpoint(ckpt))
     save_checkpoint(ckpt, model=model, tokenizer=tok, params={}, step=999)
+    from barkgpt.pipelines import run_stage
+
+    run_stage(params, "bark", "evaluate", bark_copy)  # the gate judges these bytes (a stale report is refused)
     new = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     assert new["release"]["id"] != first["release"]["id"]
     assert new["function"]["version"] == "2" and new["function"]["previous_version"] == "1"
@@ -320,7 +323,7 @@ def test_smoke_test_failing_with_a_bark_error_rolls_alias_back(target, bark_copy
     good = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     name = good["function"]["name"]
     bad = deploy_params(bark_copy, names, environment={"BARKGPT_SERVE_PORT": "notaport"})
-    with pytest.raises(SmokeTestFailed, match="rolled back to version 1.*serve settings are invalid"):
+    with pytest.raises(SmokeTestFailed, match="rolled back to version 1.*BARKGPT_SERVE_PORT"):
         deploy_pipeline(bad, "bark", bark_copy, target=target, log=lambda *_: None)
     lam = target.client("lambda")
     assert lam.get_alias(FunctionName=name, Name="live")["FunctionVersion"] == "1"
