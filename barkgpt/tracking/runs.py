@@ -11,6 +11,7 @@ in `mlruns/`), or the `MLFLOW_TRACKING_URI` environment variable (a tracking ser
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -152,13 +153,16 @@ def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
 
     inputs = []
     for split, context in (("train", "training"), ("val", "validation")):
-        shard = paths.token_manifest(split)  # the split's manifest names its shard files and their counts
-        if not shard.exists():
+        manifest = paths.token_manifest(split)  # names the split's shard files, in order
+        if not manifest.exists():
             continue
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file, either way
             warnings.simplefilter("ignore")
-            source = resolve_dataset_source(shard.resolve().as_uri())
-        digest = sha256_file(shard)[:16]
+            source = resolve_dataset_source(manifest.resolve().as_uri())
+        digest = hashlib.sha256(sha256_file(manifest).encode())
+        for shard in paths.token_shard_files(split):
+            digest.update(sha256_file(shard).encode())
+        digest = digest.hexdigest()[:16]
         dataset = MetaDataset(source, name=f"{name}-{split}-tokens", digest=digest)
         inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                    tags=[InputTag("mlflow.data.context", context)]))
