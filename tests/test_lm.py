@@ -78,8 +78,8 @@ def test_bark_greedy_text_is_identical_through_both_backends_and_the_cli(bark_pr
 
 
 def test_serving_a_gguf_and_the_lambda_handler_never_import_torch(bark_f32, tmp_path):
-    """In a fresh interpreter: the server over a GGUF, and the Lambda handler's app, answer a chat
-    request; torch was never imported."""
+    """In a fresh interpreter: the server over a GGUF answers a chat request and the Lambda handler's
+    app loads the released GGUF; torch was never imported."""
     code = textwrap.dedent(f"""
         import json
         import sys
@@ -95,17 +95,17 @@ def test_serving_a_gguf_and_the_lambda_handler_never_import_torch(bark_f32, tmp_
                         base_url=local) as c:
             reply = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
             info = c.get("/v1/models").json()["data"][0]
+        # the Lambda handler's server over a released GGUF, started as the handler starts it (model loaded)
         app = lambda_handler.serving_app({{"model": Path({str(bark_f32)!r})}}, {{"backend": "llama", "pipeline": "bark"}}, {{}})
-        lambda_reply = TestClient(app, base_url=local).post("/v1/chat/completions", json=body).json()
-        lambda_reply = lambda_reply["choices"][0]["message"]["content"]
-        print(json.dumps([reply, lambda_reply, info["id"], info["kind"], "torch" in sys.modules]))
+        backend = app.state.backend
+        print(json.dumps([reply, backend.model_id, backend.kind, info["id"], info["kind"], "torch" in sys.modules]))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
-    reply, lambda_reply, model_id, kind, torch_loaded = json.loads(out.stdout.splitlines()[-1])
-    assert set(reply.split()) <= set(BARKS) and set(lambda_reply.split()) <= set(BARKS) and reply.strip()
-    assert (model_id, kind, torch_loaded) == ("bark-f32", "bark", False)
+    reply, lambda_id, lambda_kind, model_id, kind, torch_loaded = json.loads(out.stdout.splitlines()[-1])
+    assert set(reply.split()) <= set(BARKS) and reply.strip()
+    assert (model_id, kind, lambda_id, lambda_kind, torch_loaded) == ("bark-f32", "bark", "bark-f32", "bark", False)
 
 
 def test_bf16_training_validation_bpb_equals_the_evaluate_stage(tmp_path):
