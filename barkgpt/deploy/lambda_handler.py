@@ -40,7 +40,7 @@ def serving_app(files: dict[str, Path], manifest: dict, env: Mapping[str, str]):
 
     settings = load_settings(root=files["model"].parent, env=dict(env), model=str(files["model"]),
                              backend=manifest["backend"], pipeline=manifest["pipeline"],
-                             allowed_hosts=["*"])  # AWS routes by its own host names; no browser-local server to rebind
+                             allowed_hosts=["*"])  # AWS routes by its own names: nothing local to rebind
     app = create_app(settings)
     start_lifespan(app)
     return app
