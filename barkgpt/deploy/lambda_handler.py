@@ -44,7 +44,7 @@ def serving_app(files: dict[str, Path], manifest: dict, env: Mapping[str, str]):
 
     settings = load_settings(root=files["model"].parent, env=dict(env), model=str(files["model"]),
                              backend=manifest["backend"], pipeline=manifest["pipeline"],
-                             allowed_hosts=["*"],  # AWS routes by its own host names; no browser-local server to rebind
+                             allowed_hosts=["*"],  # AWS routes by its own names: nothing local to rebind
                              # The start-up runs on a loop of its own and each invocation on the thread's loop:
                              # a generation task tied to the start-up loop would die with it, so a thread runs them.
                              inline="never")
