@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
                   "train": {"max_steps": 60, "threads": 1, "eval_every": 30, "checkpoint_every": 30},
-                  "eval": {"contract_samples": 20}},
+                  "gates": {"contract_samples": 20}},
          "tracking": {"enabled": False}}
 
 
