@@ -90,11 +90,14 @@ def test_serving_a_gguf_and_the_lambda_handler_never_import_torch(bark_f32, tmp_
         from barkgpt.deploy import lambda_handler
 
         body = {{"messages": [{{"role": "user", "content": "hi"}}], "seed": 1}}
-        with TestClient(create_app(load_settings(root={str(tmp_path)!r}, env={{}}, model={str(bark_f32)!r}))) as c:
+        local = "http://127.0.0.1"  # a Host the server answers (it refuses others: DNS rebinding)
+        with TestClient(create_app(load_settings(root={str(tmp_path)!r}, env={{}}, model={str(bark_f32)!r})),
+                        base_url=local) as c:
             reply = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
             info = c.get("/v1/models").json()["data"][0]
         app = lambda_handler.serving_app({{"model": Path({str(bark_f32)!r})}}, {{"backend": "llama", "pipeline": "bark"}}, {{}})
-        lambda_reply = TestClient(app).post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        lambda_reply = TestClient(app, base_url=local).post("/v1/chat/completions", json=body).json()
+        lambda_reply = lambda_reply["choices"][0]["message"]["content"]
         print(json.dumps([reply, lambda_reply, info["id"], info["kind"], "torch" in sys.modules]))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,

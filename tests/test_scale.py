@@ -155,7 +155,7 @@ def test_kill_9_of_the_ddp_job_then_resume_equals_an_uninterrupted_run(ddp_bark,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = weights(ddp_bark["root"]), weights(root)
     assert all(torch.equal(a[k], b[k]) for k in a), max_diff(a, b)
-    assert load_checkpoint(root / "models/bark/last.pt")["optimizer"]["state"][0]["step"] == STEPS
+    assert load_checkpoint(root / "models/bark/last.pt")["step"] == STEPS
 
 
 def run_step(root: Path) -> int:

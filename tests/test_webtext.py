@@ -411,9 +411,10 @@ def test_greedy_text_is_identical_through_both_backends_the_cli_and_the_server(w
     assert on_torch.kind == on_llama.kind == "text" and on_llama.lm.tokenizer.kind == "bpe"
     texts = {}
     try:
-        for prompt in ["The history of", "In 1998 , the", "= = Reception = ="]:
+        # (not a heading such as "= = Reception = =": a heading line ends there, so greedy is just the EOS)
+        for prompt in ["The history of", "In 1998 , the", "The game was"]:
             text = texts[prompt] = complete(on_torch, prompt)
-            assert complete(on_llama, prompt) == text and text.strip()
+            assert complete(on_llama, prompt) == text
             ids = bpe.encode(prompt)
             new = [t for t in torch_lm.generate(ids, Sampling(temperature=0, max_new_tokens=24)) if t != bpe.eos_id]
             assert prompt + text == bpe.decode(ids + new)  # nothing inserted between pieces
@@ -424,6 +425,7 @@ def test_greedy_text_is_identical_through_both_backends_the_cli_and_the_server(w
                                      env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
                 assert out.returncode == 0, out.stderr
                 assert out.stdout == prompt + text + "\n" and not out.stdout.startswith(prompt + "  ")
+        assert any(t.strip() for t in texts.values())  # a tiny model may end a line at once, not always
     finally:
         llama_lm.close()
     with run_server(["serve", "--backend", "torch", "--model", "models/webtext/best.pt"], cwd=webtext_project) as url:

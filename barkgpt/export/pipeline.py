@@ -14,7 +14,6 @@ from barkgpt.export.checksums import file_record, verify_recorded
 from barkgpt.export.gguf_file import write_gguf
 from barkgpt.export.quantize import quantize, tensor_report
 from barkgpt.fileio import write_json
-from barkgpt.gates import judged_files
 from barkgpt.layout import Layout
 from barkgpt.params import ExportParams
 
@@ -44,17 +43,17 @@ def quantize_files(lay: Layout, p: ExportParams) -> dict:
     llama.cpp's warnings (a line per tensor that falls back to another type) go into the report
     under each quantization's `llama_cpp_warnings`; the log gets one line."""
     src, report_path = lay.gguf("f32"), lay.quantization_report
-    verify_recorded(lay, src)  # quantize what the export wrote, not a file damaged since
+    source = {"path": str(src), "sha256": verify_recorded(lay, src)}  # what the export wrote, not a copy damaged since
     report, out, warned_all = {}, {}, []
     for stale in lay.quantized_exports.glob("*.gguf"):  # only what params ask for: the folder is one output
         stale.unlink()
     for q in p.quantizations:
         with llama_log.captured() as warned:
             dst = quantize(src, lay.gguf(q), q, threads=p.threads)
-        report[q] = {**file_record(dst), **tensor_report(dst, q), "llama_cpp_warnings": llama_log.summary(warned)}
+        report[q] = {**file_record(dst), "source": source, **tensor_report(dst, q),
+                     "llama_cpp_warnings": llama_log.summary(warned)}
         out[q] = str(dst)
         warned_all += warned
-    report["judged"] = judged_files(lay.root, {"f32": src})  # the file every quantization was made from
     write_json(report_path, report)
     print(llama_log.one_line(f"quantize {lay.pipeline} ({', '.join(p.quantizations)})", warned_all, str(report_path)),
           flush=True)

@@ -11,6 +11,7 @@ in `mlruns/`), or the `MLFLOW_TRACKING_URI` environment variable (a tracking ser
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -149,8 +150,6 @@ def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
-
-    import hashlib
 
     inputs = []
     for split, context in (("train", "training"), ("val", "validation")):
