@@ -88,8 +88,9 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         from barkgpt.layout import repro_command
 
-        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train {Path(path).parent.name} or "
-                        f"{repro_command(Path(path).parent.name)})")
+        pipeline = Path(path).parent.name or "bark"
+        raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train {pipeline} or "
+                        f"{repro_command(pipeline)})")
     verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

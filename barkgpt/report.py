@@ -135,7 +135,7 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     val = _read(lay.validation_report)
     if val:
         lines += [f"Great Expectations: {val.get('expectations', 0) - val.get('failed', 0)} of "
-                  f"{val.get('expectations')} expectations passed ({lay.validation_html.name}).", ""]
+                  f"{val.get('expectations')} expectations passed (Data Docs: {lay.validation_docs.name}/index.html).", ""]
     dvc = dvc_data_md5(lay)
     if dvc:
         lines += ["DVC data hashes (dvc.lock):", ""] + _table(["path", "md5"], sorted([k, v] for k, v in dvc.items()))
