@@ -104,7 +104,9 @@ class TrainParams(Strict):
     schedule: Literal["cosine", "wsd"] = Field(
         "cosine", description="after warm-up: cosine to min_lr_ratio, or wsd: constant, then linear decay")
     decay_fraction: float = Field(0.4, gt=0, le=1, description="wsd: the final share of the run that decays")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="bfloat16: autocast, fp32 master weights; auto: bfloat16 where bf16 matmuls are "
+                               "faster (CUDA, CPUs with AMX), else float32")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
     nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes (DDP under torchrun); "
