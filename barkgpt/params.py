@@ -248,7 +248,7 @@ def _webtext_model() -> ModelParams:
 
 def _webtext_train() -> TrainParams:
     return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
-                       dtype="bfloat16", threads=2, eval_every=100, eval_batches=10,
+                       dtype="auto", compile=True, threads=2, eval_every=100, eval_batches=10,
                        checkpoint_every=200, max_seconds=300)
 
 
