@@ -196,21 +196,20 @@ def val_bpb(model: RefGPT, val_ids: np.ndarray, token_bytes: np.ndarray, eos_id:
 
 
 def main() -> None:
-    from barkgpt.data.shards import load_shard
     from barkgpt.layout import Layout
+    from barkgpt.stages import load_split
     from barkgpt.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=".", help="project whose data/webtext shards to train on")
+    ap.add_argument("--root", default=".", help="project whose data/webtext token shards to train on")
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = Layout("webtext", Path(args.root))
-    tok = load_tokenizer(paths.tokenizer)
-    train_ids, _ = load_shard(paths.shard("train"))
-    val_ids, _ = load_shard(paths.shard("val"))
+    lay = Layout("webtext", Path(args.root))
+    tok = load_tokenizer(lay.tokenizer)
+    train_ids, val_ids = (np.asarray(load_split(lay, split, tok)[0]) for split in ("train", "val"))
     model, summary = train(train_ids, args.seconds, RefConfig(vocab_size=tok.vocab_size))
     summary["val_bpb"] = val_bpb(model, val_ids, np.array(tok.token_bytes()), tok.eos_id)
     print(json.dumps(summary, indent=1))
