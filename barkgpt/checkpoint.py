@@ -1,26 +1,34 @@
-"""Checkpoints: tensors and plain data only, written atomically, checked before loading.
+"""Checkpoints: tensors and plain data only, one file, written atomically, checked before loading.
 
-A checkpoint is `<name>.pt` (torch.save of a dict of tensors, numbers, strings and lists, loaded
-with weights_only=True so no pickled code ever runs) and `<name>.pt.json` holding its sha256,
-so a truncated or tampered file is refused with a clear message before torch reads it.
+A checkpoint is one file: torch.save of a dict of tensors, numbers, strings and lists, followed
+by an 80-byte trailer line `BARKGPT-SHA256 <hex>\n` holding the sha256 of everything before it.
+Being one file, it is replaced in a single atomic rename (barkgpt.fileio), so a crash at any
+moment leaves the old checkpoint or the new one, never a pair out of step. The trailer lets a
+truncated or modified file be refused with a clear message before torch reads it, and the file is
+loaded with weights_only=True so no pickled code ever runs (torch's zip reader ignores the trailer).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
 
 from barkgpt.errors import BarkError
-from barkgpt.fileio import atomic_path, read_json, sha256_file, write_json
+from barkgpt.fileio import atomic_path
 from barkgpt.model import GPT
 from barkgpt.params import ModelParams
 from barkgpt.tokenizer import Tokenizer, tokenizer_from_dict
+
+TRAILER_TAG = b"BARKGPT-SHA256 "
+TRAILER_SIZE = len(TRAILER_TAG) + 64 + 1  # tag, hex digest, newline
+REQUIRED = ("model", "model_params", "vocab_size", "tokenizer", "step")
 
 
 def save_checkpoint(path: Path, *, model: GPT, tokenizer: Tokenizer, params: dict, step: int,
                     optimizer: torch.optim.Optimizer | None = None, rng: dict | None = None,
                     extra: dict | None = None) -> None:
-    path = Path(path)
     state = {
         "format": 1,
         "model": model.state_dict(),
@@ -33,55 +41,65 @@ def save_checkpoint(path: Path, *, model: GPT, tokenizer: Tokenizer, params: dic
         "rng": rng,
         "extra": extra or {},
     }
-    meta_path = _meta_path(path)
-    old = _read_meta(meta_path) if path.exists() else {}
-    # Two files cannot be replaced at once. Until the new .pt is in place the sidecar also accepts
-    # the digests the old .pt may have, so a kill -9 between the two renames leaves a loadable pair.
-    previous = ([old["sha256"]] if old.get("sha256") else []) + list(old.get("previous", []))[:7]
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        digest = sha256_file(tmp)
-        write_json(meta_path, {"sha256": digest, "step": step, "previous": previous})
-    write_json(meta_path, {"sha256": digest, "step": step})
+        seal(tmp)
 
 
-def _meta_path(path: Path) -> Path:
-    return Path(str(path) + ".json")
+def seal(path: Path) -> None:
+    """Append the integrity trailer (the sha256 of the file as it is) to `path`."""
+    digest = _sha256_prefix(path, os.path.getsize(path))
+    with open(path, "ab") as f:
+        f.write(TRAILER_TAG + digest.encode() + b"\n")
 
 
-def _read_meta(meta_path: Path) -> dict:
-    try:
-        meta = read_json(meta_path)
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
+def _sha256_prefix(path: Path, size: int, chunk: int = 1 << 20) -> str:
+    digest, left = hashlib.sha256(), size
+    with open(path, "rb") as f:
+        while left > 0 and (block := f.read(min(chunk, left))):
+            digest.update(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path) -> None:
+    """BarkError unless `path` ends with a trailer whose sha256 matches the bytes before it."""
+    size = path.stat().st_size
+    trailer = b""
+    if size > TRAILER_SIZE:
+        with open(path, "rb") as f:
+            f.seek(size - TRAILER_SIZE)
+            trailer = f.read()
+    if not (trailer.startswith(TRAILER_TAG) and trailer.endswith(b"\n")):
+        raise BarkError(f"{path}: checksum mismatch (no integrity trailer); the file is truncated or was modified "
+                        "(or predates single-file checkpoints); re-train or restore it")
+    expected = trailer[len(TRAILER_TAG):-1].decode("ascii", "replace")
+    actual = _sha256_prefix(path, size - TRAILER_SIZE)
+    if actual != expected:
+        raise BarkError(
+            f"{path}: checksum mismatch (sha256 {actual[:12]}..., expected {expected[:12]}...); "
+            "the file is truncated or was modified; re-train or restore it"
+        )
 
 
 def load_checkpoint(path: Path) -> dict:
     """Return the checkpoint dict; BarkError if it is missing, truncated, tampered or foreign."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         from barkgpt.layout import repro_command
 
         raise BarkError(f"{path}: checkpoint not found; train first (barkgpt train {Path(path).parent.name} or "
                         f"{repro_command(Path(path).parent.name)})")
-    meta_path = _meta_path(path)
-    if not meta_path.exists():
-        raise BarkError(f"{path}: its checksum file {meta_path.name} is missing; re-train or restore both")
-    meta = _read_meta(meta_path)
-    expected = meta.get("sha256")
-    actual = sha256_file(path)
-    if actual != expected and actual not in meta.get("previous", []):
-        raise BarkError(
-            f"{path}: checksum mismatch (sha256 {actual[:12]}..., expected {str(expected)[:12]}...); "
-            "the file is truncated or was modified; re-train or restore it"
-        )
+    verify(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad files; none should reach the user raw
         raise BarkError(f"{path}: not a loadable BarkGPT checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != 1:
         raise BarkError(f"{path}: not a BarkGPT checkpoint (unknown format)")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise BarkError(f"{path}: not a BarkGPT checkpoint (missing {missing}); re-train or restore it")
     return state
 
 

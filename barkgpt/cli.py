@@ -86,21 +86,15 @@ def cmd_modelfile(args) -> None:
 def cmd_generate(args) -> None:
     from dataclasses import replace
 
-    import torch
-
-    from barkgpt.checkpoint import load_model
-    from barkgpt.engine import Sampling, generate_text
     from barkgpt.layout import Layout
+    from barkgpt.lm import Sampling, generate_text, load_lm
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    ckpt = Path(args.checkpoint) if args.checkpoint else Layout(args.pipeline).checkpoint
-    model, tok = load_model(ckpt)
+    lm = load_lm(Path(args.model) if args.model else Layout(args.pipeline).checkpoint, threads=args.threads)
     s = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  max_new_tokens=args.max_new_tokens, seed=args.seed)
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
-        completion = generate_text(model, tok, args.prompt, replace(s, seed=seed))
-        print(f"{args.prompt} {completion}".strip())
+        print(args.prompt + generate_text(lm, args.prompt, replace(s, seed=seed)))  # the model's own spacing
 
 
 def cmd_serve(args) -> None:
@@ -220,14 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete a prompt with a trained model")
     p.add_argument("--prompt", default="User: speak Assistant:", help="text to continue (default: %(default)r)")
     p.add_argument("--pipeline", default="bark", choices=list(REGISTRY), help="default: bark")
-    p.add_argument("--checkpoint", help="checkpoint file (default: models/<pipeline>/best.pt)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--model", "--checkpoint", dest="model",
+                   help="a .pt checkpoint (PyTorch) or a .gguf (llama.cpp) (default: models/<pipeline>/best.pt)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="0 (or anything below 1e-5) = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only (default: all)")
     p.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling: the smallest set of tokens with this probability (default: off)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="stop after this many tokens (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed; sample i uses seed + i (default: random)")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="completions to print (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=2, help="decode threads (default: %(default)s)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API and a chat page")

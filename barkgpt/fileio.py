@@ -13,13 +13,19 @@ from pathlib import Path
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path beside `path`; on success rename it over `path` (same filesystem)."""
+    """Yield a temp path beside `path`; on success rename it over `path` (same filesystem).
+
+    Durable as well as atomic: the temp file is fsynced before the rename (else a power cut can
+    leave the new name pointing at unwritten blocks) and the folder after it (else the rename
+    itself can be lost). A reader sees the old file or the whole new one, never a mix.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         full = disk_full(err, path.parent)  # judged before the temp file frees its space
@@ -27,6 +33,33 @@ def atomic_path(path: str | Path):
         if full:
             raise disk_full_error(path) from err
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or unlink in `folder` durable (POSIX: fsync the directory itself)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a platform without directory fds (Windows): nothing more to do
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy `src` over `dst` atomically and durably (readers never see a partial `dst`)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def disk_full(err: BaseException, folder: Path) -> bool:

@@ -6,6 +6,7 @@ where a model is without importing the stages (or torch). Paths are relative to 
     data/<p>/        train.txt, val.txt, tokenizer.json,
                      tokens/{train,val}.json (shard manifests) + tokens/<split>-NNNNNN.bin (fixed-size shards)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
+    runs/<p>/<id>/   one training run's own files until it is promoted (never a DVC output)
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
     reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
                      validation/: Great Expectations' Data Docs
@@ -15,6 +16,39 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One training's own folder, runs/<p>/<run id>/: models/<p>/'s files until it is promoted."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / "train_log.csv"
+
+    @property
+    def run_record(self) -> Path:
+        """The run's MLflow run id (promotion copies it to models/<p>/mlflow_run.json)."""
+        return self.path / "mlflow_run.json"
+
+    @property
+    def info(self) -> Path:
+        """The run's status: running, diverged or promoted (barkgpt/runs.py)."""
+        return self.path / "run.json"
 
 
 @dataclass(frozen=True)
@@ -76,6 +110,20 @@ class Layout:
     def run_record(self) -> Path:
         """The MLflow run that trained the current model (read by evaluate, parity and deploy)."""
         return self.models / "mlflow_run.json"
+
+    # --- training runs (barkgpt/runs.py) ----------------------------------------------------------
+    @property
+    def runs(self) -> Path:
+        """Each training writes here first; models/<p>/ changes only when a run is promoted."""
+        return self.root / "runs" / self.pipeline
+
+    def run_folder(self, run_id: str) -> RunLayout:
+        return RunLayout(self.runs / run_id)
+
+    @property
+    def writer_lock(self) -> Path:
+        """flock'ed by the process writing this pipeline's model (one writer at a time)."""
+        return self.runs / "writer.lock"
 
     # --- exports --------------------------------------------------------------------------------
     @property
@@ -172,6 +220,11 @@ class Layout:
     @property
     def parity_report(self) -> Path:
         return self.report("parity")
+
+    @property
+    def parity_summary(self) -> Path:
+        """The verdict and a number per file, for `dvc metrics show` (parity.json has the details)."""
+        return self.reports / "parity_summary.json"
 
     @property
     def deploy_report(self) -> Path:

@@ -1,103 +1,51 @@
-"""Language-model evaluation in bits per byte: comparable across tokenizers and vocabularies.
+"""Bits per byte: one metric function for any model (barkgpt.lm, PyTorch or llama.cpp) and any
+batch iterator, used by training's periodic validation, the evaluate stage and parity.
 
     bpb = (sum over predicted tokens of -ln p(token)) / ln 2 / (UTF-8 bytes those tokens spell)
 
-Every token of the validation stream is predicted exactly once: the stream is prefixed with the
-EOS (the "previous line ended" context the first line has in training) and cut into
-non-overlapping windows of the context length; the last, shorter window is evaluated too.
-The EOS closing each line counts one byte, the newline it stands for, so over the whole split
-the byte count equals the size of val.txt.
+`eval_windows` predicts every token of a split exactly once: the stream is prefixed with the EOS
+(the "previous line ended" context the first line has in training) and cut into non-overlapping
+windows of the context length, `batch` rows at a time; the last, shorter window is a batch of its
+own. The EOS closing each line counts one byte (the newline it stands for) and a bark word counts
+its bytes plus the space after it, so over a whole split the byte count is the size of the text.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-from barkgpt.engine import Sampling, generate_batch
-from barkgpt.model import GPT
-from barkgpt.train import autocast
 
 LN2 = math.log(2)
 
 
-def eval_windows(ids: np.ndarray, block: int, prefix_id: int | None):
-    """(inputs, targets) 1-row windows of up to `block` tokens covering every token of `ids` once."""
+def eval_windows(ids: np.ndarray, block: int, batch: int, prefix_id: int | None = None,
+                 max_batches: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) int64 arrays (rows, <= block) covering the tokens of `ids` in order."""
     stream = np.asarray(ids, dtype=np.int64)
     if prefix_id is not None:
         stream = np.concatenate([[prefix_id], stream])
-    for start in range(0, len(stream) - 1, block):
-        chunk = torch.from_numpy(stream[start : start + block + 1])
-        yield chunk[:-1], chunk[1:]
+    starts = range(0, len(stream) - 1, block)
+    full = [s for s in starts if s + block < len(stream)]
+    groups = [full[i : i + batch] for i in range(0, len(full), batch)]
+    if len(full) < len(starts):
+        groups.append([starts[-1]])  # the short last window, alone
+    for group in groups[:max_batches]:
+        rows = np.stack([stream[s : s + block + 1] for s in group])
+        yield rows[:, :-1], rows[:, 1:]
 
 
-@torch.inference_mode()
-def nll_and_bytes(model: GPT, ids: np.ndarray, token_bytes: np.ndarray, batch: int = 16,
-                  max_batches: int | None = None, dtype: str = "float32",
-                  prefix_id: int | None = None) -> tuple[float, int, int]:
-    """(sum of token NLL in nats, tokens predicted, UTF-8 bytes of those tokens)."""
-    was_training = model.training
-    model.eval()
-    token_bytes = torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64)
-    block = model.cfg.block_size
-    nll, count, nbytes, pending, batches = 0.0, 0, 0, [], 0
-
-    def run(group):
-        nonlocal nll, count, nbytes
-        x = torch.stack([g[0] for g in group])
-        y = torch.stack([g[1] for g in group])
-        with autocast(dtype):
-            logits = model(x)
-        nll += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
-        count += y.numel()
-        nbytes += int(token_bytes[y].sum())
-
-    for x, y in eval_windows(ids, block, prefix_id):
-        if pending and len(pending[0][0]) != len(x):  # the short last window runs on its own
-            run(pending)
-            pending, batches = [], batches + 1
-        pending.append((x, y))
-        if len(pending) == batch:
-            run(pending)
-            pending, batches = [], batches + 1
-        if max_batches is not None and batches >= max_batches:
-            pending = []
-            break
-    if pending:
-        run(pending)
-    model.train(was_training)
-    return nll, count, nbytes
-
-
-def bits_per_byte(nll_nats: float, nbytes: int) -> float:
-    return nll_nats / LN2 / nbytes
-
-
-def evaluate_lm(model: GPT, tok, val_ids: np.ndarray, p, dtype: str = "float32",
-                threads: int | None = None) -> tuple[dict, dict]:
-    """(metrics, samples) for a text model: bpb, loss, perplexity; completions of fixed prompts."""
-    if threads:
-        torch.set_num_threads(threads)
-    nll, count, nbytes = nll_and_bytes(model, val_ids, np.array(tok.token_bytes()), p.batch_size,
-                                       p.max_batches, dtype, prefix_id=tok.eos_id)
-    loss = nll / count
-    metrics = {
-        "val_bpb": bits_per_byte(nll, nbytes),
-        "val_loss": loss,
-        "val_perplexity": math.exp(loss),
-        "val_tokens": count,
-        "val_bytes": nbytes,
-        "bytes_per_token": nbytes / count,
-        "vocab_size": tok.vocab_size,
-        "params": model.num_params(),
-    }
-    s = Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-                 max_new_tokens=p.max_new_tokens, seed=p.seed)
-    samples = {}
-    for i, prompt in enumerate(p.prompts):
-        ids = tok.encode(prompt)[-(model.cfg.block_size - 1):]
-        out = generate_batch(model, [ids], Sampling(**{**s.__dict__, "seed": p.seed + i}), tok.eos_id)[0]
-        samples[prompt] = tok.decode([t for t in out if t != tok.eos_id])
-    return metrics, samples
+def evaluate_bpb(lm, windows: Iterable[tuple[np.ndarray, np.ndarray]], token_bytes=None) -> dict:
+    """Sum the model's token losses over `windows`: mean loss (nats per token) and bits per byte
+    (None without `token_bytes`, the UTF-8 length of each id)."""
+    lengths = None if token_bytes is None else np.asarray(token_bytes, dtype=np.int64)
+    nats, tokens, nbytes = 0.0, 0, 0
+    for x, y in windows:
+        nats += float(lm.token_losses(x, y).sum())
+        tokens += int(y.size)
+        if lengths is not None:
+            nbytes += int(lengths[y].sum())
+    if tokens == 0:
+        raise ValueError("no tokens to evaluate")
+    return {"loss": nats / tokens, "bpb": nats / LN2 / nbytes if nbytes else None,
+            "tokens": tokens, "bytes": nbytes}

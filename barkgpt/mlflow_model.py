@@ -16,18 +16,19 @@ from mlflow.pyfunc import PythonModel  # noqa: E402
 
 class BarkCompletion(PythonModel):
     def load_context(self, context):
-        from barkgpt.checkpoint import load_model
+        from barkgpt.lm.torch_lm import TorchLM
 
-        self.model, self.tokenizer = load_model(Path(context.artifacts["checkpoint"]))
+        self.lm = TorchLM.load(Path(context.artifacts["checkpoint"]))
         self.config = dict(context.model_config or {})
 
     def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
-        from barkgpt.engine import Sampling, generate_text
+        """The text that follows each prompt, decoded by the model's own tokenizer."""
+        from barkgpt.lm import Sampling, generate_text
 
         cfg = {**self.config, **(params or {})}
         s = Sampling(temperature=cfg.get("temperature", 1.0), top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
                      max_new_tokens=cfg.get("max_new_tokens", 24), seed=cfg.get("sample_seed"))
-        return [generate_text(self.model, self.tokenizer, prompt, s) for prompt in model_input]
+        return [generate_text(self.lm, prompt, s) for prompt in model_input]
 
 
 mlflow.models.set_model(BarkCompletion())

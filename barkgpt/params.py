@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from barkgpt.errors import BarkError
 
 BARKS = ("woof", "arf", "ruff", "grrr")
+# Words of an environment variable name that mark it as a secret (API_KEY, HF_TOKEN, DB_PASSWORD...).
+SECRET_WORDS = {"KEY", "APIKEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PWD", "CREDENTIAL", "CREDENTIALS",
+                "PRIVATE"}
 
 
 class Strict(BaseModel):
@@ -124,12 +127,12 @@ class TrainParams(Strict):
 
 
 class BarkEvalParams(Strict):
-    contract_samples: int = Field(200, ge=1, le=1_000_000)
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, description="contract samples are drawn at this temperature")
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)
     max_new_tokens: int = Field(24, ge=1, le=8192)
-    val_batches: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=4096, description="validation windows per batch (bits per byte)")
+    max_batches: int | None = Field(None, ge=1, le=100_000, description="None = the whole validation split")
     seed: int = 0
     ood_prompts: list[str] = Field(
         default_factory=lambda: [
@@ -142,7 +145,14 @@ class BarkEvalParams(Strict):
 
 
 class BarkGates(Strict):
-    min_contract_accuracy: float = Field(0.99, ge=0, le=1)
+    """The contract gate: a one-sided binomial test on `contract_samples` sampled completions
+    (barkgpt/gates.py). It passes when at most k break the contract, k chosen so that a model whose
+    true accuracy is `contract_accuracy` passes with probability >= `pass_probability`."""
+
+    contract_samples: int = Field(1000, ge=1, le=1_000_000, description="n: completions sampled per model and GGUF")
+    contract_accuracy: float = Field(0.995, gt=0, lt=1, description="a model this good must pass ...")
+    pass_probability: float = Field(0.999, gt=0, lt=1, description="... at least this often")
+    reject_accuracy: float = Field(0.97, gt=0, lt=1, description="reported: how often a model this bad passes")
 
 
 class BarkValidateParams(Strict):
@@ -172,12 +182,10 @@ class ExportParams(Strict):
     f16: bool = Field(True, description="also write an F16 GGUF")
     hf: bool = Field(True, description="also write a Hugging Face LlamaForCausalLM folder")
     logits_tolerance: float = Field(1e-3, gt=0, description="max |logit diff| F32 GGUF vs PyTorch")
-    min_contract_accuracy: float = Field(0.99, ge=0, le=1, description="bark: every quantization")
     max_bpb_delta: dict[str, float] = Field(
         default_factory=lambda: {"q8_0": 0.005, "q4_0": 0.05, "q4_k_m": 0.05},
-        description="webtext: max relative bpb increase vs F32 per quantization",
+        description="webtext: max relative bpb increase vs PyTorch per quantization",
     )
-    contract_samples: int = Field(200, ge=1, le=1_000_000, description="bark samples per file, through llama.cpp")
     bpb_tokens: int = Field(8192, ge=64, le=100_000_000, description="webtext validation tokens scored per file")
     greedy_max_new_tokens: int = Field(24, ge=1, le=8192)
     threads: int = Field(1, ge=1, le=256, description="llama.cpp threads for quantizing and parity, at most 256")
@@ -347,7 +355,11 @@ class DeployParams(Strict):
     memory_mb: int = Field(1024, ge=128, le=10240)
     timeout_s: int = Field(30, ge=1, le=900)
     ephemeral_storage_mb: int = Field(1024, ge=512, le=10240, description="/tmp size; holds the model")
-    environment: dict[str, str] = Field(default_factory=dict, description="extra function environment")
+    environment: dict[str, str] = Field(default_factory=dict,
+                                        description="extra function environment; never secrets (see api_key_secret)")
+    api_key_secret: str | None = Field(
+        None, min_length=1, description="where the serving API key is: a Secrets Manager secret name or ARN, or "
+        "ssm:<parameter name>; the function reads it at cold start (deploy stores $BARKGPT_API_KEY there if set)")
     alias: str = Field("live", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,127}$")
     url_auth_type: Literal["AWS_IAM", "NONE"] = "AWS_IAM"
     multipart_threshold_mb: float = Field(64, gt=0, description="files at least this big upload in parts")
@@ -356,6 +368,18 @@ class DeployParams(Strict):
     smoke: Literal["auto", "remote", "in_process"] = Field(
         "auto", description="remote: Lambda Invoke; in_process: run the handler here (local AWS API)")
     smoke_prompt: str = Field("speak", description="user message the smoke test sends to /v1/model/generate")
+
+    @field_validator("environment")
+    @classmethod
+    def _no_secrets(cls, env: dict[str, str]) -> dict[str, str]:
+        # params are copied into every checkpoint, MLflow run and the function configuration.
+        secret = sorted(k for k in env if SECRET_WORDS & set(k.upper().replace("-", "_").split("_")))
+        if secret:
+            raise ValueError(
+                f"{secret} look like secrets, and params.yaml is copied into checkpoints, MLflow and the "
+                "function configuration; keep the value in AWS Secrets Manager or SSM and set "
+                "deploy.api_key_secret to its name (docs/deploy.md, 'API key')")
+        return env
 
 
 class Params(Strict):

@@ -124,7 +124,7 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     lines += ["## Data", ""]
     rows = []
     for split in ("train", "val"):
-        m = _read(lay.shard(split).with_suffix(".bin.json"))
+        m = _read(lay.token_manifest(split))
         text = lay.text(split)
         n_lines = sum(1 for _ in text.open(encoding="utf-8")) if text.exists() else None
         if m or n_lines is not None:
@@ -233,7 +233,7 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
 
     lines += ["## Timings", ""]
     stamps = [(stage, _mtime(path)) for stage, path in (
-        ("data", lay.val_text), ("validate", lay.validation_report), ("tokenize", lay.shard("val")),
+        ("data", lay.val_text), ("validate", lay.validation_report), ("tokenize", lay.token_manifest("val")),
         ("train", lay.train_summary), ("evaluate", lay.metrics), ("export", lay.gguf("f32")),
         ("quantize", lay.quantization_report), ("parity", lay.parity_report), ("deploy", lay.deploy_report))]
     stamps = [(s, t) for s, t in stamps if t is not None]

@@ -78,12 +78,17 @@ def load_split(lay: Layout, split: str, tok, redo: str | None = None) -> tuple:
 
 def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, progress: bool = True,
           tags: dict | None = None, nproc: int | None = None) -> dict:
-    """`tags` go on the MLflow run (e.g. the Prefect flow run id from the Prefect door).
+    """Train in a run folder of its own, holding the pipeline's writer lock; promote the run into
+    models/<p>/ only if it ends with finite losses and weights (barkgpt/runs.py). `tags` go on the
+    MLflow run (e.g. the Prefect flow run id from the Prefect door).
 
     `nproc` (default: the pipeline's `train.nproc`) > 1, and not already under torchrun: launch
     torchrun with that many processes and return rank 0's summary (`on_log` is then not called:
     it would run in other processes). Under torchrun: this process's share of DDP training."""
-    from barkgpt import distributed, tracking
+    import contextlib
+    import os
+
+    from barkgpt import distributed, runs, tracking
     from barkgpt.device import resolve_device
     from barkgpt.memory import check_training_fits
     from barkgpt.tokenizer import load_tokenizer
@@ -91,6 +96,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
 
     cfg = pipe.params(params)
     nproc = nproc or cfg.train.nproc
+    tags = dict(tags or {})  # a dict from the Prefect door, (key, value) pairs from --tag
     dist = distributed.from_env()
     device = resolve_device(cfg.train.device, dist.local_rank)  # a missing GPU stops here, before any work
     tok = load_tokenizer(lay.tokenizer)
@@ -99,34 +105,49 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
     val_ids, _ = load_split(lay, "val", tok)
     if nproc > 1 and not distributed.under_torchrun():
         resolve_device(cfg.train.device, nproc - 1)  # on CUDA: a GPU for every process
-        return train_distributed(params, pipe, lay, nproc, resume, progress, tags)
-    token_bytes = np.array(tok.token_bytes()) if hasattr(tok, "token_bytes") else None
-    with distributed.process_group(dist, device):
-        # Rank 0 alone opens the MLflow run (before training: fail fast) and writes every file.
-        run = tracking.start_training_run(params, pipe.name, lay, tags, resume) if dist.is_main else None
-        log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
-        try:
-            result = train_loop(
-                model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
-                out_dir=lay.models, log_path=lay.train_log, params_dict=params.model_dump(),
-                resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
-                device=device, dist=dist,
-            )
-        except BaseException:
-            if run:
-                run.fail()
-            raise
-    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    summary.update(device=str(device), nproc=dist.world_size)
-    if dist.is_main:
-        write_json(lay.train_summary, summary)
-        tracking.finish_training(run, summary)
+        with runs.writer_lock(lay, f"train {pipe.name}"):
+            return train_distributed(params, pipe, lay, nproc, runs.open_run(lay, resume), resume, progress, tags)
+    token_bytes = np.array(tok.token_bytes())
+    launched = os.environ.get(runs.ENV_RUN_FOLDER)  # set by train_distributed, which holds the lock
+    with contextlib.ExitStack() as held:
+        if dist.is_main and not launched:
+            held.enter_context(runs.writer_lock(lay, f"train {pipe.name}"))
+        with distributed.process_group(dist, device):
+            folder = runs.shared_run_folder(lay, resume, dist, device, launched)
+            # Rank 0 alone opens the MLflow run (before training: fail fast) and writes every file.
+            run = tracking.start_training_run(params, pipe.name, lay, tags, resume,
+                                              record=folder.run_record) if dist.is_main else None
+            log_fn = _both(run.log_step if run else None, on_log)  # record the step before a callback can raise
+            try:
+                result = train_loop(
+                    model_params=cfg.model, p=cfg.train, tokenizer=tok, train_ids=train_ids, val_ids=val_ids,
+                    out_dir=folder.path, log_path=folder.train_log, params_dict=params.model_dump(),
+                    resume=resume, on_log=log_fn, progress=progress, token_bytes=token_bytes,
+                    device=device, dist=dist,
+                )
+                summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+                summary.update(device=str(device), nproc=dist.world_size)
+                if dist.is_main:
+                    runs.promote(lay, folder, summary)
+            except runs.TrainingDiverged as err:
+                if run:
+                    run.fail()
+                if dist.is_main:
+                    raise runs.discard(lay, folder, err) from None
+                raise
+            except BaseException:  # interrupted: the run folder stays resumable (--resume)
+                if run:
+                    run.fail()
+                raise
+        if dist.is_main:
+            tracking.finish_training(run, summary)
     return {**summary, "mlflow_run_id": run.run_id if run else None}
 
 
-def train_distributed(params: Params, pipe, lay: Layout, nproc: int, resume: bool = False,
+def train_distributed(params: Params, pipe, lay: Layout, nproc: int, folder, resume: bool = False,
                       progress: bool = True, tags: dict | None = None) -> dict:
-    """`barkgpt train <pipeline>` in `nproc` processes under torchrun, in the project root; rank 0's summary."""
+    """`barkgpt train <pipeline>` in `nproc` processes under torchrun, in the project root, writing
+    into `folder` (the caller holds the writer lock); rank 0's summary."""
     import os
     import subprocess
     import sys
@@ -135,19 +156,19 @@ def train_distributed(params: Params, pipe, lay: Layout, nproc: int, resume: boo
     import yaml
 
     import barkgpt
-    from barkgpt import tracking
+    from barkgpt import runs, tracking
 
-    lay.train_summary.unlink(missing_ok=True)  # read back below: it must be this run's
     with tempfile.TemporaryDirectory(prefix="barkgpt-train-") as scratch:
         params_file = Path(scratch) / "params.yaml"  # the resolved params, overrides included
         params_file.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         argv = ["--params", str(params_file), "train", pipe.name, *(["--resume"] if resume else []),
                 *([] if progress else ["--quiet"]), *[f"--tag={k}={v}" for k, v in (tags or {}).items()]]
         code_dir = str(Path(barkgpt.__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_dir, os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_dir, os.environ.get("PYTHONPATH")])),
+               runs.ENV_RUN_FOLDER: str(folder.path.resolve())}
         done = subprocess.run([sys.executable, "-m", "barkgpt.distributed", f"--nproc={nproc}", "--", *argv],
                               cwd=lay.root, env=env)
-    if done.returncode != 0 or not lay.train_summary.exists():
+    if done.returncode != 0 or folder.status().get("status") != "promoted":
         raise BarkError(f"training in {nproc} processes under torchrun failed (exit code {done.returncode}); "
                         "the messages above say why")
     run = tracking.run_summary(lay) if params.tracking.enabled else None
@@ -160,24 +181,36 @@ def _both(*fns):
 
 
 def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dict:
-    """Evaluate the current model with the pipeline's metric, log it to the model's MLflow run and
-    register it (the champion alias moves only when the pipeline's gate passes)."""
-    from barkgpt import tracking
+    """Evaluate the current model with the pipeline's metric, judge it with the pipeline's gate
+    (barkgpt.gates), log it to the model's MLflow run and register it (the champion alias moves only
+    when the gate passes). metrics.json records the sha256 of every file it judged."""
+    from barkgpt import runs, tracking
     from barkgpt.checkpoint import load_model
+    from barkgpt.gates import contract_test, judge, judged_files
+    from barkgpt.tracking.registry import ranking
 
     if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
         load_model(lay.checkpoint)
-    run = tracking.reopen_run(params, pipe.name, lay, tags)
-    try:
-        metrics, samples = pipe.evaluate(params, pipe, lay)
-        write_json(lay.metrics, metrics)
-        write_json(lay.samples, samples)
-        write_json(lay.summary, {short: metrics[key] for key, short in pipe.summary if key in metrics})
-    except BaseException:
-        if run:
-            run.fail()
-        raise
-    registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"])
+    with runs.writer_lock(lay, f"evaluate {pipe.name}"):  # the model and its run record stay a pair
+        run = tracking.reopen_run(params, pipe.name, lay, tags)
+        try:
+            measured, samples = pipe.evaluate(params, pipe, lay)
+            metrics = {"pipeline": pipe.name, "stage": "evaluate", **measured}
+            verdict = judge(metrics, params)
+            metrics |= {"gate_passed": verdict.passed, "gate": verdict.as_dict(),
+                        "judged": judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
+                                                          "val_text": lay.val_text, "val_tokens": lay.token_manifest("val")})}
+            if "contract_failures" in metrics:  # the test behind the verdict, with its error rates
+                metrics["gate"]["test"] = contract_test(pipe.params(params).gates).__dict__
+            write_json(lay.metrics, metrics)
+            write_json(lay.samples, samples)
+            write_json(lay.summary, {short: metrics[key] for key, short in pipe.summary if key in metrics})
+        except BaseException:
+            if run:
+                run.fail()
+            raise
+        order = ranking(pipe.metric, pipe.higher_is_better)  # champion: the best by the pipeline's metric
+        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"], order)
     return {**metrics, "mlflow": registry}
 
 
@@ -198,21 +231,22 @@ def quantize(params: Params, pipe, lay: Layout) -> dict:
 
 
 def parity(params: Params, pipe, lay: Layout) -> dict:
-    """llama.cpp vs PyTorch on every exported file + quality gate -> reports/<pipeline>/parity.json.
+    """The evaluation on every exported file through llama.cpp, diffed with PyTorch and judged ->
+    reports/<pipeline>/parity.json (+ parity_summary.json for `dvc metrics show`).
 
     Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
     """
     from barkgpt import tracking
-    from barkgpt.export.pipeline import parity_report
+    from barkgpt.export.parity import parity_report
 
     stale = lay.parity_report.stat().st_mtime_ns if lay.parity_report.exists() else None
     try:
-        report = parity_report(lay, read_lines(lay.val_text), params.export, seed=params.seed)
+        report = parity_report(lay, params, pipe, read_lines(lay.val_text))
     finally:  # the report is worth keeping with the run, also (above all) when the gate failed
         if lay.parity_report.exists() and lay.parity_report.stat().st_mtime_ns != stale:
-            tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("*.gguf")),
+            tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("**/*.gguf")),
                                 read_json(lay.parity_report))
-    return {"report": str(lay.parity_report), "gate": report["gate"],
+    return {"report": str(lay.parity_report), "gate": {k: v for k, v in report["gate"].items() if k != "checks"},
             "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
             "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}
                               for q, e in report["quantizations"].items()}}

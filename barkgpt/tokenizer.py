@@ -49,12 +49,7 @@ class WordTokenizer:
 
     def encode(self, text: str) -> list[int]:
         words = text.split()
-        unknown = [w for w in words if w not in self.ids]
-        if unknown:
-            raise BarkError(
-                f"word {unknown[0]!r} is not in the bark vocabulary {self.vocab}; "
-                "prompts may use only these words, e.g. 'User: speak Assistant:'"
-            )
+        check_words(words, self.vocab)
         return [self.ids[w] for w in words]
 
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
@@ -63,8 +58,23 @@ class WordTokenizer:
     def decode(self, ids: list[int]) -> str:
         return " ".join(self.vocab[i] for i in ids)
 
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id stands for in the text: the word and the space or newline after it."""
+        return [len(w.encode("utf-8")) + 1 for w in self.vocab]
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "vocab": self.vocab}
+
+
+def check_words(words: list[str], vocab: list[str]) -> None:
+    """The word-vocabulary prompt check (BarkGPT's tokenizer and llama.cpp's of the same GGUF)."""
+    known = set(vocab)
+    unknown = [w for w in words if w not in known]
+    if unknown:
+        raise BarkError(
+            f"word {unknown[0]!r} is not in the bark vocabulary {list(vocab)}; "
+            "prompts may use only these words, e.g. 'User: speak Assistant:'"
+        )
 
 
 # --- byte-level BPE (WebText-2) ------------------------------------------------------------------

@@ -27,21 +27,24 @@ import torch
 from tqdm import tqdm
 
 from barkgpt.checkpoint import load_checkpoint, save_checkpoint
-from barkgpt.data.shards import random_windows, sequential_windows, window_rng
+from barkgpt.data.shards import random_windows, window_rng
 from barkgpt.device import autocast, prepare, to_device
 from barkgpt.distributed import SINGLE, Dist, from_main, mean_across
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
+from barkgpt.lm.torch_lm import TorchLM
+from barkgpt.loss_eval import eval_windows, evaluate_bpb
 from barkgpt.model import GPT
 from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr  # noqa: F401 (lr_at: API)
 from barkgpt.params import ModelParams, TrainParams
+from barkgpt.runs import TrainingDiverged
 from barkgpt.tokenizer import Tokenizer
 
 LogFn = Callable[[int, dict], None]
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 10.0  # a progress line at least this often when no progress bar is shown
 
-__all__ = ["autocast", "lr_at", "make_optimizer", "mean_loss", "set_threads", "train", "TrainResult"]
+__all__ = ["autocast", "lr_at", "make_optimizer", "set_threads", "train", "TrainResult"]
 
 
 @dataclass
@@ -57,26 +60,10 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-@torch.inference_mode()
-def mean_loss(model, ids: np.ndarray, block: int, batch: int, max_batches: int | None, dtype: str,
-              token_bytes: np.ndarray | None = None):
-    """Mean next-token loss over consecutive windows from the start of `ids` (same every call).
-    With `token_bytes` (UTF-8 length of each id), returns (loss, bits per byte) instead."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count, nbytes = 0.0, 0, 0
-    for x, y in sequential_windows(ids, batch, block, max_batches):
-        if token_bytes is not None:
-            nbytes += int(token_bytes[y.numpy()].sum())
-        with autocast(dtype, device.type):
-            _, loss = model(to_device(x, device), to_device(y, device))
-        total += float(loss) * y.numel()
-        count += y.numel()
-    model.train(was_training)
-    if token_bytes is not None:
-        return total / count, total / math.log(2) / max(nbytes, 1)
-    return total / count
+def require_finite(what: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"training diverged at step {step}: {what} is {value}; stopped early "
+                               "(lower learning_rate, add warmup_steps or grad_clip)")
 
 
 def set_threads(threads: int | None) -> None:
@@ -156,6 +143,8 @@ def train(
         state = load_checkpoint(last_path)
         if state["model_params"] != model_params.model_dump():
             raise BarkError(f"{last_path}: was trained with other model parameters; remove it or drop --resume")
+        if not state.get("optimizer") or "history" not in state.get("extra", {}):
+            raise BarkError(f"{last_path}: holds no training state (optimizer, history); drop --resume to start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history = state["step"], state["extra"]["history"]
@@ -202,16 +191,22 @@ def train(
         nonlocal best_val
         if val_ids is None:
             return None
-        val = mean_loss(model, val_ids, block, p.batch_size, p.eval_batches, p.dtype, token_bytes)
-        if token_bytes is not None:
-            val, last_bpb[0] = val
+        # The evaluate stage's metric on the same windows, in float32 whatever the training dtype
+        windows = eval_windows(val_ids, block, p.batch_size, tokenizer.eos_id, p.eval_batches)
+        result = evaluate_bpb(TorchLM(model, tokenizer), windows, token_bytes)
+        val, last_bpb[0] = result["loss"], result["bpb"]
+        require_finite("validation loss", val, step)
         if best_val is None or val < best_val:
             best_val = val
             checkpoint(best_path)
         return val
 
     model.train()
-    loss_value, val, window_start, window_tokens = float("nan"), None, time.perf_counter(), 0
+    # A resumed run that had already reached its end reports what it ended with.
+    loss_value = history[-1]["loss"] if history else float("nan")
+    val = next((r["val_loss"] for r in reversed(history) if r.get("val_loss") is not None), None)
+    last_bpb[0] = next((r["val_bpb"] for r in reversed(history) if r.get("val_bpb") is not None), None)
+    window_start, window_tokens = time.perf_counter(), 0
     fraction = progress_fraction(elapsed())
     report = Progress(p, step, fraction, active=dist.is_main, bar=progress)
     while step < p.max_steps and fraction < 1.0:
@@ -239,6 +234,7 @@ def train(
         tokens += tokens_per_step
         window_tokens += tokens_per_step
         loss_value = float(loss_sum) / micro_steps
+        require_finite("train loss", loss_value, step)  # before this step's checkpoint: no NaN is saved
         fraction = progress_fraction(elapsed())
         last_step = step >= p.max_steps or fraction >= 1.0
         report.update(step, loss_value, tokens, fraction, last_step)

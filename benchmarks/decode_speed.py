@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from barkgpt.checkpoint import load_model  # noqa: E402
-from barkgpt.export.parity import close_llama, open_llama  # noqa: E402
+from barkgpt.lm.llama_lm import LlamaLM  # noqa: E402
 from barkgpt.model import KVCache  # noqa: E402
 from barkgpt.stages import paths_for, read_lines  # noqa: E402
 
@@ -74,8 +74,8 @@ def main() -> None:
     backends = {"pytorch (KV cache)": lambda ids: run_torch(model, ids, new)}
     llms = {}
     for v in args.variants.split(","):
-        llms[v] = open_llama(paths.exports / f"{args.pipeline}-{v}.gguf", n_ctx, threads=args.threads)
-        backends[f"llama.cpp {v.upper()}"] = (lambda llm: lambda ids: run_llama(llm, ids, new))(llms[v])
+        llms[v] = LlamaLM(paths.gguf(v), n_ctx, threads=args.threads, all_logits=True)
+        backends[f"llama.cpp {v.upper()}"] = (lambda llm: lambda ids: run_llama(llm, ids, new))(llms[v].llm)
     print(f"{args.pipeline}: {len(prompts)} prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), "
           f"{new} new tokens, {args.repeats} repeats, {args.threads} thread(s), torch {torch.__version__}")
     print(f"| backend | time to first token (ms) | decode tokens/s |\n|---|---:|---:|")
@@ -88,8 +88,8 @@ def main() -> None:
                 ttft.append(a)
                 dec.append((new - 1) / b if b > 0 else float("inf"))
         print(f"| {name} | {1000 * statistics.median(ttft):.2f} | {statistics.median(dec):,.0f} |")
-    for llm in llms.values():
-        close_llama(llm)
+    for lm in llms.values():
+        lm.close()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ then deploy (S3 + Lambda) when the gates passed. Prefect knows it as `<pipeline>
 
 Parameters default to params.yaml; `overrides` changes any of them, nested or dotted, and is
 written into params.yaml (as `dvc exp run -S` does) so DVC judges what actually runs:
-    python -m flows.pipeline bark --set bark.train.max_steps=100
+    python -m flows.pipeline bark --set bark.train.max_steps=200
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a pipeline's flow in this process.")
     parser.add_argument("pipeline", choices=list(FLOWS), help="which pipeline")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a params.yaml value for this run and after, e.g. bark.train.max_steps=100 "
+                        help="set a params.yaml value for this run and after, e.g. bark.train.max_steps=200 "
                              "(repeatable; written into params.yaml, like dvc exp run -S)")
     parser.add_argument("--root", default=".", help="the project folder (default: here)")
     parser.add_argument("--params", default="params.yaml", help="params file inside the root")

@@ -24,7 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
                   "train": {"max_steps": 60, "threads": 1, "eval_every": 30, "checkpoint_every": 30},
-                  "eval": {"contract_samples": 20}},
+                  "gates": {"contract_samples": 20}},
          "tracking": {"enabled": False}}
 
 
@@ -139,7 +139,7 @@ def cases(base: Path, folder: Path):
         "data/bark/tokenizer.json", b'{"kind": "word"}', ["train", "bark"])
     yield "data/bark/tokenizer.json: not JSON", file_case("data/bark/tokenizer.json", b"woof", ["train", "bark"])
     yield "models/bark/best.pt truncated to 1000 bytes", truncated("models/bark/best.pt", 1000, ["evaluate", "bark"])
-    yield "models/bark/best.pt.json holding []", file_case("models/bark/best.pt.json", b"[]", ["evaluate", "bark"])
+    yield "models/bark/best.pt holding []", file_case("models/bark/best.pt", b"[]", ["evaluate", "bark"])
     yield "data/bark/tokens/train.bin of odd size", file_case("data/bark/tokens/train.bin", b"\x01\x02\x03",
                                                               ["train", "bark"])
     yield "data/bark/tokens/train.bin.json holding {}", file_case("data/bark/tokens/train.bin.json", b"{}",

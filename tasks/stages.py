@@ -136,7 +136,9 @@ def publish_evaluation(metrics: dict, lay: Layout, name: str) -> None:
 
 def publish_parity(report: dict, name: str) -> None:
     rows = [{"file": q, "status": e.get("status"), "metric": e.get("metric"), "value": e.get("value"),
-             "delta_vs_f32": e.get("delta"), "size_ratio_vs_f32": e.get("size_ratio_vs_f32")}
+             "delta_vs_pytorch": e.get("delta"), "size_ratio_vs_f32": e.get("size_ratio_vs_f32"),
+             "reason": e.get("reason")}
             for q, e in report.get("quantizations", {}).items()]
+    passed = (report.get("gate") or {}).get("deploy_passed")
     create_table_artifact(key=f"{name}-parity", table=rows,
-                          description=f"{name}: llama.cpp quantizations vs F32 (gate: {report.get('gate')})")
+                          description=f"{name}: llama.cpp quantizations vs PyTorch (deploy gate passed: {passed})")

@@ -3,16 +3,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from barkgpt.pipelines import run_stage
-from barkgpt.checkpoint import load_checkpoint, load_model
+from barkgpt.checkpoint import load_checkpoint, load_model, seal
 from barkgpt.data.bark import generate
 from barkgpt.errors import BarkError
+from barkgpt.layout import layout
 from barkgpt.params import BarkDataParams, load_params, parse_params
+from barkgpt.runs import latest_interrupted
 from barkgpt.tokenizer import BARK_VOCAB, WordTokenizer
 
 from conftest import ROOT, make_project
@@ -113,7 +114,9 @@ def test_resume_is_exact(tmp_path):
     run_stage(params, "bark", "tokenize", split)
     with pytest.raises(Crash):
         run_stage(params, "bark", "train", split, on_log=crash_at_5, progress=False)
-    assert load_checkpoint(split / "models/bark/last.pt")["step"] == 5
+    interrupted = latest_interrupted(layout("bark", split))  # the crashed run's own folder
+    assert load_checkpoint(interrupted.last)["step"] == 5
+    assert not (split / "models/bark").exists()  # an unfinished run promotes nothing
     run_stage(params, "bark", "train", split, resume=True, progress=False)
 
     a = load_checkpoint(straight / "models/bark/last.pt")
@@ -159,9 +162,7 @@ def test_pickled_code_never_runs(tmp_path):
 
     ckpt = tmp_path / "evil.pt"
     torch.save({"format": 1, "model": Exploit()}, ckpt)
-    from barkgpt.fileio import sha256_file, write_json
-
-    write_json(Path(str(ckpt) + ".json"), {"sha256": sha256_file(ckpt)})
+    seal(ckpt)  # a valid integrity trailer: the checksum alone does not make a file safe
     with pytest.raises(BarkError, match="not a loadable BarkGPT checkpoint"):
         load_model(ckpt)
     assert not marker.exists()

@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 
 from barkgpt.deploy.aws import LOCAL_KEYS, aws_target, connect
-from barkgpt.deploy.deployer import SmokeTestFailed, deploy_pipeline
+from barkgpt.deploy.api_key import ENV_API_KEY_SECRET, read_api_key, store_api_key
+from barkgpt.deploy.deployer import deploy_pipeline
+from barkgpt.deploy.smoke import SmokeTestFailed
 from barkgpt.deploy.events import api_gateway_v1_event, function_url_event, response_json
 from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MODEL_DIR, LambdaApp
 from barkgpt.deploy.release import (ChecksumMismatch, TransferSettings, build_manifest, ensure_bucket,
                                     upload_release, verify_object)
+from barkgpt.checkpoint import load_checkpoint
 from barkgpt.errors import BarkError
 from barkgpt.layout import Layout
 from barkgpt.params import load_params
@@ -286,6 +289,9 @@ def test_deploy_idempotent_versions_and_alias(target, bark_copy, names):
     ckpt = bark_copy / "models/bark/best.pt"
     model, tok = model_from_checkpoint(load_checkpoint(ckpt))
     save_checkpoint(ckpt, model=model, tokenizer=tok, params={}, step=999)
+    from barkgpt.pipelines import run_stage
+
+    run_stage(params, "bark", "evaluate", bark_copy)  # the gate judges these bytes (a stale report is refused)
     new = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     assert new["release"]["id"] != first["release"]["id"]
     assert new["function"]["version"] == "2" and new["function"]["previous_version"] == "1"
@@ -311,6 +317,70 @@ def test_failing_smoke_test_rolls_alias_back(target, bark_copy, names):
     assert [v["Version"] for v in lam.list_versions_by_function(FunctionName=name)["Versions"]] == ["$LATEST", "1", "2"]
 
 
+def test_smoke_test_failing_with_a_bark_error_rolls_alias_back(target, bark_copy, names):
+    """Not an HTTP error: the server cannot even start (its settings are invalid), a BarkError."""
+    params = deploy_params(bark_copy, names)
+    good = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
+    name = good["function"]["name"]
+    bad = deploy_params(bark_copy, names, environment={"BARKGPT_SERVE_PORT": "notaport"})
+    with pytest.raises(SmokeTestFailed, match="rolled back to version 1.*BARKGPT_SERVE_PORT"):
+        deploy_pipeline(bad, "bark", bark_copy, target=target, log=lambda *_: None)
+    lam = target.client("lambda")
+    assert lam.get_alias(FunctionName=name, Name="live")["FunctionVersion"] == "1"
+    assert [v["Version"] for v in lam.list_versions_by_function(FunctionName=name)["Versions"]] == ["$LATEST", "1", "2"]
+
+
+def test_secret_in_deploy_environment_is_refused(bark_copy, names):
+    key = f"bk-{uuid.uuid4().hex}"
+    with pytest.raises(BarkError, match=r"deploy.environment: .*BARKGPT_API_KEY.*deploy.api_key_secret") as err:
+        deploy_params(bark_copy, names, environment={"BARKGPT_API_KEY": key})
+    assert key not in str(err.value)
+
+
+def test_keyed_deploy_authenticates_and_the_key_is_nowhere(target, bark_copy, names, monkeypatch):
+    """The key goes through Secrets Manager: the smoke test authenticates (and sees a keyless request
+    refused), and afterwards the key is in no file of the project (checkpoints, reports, MLflow's
+    store), no MLflow param, no S3 object and not in the function's configuration."""
+    import mlflow
+
+    key = f"bk-{uuid.uuid4().hex}"
+    monkeypatch.setenv("BARKGPT_API_KEY", key)  # where the operator has it; deploy stores it in the secret
+    secret = f"barkgpt/{names['bucket']}/api-key"
+    params = deploy_params(bark_copy, names, api_key_secret=secret)
+    report = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
+    smoke = report["smoke"]
+    assert smoke["authenticated"] and set(smoke["reply"].split()) <= BARKS
+    assert [r["status"] for r in smoke["requests"]] == [200, 401, 200]  # /ready, no key, with key
+    assert read_api_key(secret, target.client) == key
+    # The same params train a model (they are copied into its checkpoints and its MLflow run).
+    from barkgpt.pipelines import run_stage
+
+    run_stage(load_params(bark_copy / "params.yaml", {"deploy": {"api_key_secret": secret},
+                                                      "bark": {"train": {"max_steps": 2}}}),
+              "bark", "train", bark_copy, progress=False)
+    needle = key.encode()
+    leaked = [str(p) for p in bark_copy.rglob("*") if p.is_file() and needle in p.read_bytes()]
+    assert leaked == []
+    assert load_checkpoint(bark_copy / "models/bark/best.pt")["params"]["deploy"]["api_key_secret"] == secret
+    client = mlflow.MlflowClient(f"sqlite:///{bark_copy / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and not [(r.info.run_id, k) for r in runs for k, v in r.data.params.items() if key in v]
+    s3, lam = target.client("s3"), target.client("lambda")
+    for obj in s3.list_objects_v2(Bucket=names["bucket"]).get("Contents", []):
+        assert needle not in s3.get_object(Bucket=names["bucket"], Key=obj["Key"])["Body"].read()
+    env = lam.get_function_configuration(FunctionName=report["function"]["name"])["Environment"]["Variables"]
+    assert env[ENV_API_KEY_SECRET] == secret and key not in json.dumps(env)
+
+
+def test_api_key_secret_in_ssm_parameter_store(target, names):
+    ref = f"ssm:/barkgpt/{names['bucket']}/api-key"
+    with pytest.raises(BarkError, match="cannot read the API key from ssm:"):
+        read_api_key(ref, target.client)
+    store_api_key(ref, "first", target.client, log=lambda *_: None)
+    store_api_key(ref, "second", target.client, log=lambda *_: None)
+    assert read_api_key(ref, target.client) == "second"
+
+
 def test_failing_first_deploy_leaves_no_alias(target, bark_copy, names):
     params = deploy_params(bark_copy, names)
     with pytest.raises(SmokeTestFailed, match="alias removed"):
@@ -325,7 +395,7 @@ def test_failing_first_deploy_leaves_no_alias(target, bark_copy, names):
 def test_gates_must_pass(target, bark_copy, names):
     metrics = bark_copy / "reports/bark/metrics.json"
     original = metrics.read_text()
-    metrics.write_text(json.dumps({**json.loads(original), "gate_passed": False}))
+    metrics.write_text(json.dumps({**json.loads(original), "contract_failures": 100}))  # the gate re-judges
     with pytest.raises(BarkError, match="evaluation gate did not pass"):
         deploy_pipeline(deploy_params(bark_copy, names), "bark", bark_copy, target=target, log=lambda *_: None)
     metrics.write_text(original)
@@ -342,8 +412,7 @@ def released(target, bark_copy, names):
     """A release on S3 and the function environment pointing at it."""
     s3 = target.client("s3")
     ensure_bucket(s3, names["bucket"], target.region)
-    files = {"model": bark_copy / "models/bark/best.pt", "model_sha256": bark_copy / "models/bark/best.pt.json",
-             "tokenizer": bark_copy / "data/bark/tokenizer.json"}
+    files = {"model": bark_copy / "models/bark/best.pt", "tokenizer": bark_copy / "data/bark/tokenizer.json"}
     manifest = build_manifest(files, pipeline="bark", backend="torch", bucket=names["bucket"], prefix="releases")
     out = upload_release(s3, manifest, files, TransferSettings(), log=lambda *_: None)
     env = {ENV_MANIFEST: out["manifest_uri"], ENV_MANIFEST_SHA: out["manifest_sha256"]}
@@ -397,6 +466,35 @@ def test_handler_refuses_changed_manifest(released, tmp_path):
     assert out["statusCode"] == 503 and "manifest sha256 differs" in response_json(out)["error"]["message"]
 
 
+def test_handler_refuses_to_start_without_manifest_hash(released, tmp_path):
+    s3, manifest, env = released
+    models = tmp_path / "function-tmp"
+    app = LambdaApp({ENV_MANIFEST: env[ENV_MANIFEST], ENV_MODEL_DIR: str(models)}, s3=s3)
+    for _ in range(2):
+        out = app(function_url_event("POST", "/v1/model/generate", {"prompt": "speak"}))
+        assert out["statusCode"] == 503
+        assert "BARKGPT_MANIFEST_SHA256 is not set" in response_json(out)["error"]["message"]
+    assert app.asgi is None and not models.exists()  # nothing downloaded, nothing served
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "..", "a/../../x"])
+def test_handler_refuses_file_names_leaving_its_folder(released, tmp_path, name):
+    s3, manifest, _ = released
+    evil = json.loads(json.dumps(manifest))
+    evil["files"]["model"]["name"] = name
+    body = json.dumps(evil).encode()
+    key = f"{manifest['prefix']}/evil-manifest.json"
+    s3.put_object(Bucket=manifest["bucket"], Key=key, Body=body)
+    sandbox = tmp_path / "sandbox"  # the function's /tmp; the model folder is two levels down
+    models = sandbox / "barkgpt"
+    app = LambdaApp({ENV_MANIFEST: f"s3://{manifest['bucket']}/{key}",
+                     ENV_MANIFEST_SHA: hashlib.sha256(body).hexdigest(), ENV_MODEL_DIR: str(models)}, s3=s3)
+    out = app(function_url_event("GET", "/health"))
+    assert out["statusCode"] == 503 and "not a plain file name" in response_json(out)["error"]["message"]
+    written = sorted(str(p.relative_to(sandbox)) for p in sandbox.rglob("*"))
+    assert written == ["barkgpt", f"barkgpt/{manifest['release_id']}"]
+
+
 # --- template and DVC --------------------------------------------------------------------------
 
 def test_cloudformation_template_passes_cfn_lint(tmp_path):
@@ -437,16 +535,24 @@ def test_dvc_push_pull_round_trip_on_s3(moto_endpoint, tmp_path):
 # --- the whole step through the CLI, embedded default, GGUF through llama.cpp -------------------
 
 def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
-    """Put the Q8_0 GGUF where export writes it, and a parity report whose gate says `status`
-    (the shape barkgpt.export.pipeline.parity_report writes; its own tests cover how it decides)."""
+    """Put the Q8_0 GGUF where export writes it, and a parity report (the shape
+    barkgpt.export.parity writes, bound to these files) whose q8_0 measurement passes the gate or not;
+    test_export and test_gates cover how parity measures and judges."""
+    from barkgpt.gates import judged_files
+
     dest = Layout("bark", root).gguf("q8_0")
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(gguf, dest)
+    tok = {"agreement": 1.0, "detokenize_round_trip": 1.0, "lines": 400}
+    f32 = {"tokenization": tok, "logits": {"max_abs_diff": 1e-5}, "greedy": {"identical": 8, "prompts": 8}}
+    failures = 0 if status == "accepted" else 200
+    q8 = {**f32, "quality": {"contract_samples": 1000, "contract_failures": failures}}
     (root / "reports" / "bark" / "parity.json").write_text(json.dumps({
-        "f32_parity": {"passed": True, "tokenization_agreement": 1.0, "logits_max_abs_diff": 1e-5},
-        "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1.0,
+        "stage": "parity", "pipeline": "bark", "metric": "contract", "files": {"f32": f32, "q8_0": q8},
+        "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1 - failures / 1000,
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
-        "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"}}))
+        "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},
+        "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest})}))
 
 
 def _no_aws_env(tmp_path: Path) -> dict:
@@ -497,7 +603,7 @@ def test_redeploy_registered_version_matches_registry(target, bark_copy, names):
     mlflow = report["provenance"]["mlflow"]
     assert mlflow["version"] == reg["version"] and "champion" in mlflow["aliases"] and "error" not in mlflow
     # The released files are byte-identical to the registered model version's artifacts.
-    assert report["registry_matches"] == {"best.pt": True, "best.pt.json": True, "tokenizer.json": True}
+    assert report["registry_matches"] == {"best.pt": True, "tokenizer.json": True}
     assert report["function"]["version"] == "1" and report["smoke"]["reply"]
     assert json.loads((bark_copy / "reports/bark/deploy.json").read_text())["registered"] == reg
 
@@ -515,4 +621,4 @@ def test_bark_deploy_flow_in_process(bark_copy, names, monkeypatch, tmp_path):
     out = bark_deploy(root=str(bark_copy), params_file=str(bark_copy / "params.yaml"),
                       overrides={"deploy": names})
     assert out["alias"] == "live" and out["version"] == "1" and set(out["smoke_reply"].split()) <= BARKS
-    assert out["registry_matches"] == {"best.pt": True, "best.pt.json": True, "tokenizer.json": True}
+    assert out["registry_matches"] == {"best.pt": True, "tokenizer.json": True}

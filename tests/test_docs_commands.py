@@ -34,8 +34,10 @@ from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
-        "docs/webtext.md"]
+        "docs/webtext.md", "docs/evaluation.md"]
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
+COMMAND_TIMEOUT_S = 900
+pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)
 
 # (regex on the command, kind, reason). First match wins.
 RULES: list[tuple[str, str, str]] = [
@@ -48,6 +50,9 @@ RULES: list[tuple[str, str, str]] = [
     (r"^(aws|docker) ", "skip", "real AWS or docker: not reachable offline"),
     (r"^moto_server -H 127\.0\.0\.1 -p 5000 &$", "server", "5000"),
     (r"^dvc remote (add|modify) -d s3|^dvc remote modify s3", "skip", "an S3 remote (docs/deploy.md)"),
+    (r"^dvc push && dvc pull$", "skip", "pushes to the S3 remote configured above (docs/deploy.md)"),
+    (r"^dvc exp run -S bark\.train\.max_steps=500", "expensive",
+     "retrains 500 steps and re-runs every later stage (~1 min idle); tests/test_dvc_remote.py runs dvc repro"),
     (r"^PYTHONPATH=\$PWD/\.dvc-s3", "skip", "an S3 remote (docs/deploy.md)"),
     (r"^git clone <repo>", "skip", "a placeholder (<repo>); tests/test_dvc_remote.py clones and pulls"),
     (r"^dvc remote modify --local local url /path/to/", "skip", "a placeholder path"),
@@ -184,22 +189,45 @@ def fresh_project(tmp_path_factory) -> Path:
     return root
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Servers:
+    """Servers on their documented ports; where another process (the machine is shared) holds one,
+    on a free port instead, and the commands after it are rewritten to that port."""
+
     def __init__(self):
         self.procs: dict[int, subprocess.Popen] = {}
         self.commands: dict[int, str] = {}
+        self.moved: dict[int, int] = {}  # documented port -> the port used
+
+    def rewrite(self, text: str) -> str:
+        for doc, real in self.moved.items():
+            text = re.sub(rf"(?<=[:\s]){doc}\b", str(real), text)
+            if doc == 8000 and text.startswith("barkgpt chat") and "--url" not in text:
+                text += f" --url http://127.0.0.1:{real}"
+        return text
 
     def start(self, cmd: str, port: int, cwd: Path, env: dict, log: Path) -> None:
         self.stop(port)
-        if port_open(port):
-            pytest.fail(f"port {port} is taken by another process; the documented command `{cmd}` needs it")
+        self.moved.pop(port, None)
+        if port_open(port):  # not ours: another process on this shared machine
+            real = free_port()
+            self.moved[port] = real
+            cmd = self.rewrite(cmd) if re.search(rf"[:\s]{port}\b", cmd) else f"{cmd} --port {real}"
+            port_used = real
+        else:
+            port_used = port
         proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=cwd, env=env, stdout=log.open("w"),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
-        while not port_open(port):
+        while not port_open(port_used):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop_proc(proc)
-                pytest.fail(f"`{cmd}` did not listen on {port}: {log.read_text()[-2000:]}")
+                pytest.fail(f"`{cmd}` did not listen on {port_used}: {log.read_text()[-2000:]}")
             time.sleep(0.3)
         self.procs[port], self.commands[port] = proc, cmd
 
@@ -218,6 +246,20 @@ class Servers:
             proc = self.procs.pop(p, None)
             if proc is not None:
                 self.stop_proc(proc)
+
+
+def run_command(argv: list[str], cwd: Path, env: dict, stdin: str | None) -> subprocess.CompletedProcess:
+    """Run in its own session; on a time-out the whole group goes (a `dvc repro` left behind would
+    hold DVC's lock against every later command)."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(stdin, timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        err += f"\n(killed after {COMMAND_TIMEOUT_S} s)"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def apply_env(line: str, env: dict, cwd: Path) -> None:
@@ -246,7 +288,7 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
                 skipped.append(f"{where}: {text.splitlines()[0]} -- {kind}: {reason}")
                 continue
             if kind == "env":
-                apply_env(text, env, fresh_project)
+                apply_env(servers.rewrite(text), env, fresh_project)
                 continue
             if kind in ("server", "server-check"):
                 port, text = int(reason), text.removesuffix("&").strip()
@@ -259,8 +301,8 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
                 ran.append(where)
                 continue
             argv = [sys.executable, "-c", text] if cmd.python else ["bash", "-c", text]
-            out = subprocess.run(argv, cwd=fresh_project, env=env, capture_output=True, text=True, timeout=600,
-                                 input="\n" if kind == "input" else None)
+            argv[-1] = servers.rewrite(argv[-1])
+            out = run_command(argv, fresh_project, env, "\n" if kind == "input" else None)
             ran.append(where)
             if out.returncode != 0 or (text.startswith("curl ") and not out.stdout.strip()):
                 failures.append(f"{where}: `{text.splitlines()[0]}` exited {out.returncode}:\n"

@@ -15,7 +15,7 @@ import yaml
 from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.export.gguf_file import preflight, write_gguf
-from barkgpt.export.pipeline import GateError
+from barkgpt.gates import GateError
 from barkgpt.layout import Layout
 from barkgpt.params import load_params
 
@@ -49,6 +49,24 @@ def test_parity_report_f32(exported):
     greedy = report["files"]["f32"]["greedy"]
     assert greedy["all_identical"] and greedy["prompts"] >= 3
     assert report["files"]["f16"]["logits"]["max_abs_diff"] < 0.05  # half precision: close, not exact
+
+
+def test_parity_is_one_evaluation_on_both_backends_bound_to_the_files_it_judged(exported):
+    from barkgpt.fileio import sha256_file
+    from barkgpt.gates import verify_judged
+
+    root, report = exported
+    ref, q8 = report["reference"], report["files"]["q8_0"]["quality"]
+    assert ref["backend"] == "torch" and ref["contract_samples"] == q8["contract_samples"] == 1000
+    assert q8["contract_failures"] <= 13 and report["quantizations"]["q8_0"]["pytorch_value"] == ref["contract_accuracy"]
+    files = {"checkpoint": root / "models/bark/best.pt", "tokenizer": root / "data/bark/tokenizer.json",
+             "f32": root / "exports/bark/full/bark-f32.gguf", "q8_0": root / "exports/bark/quantized/bark-q8_0.gguf"}
+    assert {role: report["judged"][role]["sha256"] for role in files} == {r: sha256_file(f) for r, f in files.items()}
+    verify_judged(root / "reports/bark/parity.json", files)
+    quant = json.loads((root / "reports/bark/quantization.json").read_text())["q8_0"]  # made from, and made
+    assert quant["source"]["sha256"] == sha256_file(files["f32"]) and quant["sha256"] == sha256_file(files["q8_0"])
+    summary = json.loads((root / "reports/bark/parity_summary.json").read_text())  # what `dvc metrics show` reads
+    assert summary == {"gate_passed": True, **{q: e["value"] for q, e in report["quantizations"].items()}}
 
 
 def test_quantizations_and_tensor_types(exported):
@@ -99,22 +117,25 @@ def test_parity_collects_context_warnings(exported):
 
 def test_llama_tokenizer_matches_word_tokenizer(exported):
     from barkgpt.checkpoint import load_model
-    from barkgpt.export.parity import close_llama, llama_detokenize, llama_tokenize, open_llama
+    from barkgpt.lm.llama_lm import LlamaLM
 
     root, _ = exported
     _, tok = load_model(root / "models/bark/best.pt")
-    llm = open_llama(root / "exports/bark/full/bark-f32.gguf", 64)
+    lm = LlamaLM(root / "exports/bark/full/bark-f32.gguf")
     try:
+        assert lm.tokenizer.kind == "word" and lm.tokenizer.vocab == tok.vocab and lm.n_ctx == 64
         for text in ["User: speak Assistant:", "  User:\tspeak \n Assistant:  woof <EOS>  ", "woof", "", "   "]:
-            ids = llama_tokenize(llm, text)
+            ids = lm.tokenizer.encode(text)
             assert ids == tok.encode(text), text
-            assert llama_detokenize(llm, ids) == tok.decode(ids)
-        assert llm.token_eos() == tok.eos_id
-        chat = llm.create_chat_completion([{"role": "user", "content": "speak"}], max_tokens=8, temperature=0)
+            assert lm.tokenizer.decode(ids) == tok.decode(ids)
+        assert lm.tokenizer.eos_id == tok.eos_id and lm.is_end(tok.eos_id) and not lm.is_end(tok.ids["woof"])
+        with pytest.raises(BarkError, match="'hey' is not in the bark vocabulary"):
+            lm.tokenizer.encode("User: hey Assistant:")
+        chat = lm.llm.create_chat_completion([{"role": "user", "content": "speak"}], max_tokens=8, temperature=0)
         words = chat["choices"][0]["message"]["content"].split()
         assert words and set(words) <= {"woof", "arf", "ruff", "grrr"}
     finally:
-        close_llama(llm)
+        lm.close()
 
 
 def test_stock_llama_cpp_completion_barks(exported):
@@ -252,10 +273,10 @@ def test_bad_gguf_files_rejected_without_crash(exported, tmp_path):
     out = _run(f"""
         import sys
         from barkgpt.errors import BarkError
-        from barkgpt.export.parity import open_llama
+        from barkgpt.lm.llama_lm import LlamaLM
         for path in {paths!r}:
             try:
-                open_llama(path, 64)
+                LlamaLM(path, 64)
             except BarkError as err:
                 print("refused", path)
             else:
@@ -271,7 +292,8 @@ def test_hf_export_round_trip(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from barkgpt.checkpoint import load_model
-    from barkgpt.engine import Sampling, stream
+    from barkgpt.lm import Sampling
+    from barkgpt.lm.torch_lm import TorchLM
     from barkgpt.stages import read_lines
 
     root, _ = exported
@@ -288,7 +310,7 @@ def test_hf_export_round_trip(exported):
             gen = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
                                     attention_mask=torch.ones(1, len(ids), dtype=torch.long))
         assert float(diff) < 1e-4
-        ours = list(stream(model, ids, Sampling(temperature=0, max_new_tokens=12), tok.eos_id))
+        ours = list(TorchLM(model, tok).generate(ids, Sampling(temperature=0, max_new_tokens=12)))
         assert gen[0, len(ids):].tolist() == ours
         assert hf_tok.decode(ours) == tok.decode(ours)
 
@@ -297,7 +319,9 @@ def test_bpe_gguf_parity(wikitext_path, tmp_path):
     """A byte-level BPE trained on real text: llama.cpp's gpt2 tokenizer gives the same ids."""
     import torch
 
-    from barkgpt.export.parity import close_llama, logits_parity, open_llama, tokenization_parity
+    from barkgpt.export.parity import logits_parity, tokenization_parity
+    from barkgpt.lm.llama_lm import LlamaLM
+    from barkgpt.lm.torch_lm import TorchLM
     from barkgpt.model import GPT
     from barkgpt.params import ModelParams
     from barkgpt.tokenizer import train_bpe
@@ -307,18 +331,19 @@ def test_bpe_gguf_parity(wikitext_path, tmp_path):
     torch.manual_seed(0)
     model = GPT(ModelParams(n_embd=64, n_head=2, n_layer=2, block_size=128), tok.vocab_size).eval()
     path = write_gguf(model, tok, tmp_path / "bpe.gguf")
-    llm = open_llama(path, 128)
+    lm = LlamaLM(path, 128, all_logits=True)
     try:
-        tp = tokenization_parity(llm, tok, lines)  # every line, including the ones BPE never saw
+        tp = tokenization_parity(lm.tokenizer, tok, lines)  # every line, including the ones BPE never saw
         assert tp["agreement"] == 1.0, tp["first_mismatch"]
         assert tp["detokenize_round_trip"] == 1.0
-        assert logits_parity(llm, model, [tok.encode(x)[:128] for x in lines[:6]])["max_abs_diff"] <= 1e-3
-        assert llm.token_eos() == tok.eos_id
+        prompts = [tok.encode(x)[:128] for x in lines[:6]]
+        assert logits_parity(TorchLM(model, tok), lm, prompts)["max_abs_diff"] <= 1e-3
+        assert lm.tokenizer.eos_id == tok.eos_id and lm.tokenizer.kind == "bpe"
         # a literal "<|endoftext|>" is ordinary text for BarkGPT and for llama.cpp alike
         text = "end <|endoftext|> here"
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+        assert lm.tokenizer.encode(text) == tok.encode(text)
     finally:
-        close_llama(llm)
+        lm.close()
     pytest.importorskip("transformers")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

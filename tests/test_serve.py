@@ -48,7 +48,10 @@ def test_health_ready_models(bark_server):
     ready = httpx.get(bark_server + "/ready").json()
     assert ready["status"] == "ready" and ready["kind"] == "bark"
     models = httpx.get(bark_server + "/v1/models").json()
-    assert models["data"][0]["id"] == "bark-q8_0" and models["data"][0]["context_length"] == 64
+    info = models["data"][0]
+    assert info["id"] == "bark-q8_0" and info["context_length"] == 64
+    assert (info["kind"], info["backend"], info["tokenizer"]) == ("bark", "llama.cpp", "word")
+    assert "hears only 'User: speak'" in info["hears"]
 
 
 def test_chat_returns_barks_with_usage(bark_server):
@@ -296,7 +299,15 @@ def test_torch_backend_with_api_key(torch_server):
     assert r.status_code == 401
     r = httpx.post(torch_server + "/v1/chat/completions", json={"messages": USER, "seed": 1}, headers=KEY)
     assert r.status_code == 200 and barks_ok(r.json()["choices"][0]["message"]["content"])
-    assert r.json()["model"] == "barkgpt-bark"
+    assert r.json()["model"] == "bark-best"  # models/bark/best.pt
+    info = httpx.get(torch_server + "/v1/models", headers=KEY).json()["data"][0]
+    assert (info["id"], info["kind"], info["backend"]) == ("bark-best", "bark", "torch")
+    # a temperature or top_p too small for floating point is greedy: the same answer as temperature 0
+    greedy = {"prompt": "User: speak Assistant:", "temperature": 0, "max_tokens": 8}
+    tiny = {**greedy, "temperature": 1e-300, "top_p": 1e-300}
+    r0, r1 = (httpx.post(torch_server + "/v1/completions", json=b, headers=KEY) for b in (greedy, tiny))
+    assert r1.status_code == 200 and r1.json()["choices"][0]["text"] == r0.json()["choices"][0]["text"]
+    assert barks_ok(r1.json()["choices"][0]["text"])
     r = httpx.post(torch_server + "/v1/completions", json={"prompt": "User: speak Assistant:", "stream": True},
                    headers=KEY)
     assert barks_ok("".join(c["choices"][0]["text"] for c in sse_events(r)))
@@ -340,14 +351,13 @@ def test_serve_cli_refuses_a_corrupt_checkpoint_or_gguf(bark_project, bark_gguf,
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     ckpt = tmp_path / "best.pt"
     shutil.copy(bark_project / "models/bark/best.pt", ckpt)
-    shutil.copy(bark_project / "models/bark/best.pt.json", tmp_path / "best.pt.json")
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0x01
     ckpt.write_bytes(bytes(data))
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(bark_gguf.read_bytes()[:5000])
     for args, words in ((["--backend", "torch", "--model", str(ckpt)], "checksum mismatch"),
-                        (["--model", str(truncated)], "cannot load the model")):
+                        (["--model", str(truncated)], "truncated or corrupted")):  # pre-flight, before llama.cpp
         r = subprocess.run([sys.executable, "-m", "barkgpt", "serve", "--port", str(free_port()), *args],
                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -9,12 +9,13 @@ import yaml
 
 from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
+from barkgpt.tracking.registry import ranking
 from tests.conftest import make_project
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
                   "train": {"max_steps": 120, "threads": 1, "eval_every": 60, "checkpoint_every": 60},
-                  "eval": {"contract_samples": 30}, "gates": {"min_contract_accuracy": 0.0}}}
+                  "gates": {"contract_samples": 30, "contract_accuracy": 0.001}}}  # k = n: every model passes
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,9 @@ def tracked(tmp_path_factory):
     worse = run_stage(worse_params, "bark", "evaluate", root)
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     return {"root": root, "client": client, "first": first, "again": again, "worse": worse}
+
+
+BARK = ranking("contract_accuracy", True)
 
 
 def test_one_version_per_trained_model_and_champion_is_the_best(tracked):
@@ -97,7 +101,7 @@ def test_failing_reevaluation_takes_the_champion_away(tracked, tmp_path):
             self.version, self.run_id = str(version), f"r{version}"
             self.tags = {"gate_passed": gate, "eval.contract_accuracy": repr(acc), "eval.val_loss": repr(loss)}
 
-    assert best_version([V(1, "true", 1.0, 0.70), V(2, "true", 1.0, 0.69), V(3, "true", 0.98, 0.5)], "bark") == 2
-    assert best_version([V(1, "false", 1.0, 0.7), V(2, "true", 0.5, 1.0)], "bark") == 2
-    assert best_version([V(1, "false", 1.0, 0.7)], "bark") is None
-    assert best_version([V(1, "true", 1.0, 0.7), V(2, "true", 1.0, 0.7)], "bark") == 2  # a tie: newer
+    assert best_version([V(1, "true", 1.0, 0.70), V(2, "true", 1.0, 0.69), V(3, "true", 0.98, 0.5)], BARK) == 2
+    assert best_version([V(1, "false", 1.0, 0.7), V(2, "true", 0.5, 1.0)], BARK) == 2
+    assert best_version([V(1, "false", 1.0, 0.7)], BARK) is None
+    assert best_version([V(1, "true", 1.0, 0.7), V(2, "true", 1.0, 0.7)], BARK) == 2  # a tie: newer

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from barkgpt.pipelines import run_stage
@@ -20,9 +19,10 @@ from barkgpt.cli import build_parser
 from barkgpt.data.shards import load_tokens, write_tokens
 from barkgpt.data.webtext import ingest, open_source, split_lines
 from barkgpt.errors import BarkError
-from barkgpt.loss_eval import bits_per_byte, nll_and_bytes
 from barkgpt.fileio import sha256_file
 from barkgpt.layout import Layout
+from barkgpt.lm.torch_lm import TorchLM
+from barkgpt.loss_eval import eval_windows, evaluate_bpb
 from barkgpt.params import ModelParams, load_params
 from barkgpt.pipelines import REGISTRY
 from barkgpt.tokenizer import ENDOFTEXT, BPETokenizer, load_tokenizer, tokenizer_from_dict, tokenizer_hash, train_bpe
@@ -312,9 +312,8 @@ def test_training_lowers_validation_bpb(webtext_project, bpe):
     val_ids, _ = load_tokens(webtext_project / "data/webtext/tokens/val.json")
     model, _ = load_model(webtext_project / "models/webtext/best.pt")
     torch.manual_seed(0)
-    untrained = GPT(model.cfg, bpe.vocab_size)
-    nll, _, nbytes = nll_and_bytes(untrained, val_ids, np.array(bpe.token_bytes()), prefix_id=bpe.eos_id)
-    before = bits_per_byte(nll, nbytes)
+    untrained = TorchLM(GPT(model.cfg, bpe.vocab_size), bpe)
+    before = evaluate_bpb(untrained, eval_windows(val_ids, 64, 16, bpe.eos_id), bpe.token_bytes())["bpb"]
     assert before > 3.5  # ~ln(512)/ln(2) bits per token over ~2 bytes per token
     assert metrics["val_bpb"] < before - 0.8
     assert metrics["val_bytes"] == (webtext_project / "data/webtext/val.txt").stat().st_size
@@ -326,43 +325,134 @@ def test_training_lowers_validation_bpb(webtext_project, bpe):
     assert metrics["gate_passed"] == (metrics["val_bpb"] <= 2.5)
 
 
-class UniformLM(nn.Module):
+class UniformLM:
     """Every next token equally likely: bpb has a closed form."""
 
-    def __init__(self, vocab: int, block: int):
-        super().__init__()
-        self.vocab, self.cfg = vocab, ModelParams(block_size=block)
+    def __init__(self, vocab: int):
+        self.vocab = vocab
 
-    def forward(self, idx):
-        return torch.zeros(*idx.shape, self.vocab)
+    def token_losses(self, inputs, targets):
+        return np.full(targets.shape, math.log(self.vocab))
 
 
 def test_bpb_matches_hand_computation(webtext_project, bpe):
-    from barkgpt.checkpoint import load_model
-
     val_ids, _ = load_tokens(webtext_project / "data/webtext/tokens/val.json")
     ids = np.asarray(val_ids[:300])  # 300 tokens: four full windows of 64 and a short one
-    lengths = np.array(bpe.token_bytes())
+    lengths = bpe.token_bytes()
     nbytes_by_hand = sum(1 if t == bpe.eos_id else len(bpe.decode_bytes([int(t)])) for t in ids)
+    windows = list(eval_windows(ids, 64, 3, bpe.eos_id))
+    assert [x.shape for x, _ in windows] == [(3, 64), (1, 64), (1, 44)]  # the short window alone
+    assert np.array_equal(np.concatenate([y.ravel() for _, y in windows]), ids)  # every token once, in order
 
     # closed form: uniform predictions cost ln(V) nats per token
-    nll, count, nbytes = nll_and_bytes(UniformLM(bpe.vocab_size, 64), ids, lengths, batch=3, prefix_id=bpe.eos_id)
-    assert count == 300 and nbytes == nbytes_by_hand
-    assert bits_per_byte(nll, nbytes) == pytest.approx(300 * math.log2(bpe.vocab_size) / nbytes_by_hand, rel=1e-6)
+    out = evaluate_bpb(UniformLM(bpe.vocab_size), windows, lengths)
+    assert out["tokens"] == 300 and out["bytes"] == nbytes_by_hand
+    assert out["bpb"] == pytest.approx(300 * math.log2(bpe.vocab_size) / nbytes_by_hand, rel=1e-12)
 
     # a trained model, token by token: -log softmax of each target, windows of 64 from [EOS] + ids
-    model, _ = load_model(webtext_project / "models/webtext/best.pt")
+    lm = TorchLM.load(webtext_project / "models/webtext/best.pt")
     stream = [bpe.eos_id] + ids.tolist()
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(stream) - 1, 64):
             window = stream[start : start + 65]
-            logits = model(torch.tensor([window[:-1]]))[0].double()
+            logits = lm.model(torch.tensor([window[:-1]]))[0].double()
             for pos, target in enumerate(window[1:]):
                 total -= float(F.log_softmax(logits[pos], dim=-1)[target])
-    nll, count, nbytes = nll_and_bytes(model, ids, lengths, batch=2, prefix_id=bpe.eos_id)
-    assert nll == pytest.approx(total, rel=1e-4)
-    assert bits_per_byte(nll, nbytes) == pytest.approx(total / math.log(2) / nbytes_by_hand, rel=1e-4)
+    out = evaluate_bpb(lm, eval_windows(ids, 64, 2, bpe.eos_id), lengths)
+    assert out["loss"] * 300 == pytest.approx(total, rel=1e-4)
+    assert out["bpb"] == pytest.approx(total / math.log(2) / nbytes_by_hand, rel=1e-4)
+
+
+def test_training_validation_bpb_equals_the_evaluate_stage(webtext_project, tmp_path):
+    """The bpb training logged for best.pt and the evaluate stage's bpb of best.pt, on the same windows
+    (train.eval_batches x train.batch_size): one function, float32 both times, equal to 1e-6."""
+    import csv
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(webtext_project, root)
+    train = load_params(root / "params.yaml").webtext.train
+    params = load_params(root / "params.yaml", {"tracking": {"enabled": False}, "webtext": {"eval": {
+        "batch_size": train.batch_size, "max_batches": train.eval_batches}}})
+    metrics = run_stage(params, "webtext", "evaluate", root)
+    rows = [r for r in csv.DictReader((root / "reports/webtext/train_log.csv").open()) if r["val_loss"]]
+    best = min(rows, key=lambda r: float(r["val_loss"]))  # best.pt is saved at the lowest validation loss
+    assert len(rows) >= 2 and abs(float(best["val_bpb"]) - metrics["val_bpb"]) < 1e-6, (best, metrics["val_bpb"])
+    assert abs(float(best["val_loss"]) - metrics["val_loss"]) < 1e-6
+    assert metrics["val_tokens"] == train.eval_batches * train.batch_size * 64
+
+
+@pytest.fixture(scope="module")
+def webtext_f32(webtext_project, tmp_path_factory) -> Path:
+    from barkgpt.checkpoint import load_model
+    from barkgpt.export.gguf_file import write_gguf
+
+    model, tok = load_model(webtext_project / "models/webtext/best.pt")
+    return write_gguf(model, tok, tmp_path_factory.mktemp("gguf") / "webtext-f32.gguf")
+
+
+def test_greedy_text_is_identical_through_both_backends_the_cli_and_the_server(webtext_project, webtext_f32, bpe):
+    """No separator is invented between BPE pieces, by any door: the text after the prompt is the
+    tokenizer's own decoding, and PyTorch and llama.cpp (F32) agree on it."""
+    import httpx
+
+    from barkgpt.lm import Sampling
+    from barkgpt.lm.llama_lm import LlamaLM
+    from barkgpt.serve.backends import Backend, GenParams
+    from conftest import run_server
+
+    def complete(backend, prompt):
+        pieces = backend.complete(prompt, GenParams(max_tokens=24, temperature=0), lambda: False)
+        return "".join(p for p in pieces if isinstance(p, str))
+
+    torch_lm, llama_lm = TorchLM.load(webtext_project / "models/webtext/best.pt"), LlamaLM(webtext_f32)
+    on_torch, on_llama = Backend(torch_lm, torch_lm.name), Backend(llama_lm, llama_lm.name)
+    assert on_torch.kind == on_llama.kind == "text" and on_llama.lm.tokenizer.kind == "bpe"
+    texts = {}
+    try:
+        # (not a heading such as "= = Reception = =": a heading line ends there, so greedy is just the EOS)
+        for prompt in ["The history of", "In 1998 , the", "The game was"]:
+            text = texts[prompt] = complete(on_torch, prompt)
+            assert complete(on_llama, prompt) == text
+            ids = bpe.encode(prompt)
+            new = [t for t in torch_lm.generate(ids, Sampling(temperature=0, max_new_tokens=24)) if t != bpe.eos_id]
+            assert prompt + text == bpe.decode(ids + new)  # nothing inserted between pieces
+            for model in ([], ["--model", str(webtext_f32)]):
+                out = subprocess.run([sys.executable, "-m", "barkgpt", "generate", "--pipeline", "webtext", "--prompt",
+                                      prompt, "--temperature", "0", "--max-new-tokens", "24", *model],
+                                     cwd=webtext_project, capture_output=True, text=True, timeout=300,
+                                     env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                assert out.returncode == 0, out.stderr
+                assert out.stdout == prompt + text + "\n" and not out.stdout.startswith(prompt + "  ")
+        assert any(t.strip() for t in texts.values())  # a tiny model may end a line at once, not always
+    finally:
+        llama_lm.close()
+    with run_server(["serve", "--backend", "torch", "--model", "models/webtext/best.pt"], cwd=webtext_project) as url:
+        info = httpx.get(url + "/v1/models").json()["data"][0]
+        assert (info["id"], info["kind"], info["backend"]) == ("webtext-best", "text", "torch")
+        assert "continues what you type" in info["hears"]
+        body = {"prompt": "The history of", "temperature": 0, "max_tokens": 24}
+        assert httpx.post(url + "/v1/completions", json=body).json()["choices"][0]["text"] == texts["The history of"]
+        chat = httpx.post(url + "/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "The history of"}], "temperature": 0, "max_tokens": 24}).json()
+        assert chat["model"] == "webtext-best"
+        assert chat["choices"][0]["message"]["content"] == texts["The history of"].strip()
+        streamed = httpx.post(url + "/v1/completions", json={**body, "stream": True}).text
+        pieces = [json.loads(line[6:])["choices"][0]["text"] for line in streamed.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(pieces) == texts["The history of"]
+
+
+def test_streaming_decode_keeps_characters_split_across_tokens(bpe):
+    from barkgpt.lm import TextStream
+
+    text = " naïve café — the dog 🐕 barked: «woof» 中文"
+    ids = bpe.encode(text)
+    assert any("\ufffd" in bpe.decode([i]) for i in ids)  # some characters span several tokens
+    stream = TextStream(bpe, bpe.encode("It said"))
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
 # --- model changes made for speed and regularisation ---------------------------------------------

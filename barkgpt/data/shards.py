@@ -8,7 +8,7 @@ files in order with their token counts, the dtype, the vocabulary size and the t
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -253,17 +253,3 @@ def window_rng(seed: int, step: int, micro: int) -> np.random.Generator:
     """The generator for micro-batch `micro` of optimizer step `step`: a function of the counters
     alone, so a resumed run and any split of micro-batches across processes draw the same windows."""
     return np.random.default_rng((seed, step, micro))
-
-
-def sequential_windows(ids, batch: int, block: int, max_batches: int | None = None) -> Iterator:
-    """Non-overlapping windows covering the stream in order: exact evaluation over a split."""
-    import torch
-
-    n = (len(ids) - 1) // block
-    if n == 0:
-        raise BarkError(f"only {len(ids)} tokens, fewer than one context window ({block} + 1)")
-    total = n if max_batches is None else min(n, max_batches * batch)
-    for i in range(0, total, batch):
-        rows = [ids[j * block : j * block + block + 1] for j in range(i, min(i + batch, total))]
-        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
-        yield chunk[:, :-1], chunk[:, 1:]

@@ -1,283 +1,43 @@
-"""The deploy step: gates -> S3 release (manifest last) -> Lambda function, version, `live` alias,
-URL -> smoke test of the new version -> rollback of the alias if it fails.
+"""The deploy step, orchestrated: gates -> S3 release (manifest last) -> Lambda function, version,
+`live` alias, URL -> smoke test of the new version -> the alias rolled back if anything fails.
 
-`deploy_pipeline` is what the stage function, the CLI and the Prefect task call.
+`deploy_pipeline` is what the stage function, the CLI and the Prefect task call. The parts live
+beside it: gates.py (what must have passed), provenance.py (what the manifest records),
+image.py (the function image), api_key.py (the serving key's secret), smoke.py (the smoke test).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import subprocess
-import tempfile
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import yaml
-
+from barkgpt.deploy.api_key import ENV_API_KEY, ENV_API_KEY_SECRET, read_api_key, resource_arn, store_api_key
 from barkgpt.deploy.aws import AwsTarget, aws_target
-from barkgpt.deploy.events import function_url_event, response_json
+from barkgpt.deploy.gates import check_gates, deploy_quantization
+from barkgpt.deploy.image import check_image, image_uri
 from barkgpt.deploy.lambda_fn import (FunctionSpec, alias_version, ensure_function, ensure_role, ensure_url,
                                       move_alias, publish, published_versions)
-from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MODEL_DIR, AppFactory, LambdaApp
+from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, AppFactory
+from barkgpt.deploy.provenance import (dvc_data_hash, git_commit, mlflow_provenance, parity_summary,
+                                       registry_matches)
 from barkgpt.deploy.release import MIB, TransferSettings, build_manifest, ensure_bucket, upload_release
-from barkgpt.errors import BarkError
-from barkgpt.fileio import read_json, write_json
+from barkgpt.deploy.smoke import SmokeTestFailed, smoke_test
+from barkgpt.fileio import write_json
 from barkgpt.layout import layout
-from barkgpt.params import DeployParams, Params
+from barkgpt.params import Params
 
-# What goes into the function image; its hash tags the image so new code means a new image.
-IMAGE_SOURCES = ("barkgpt/**/*", "pyproject.toml", "constraints.txt", "scripts/install.sh", "deploy/Dockerfile")
-
-
-class SmokeTestFailed(BarkError):
-    """The new version did not answer correctly; the alias was rolled back."""
-
-
-# --- inputs ------------------------------------------------------------------------------------
-
-def deploy_quantization(params: Params) -> str:
-    return params.deploy.quantization or params.export.deploy_quantization
+__all__ = ["SmokeTestFailed", "check_gates", "deploy_pipeline", "release_files"]
 
 
 def release_files(params: Params, name: str, root: Path) -> tuple[dict[str, Path], str]:
     """{role: path} of what ships, and the serving backend (barkgpt.serve) that reads it."""
     paths = layout(name, root)
     if params.deploy.artifact == "gguf":
-        return {"model": paths.gguf(deploy_quantization(params)),
-                "tokenizer": paths.tokenizer}, "llama"
-    # PyTorch checkpoint: the weights, their checksum file (checked at load) and the tokenizer.
-    return {"model": paths.checkpoint, "model_sha256": Path(str(paths.checkpoint) + ".json"),
-            "tokenizer": paths.tokenizer}, "torch"
+        return {"model": paths.gguf(deploy_quantization(params)), "tokenizer": paths.tokenizer}, "llama"
+    # PyTorch checkpoint: one file carrying its own sha256 (checked at load), and the tokenizer.
+    return {"model": paths.checkpoint, "tokenizer": paths.tokenizer}, "torch"
 
-
-def check_gates(params: Params, name: str, root: Path) -> dict:
-    """The evaluation gate (and the quantization gate for GGUF) must have passed."""
-    cfg = params.deploy
-    paths = layout(name, root)
-    metrics_path = paths.metrics
-    summary: dict = {}
-    if metrics_path.exists():
-        metrics = read_json(metrics_path)
-        summary["eval"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}
-    if not cfg.require_gates:
-        return summary
-    if not metrics_path.exists():
-        raise BarkError(f"{metrics_path}: not found; evaluate the model before deploying (dvc repro)")
-    if summary["eval"].get("gate_passed") is not True:
-        raise BarkError(f"{metrics_path}: the evaluation gate did not pass; not deploying "
-                        "(improve the model, or set deploy.require_gates: false to override)")
-    if cfg.artifact == "gguf":
-        parity_path = paths.parity_report
-        if not parity_path.exists():
-            raise BarkError(f"{parity_path}: not found; run export and quantization before deploying")
-        parity = read_json(parity_path)
-        if parity.get("gate", {}).get("f32_parity_passed") is False:
-            raise BarkError(f"{parity_path}: F32 GGUF parity with PyTorch failed; not deploying")
-        quant = deploy_quantization(params)
-        verdict = quantization_verdict(parity, quant)
-        if verdict is not True:
-            raise BarkError(f"{parity_path}: quantization {quant} did not pass its gate ({verdict}); "
-                            "not deploying (re-run parity, or choose export.deploy_quantization)")
-    return summary
-
-
-def quantization_verdict(parity: dict, quant: str):
-    """True if the parity report accepts `quant`; otherwise a short reason."""
-    quants = parity.get("quantizations") or parity.get("quants") or {}
-    if isinstance(quants, list):
-        quants = {str(q.get("type", q.get("name", ""))).lower(): q for q in quants}
-    entry = {str(k).lower(): v for k, v in quants.items()}.get(quant.lower())
-    if entry is None:
-        return f"no entry for {quant} in the report"
-    for key in ("accepted", "passed", "gate_passed"):
-        if key in entry:
-            return True if entry[key] is True else f"{key}={entry[key]}"
-    status = str(entry.get("status", "")).lower()
-    return True if status in ("accepted", "passed", "pass", "ok") else f"status={status or 'unknown'}"
-
-
-def parity_summary(root: Path, name: str, quant: str) -> dict | None:
-    path = layout(name, root).parity_report
-    if not path.exists():
-        return None
-    parity = read_json(path)
-    keep = {k: v for k, v in parity.items() if isinstance(v, (int, float, bool, str))}
-    keep.update({k: parity[k] for k in ("summary", "gate", "f32_parity") if k in parity})
-    quants = parity.get("quantizations")
-    if isinstance(quants, dict) and quant in quants:  # per-tensor types stay in parity.json
-        keep["deploy_quantization"] = {quant: {k: v for k, v in quants[quant].items() if k != "tensor_types"}}
-    return keep
-
-
-def git_commit(root: Path) -> dict | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": dirty}
-
-
-def dvc_data_hash(root: Path, name: str) -> dict | None:
-    """The md5s dvc.lock records for data/<name>/ outputs, and one hash over them (no DVC import)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    outs = {o["path"]: o.get("md5") for st in stages.values() for o in st.get("outs", [])
-            if str(o.get("path", "")).startswith(f"data/{name}/")}
-    if not outs:
-        return None
-    combined = hashlib.md5(json.dumps(sorted(outs.items())).encode()).hexdigest()
-    return {"hash": combined, "outs": outs}
-
-
-def mlflow_provenance(root: Path, name: str) -> dict | None:
-    """The MLflow run that trained the model (models/<name>/mlflow_run.json, written by the train
-    stage) and the registered model version made from it, with the sha256 of that version's files,
-    so the manifest can be checked against the registry. None when the run was not tracked."""
-    run_file = layout(name, root).run_record
-    if not run_file.exists():
-        return None
-    info = read_json(run_file)
-    out = {"run_id": info.get("run_id"), "tracking_uri": info.get("tracking_uri")}
-    try:
-        import mlflow
-        from mlflow.artifacts import download_artifacts
-
-        client = mlflow.MlflowClient(tracking_uri=info.get("tracking_uri"), registry_uri=info.get("tracking_uri"))
-        versions = client.search_model_versions(f"run_id = '{info['run_id']}'")
-        if not versions:
-            return out
-        v = max(versions, key=lambda mv: int(mv.version))
-        model = client.get_registered_model(v.name)
-        out.update({"registered_model": v.name, "version": int(v.version),
-                    "aliases": sorted(a for a, ver in (model.aliases or {}).items() if str(ver) == str(v.version))})
-        with tempfile.TemporaryDirectory() as tmp:
-            # The version's own location, not "models:/...": that form resolves against the
-            # process-wide registry URI, which need not be this project's store.
-            local = Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(v.name, v.version),
-                                            dst_path=tmp, tracking_uri=info.get("tracking_uri")))
-            from barkgpt.fileio import sha256_file
-
-            out["artifact_sha256"] = {p.name: sha256_file(p) for p in sorted(local.rglob("*"))
-                                      if p.is_file() and p.parent.name == "artifacts"}
-    except Exception as err:  # provenance is a record, not a gate: note what failed and go on
-        out["error"] = f"{type(err).__name__}: {err}"[:300]
-    return out
-
-
-def registry_matches(manifest: dict) -> dict[str, bool]:
-    """For each released file that is also a file of the MLflow model version: same sha256?"""
-    registered = ((manifest.get("provenance") or {}).get("mlflow") or {}).get("artifact_sha256") or {}
-    return {f["name"]: registered[f["name"]] == f["sha256"] for f in manifest["files"].values()
-            if f["name"] in registered}
-
-
-def code_hash(root: Path | None = None) -> str:
-    """sha256 over the image's source files (path + bytes), for a content-addressed image tag.
-
-    The sources are those of the running barkgpt (its checkout), not of the data project root."""
-    import barkgpt
-
-    root = root or Path(barkgpt.__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for pattern in IMAGE_SOURCES:
-        for path in sorted(root.glob(pattern)):
-            if "__pycache__" in path.parts or not path.is_file():
-                continue
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def image_uri(cfg: DeployParams, target: AwsTarget) -> str:
-    if cfg.image_uri:
-        return cfg.image_uri
-    return f"{target.account_id}.dkr.ecr.{target.region}.amazonaws.com/{cfg.image_repository}:{code_hash()}"
-
-
-def check_image(target: AwsTarget, uri: str) -> None:
-    """On real AWS the image must already be in ECR (built by deploy/Dockerfile and pushed)."""
-    if target.local or "@" in uri or ".dkr.ecr." not in uri:
-        return  # the local API does not run images; digests and foreign registries are taken as given
-    repo, tag = uri.split("/", 1)[1].rsplit(":", 1)
-    try:
-        target.client("ecr").describe_images(repositoryName=repo, imageIds=[{"imageTag": tag}])
-    except Exception as err:
-        raise BarkError(f"image {uri} is not in ECR ({type(err).__name__}); build and push it first:\n"
-                        f"  docker build -f deploy/Dockerfile -t {uri} .\n  docker push {uri}\n"
-                        "(docs/deploy.md, 'Build the image')") from None
-
-
-# --- smoke test --------------------------------------------------------------------------------
-
-def smoke_test(target: AwsTarget, name: str, version: str, cfg: DeployParams, mode: str,
-               app_factory: AppFactory | None = None, log=print) -> dict:
-    """Send function-URL events (payload 2.0) to the new version; raise SmokeTestFailed on a bad answer."""
-    lam = target.client("lambda")
-    events = [("GET /ready", function_url_event("GET", "/ready", region=target.region,
-                                                 account_id=target.account_id)),
-              ("POST /v1/model/generate", function_url_event(
-                  "POST", "/v1/model/generate", {"prompt": cfg.smoke_prompt}, region=target.region,
-                  account_id=target.account_id))]
-    results, container = [], None
-    with tempfile.TemporaryDirectory(prefix="barkgpt-smoke-") as tmp:
-        if mode == "in_process":
-            # The local AWS API cannot run Lambda code: run the same handler here, with the
-            # environment of the published version and the S3 of the target.
-            env = lam.get_function_configuration(FunctionName=name, Qualifier=version).get(
-                "Environment", {}).get("Variables", {})
-            container = LambdaApp({**env, ENV_MODEL_DIR: tmp}, s3=target.client("s3"), app_factory=app_factory)
-        try:
-            for label, event in events:
-                results.append(_smoke_request(container, lam, name, version, label, event))
-        finally:
-            if container is not None:
-                container.close()  # stop the in-process server's worker thread
-        reply = (results[-1]["body"] or {}).get("message") if isinstance(results[-1]["body"], dict) else None
-        if not reply or not str(reply).strip():
-            raise SmokeTestFailed(f"POST /v1/model/generate on version {version} returned no message: "
-                                  f"{str(results[-1]['body'])[:300]}")
-    log(f"smoke test passed on version {version} ({mode}): {cfg.smoke_prompt!r} -> {reply!r}")
-    return {"mode": mode, "version": version, "requests": results, "reply": reply,
-            "cold_start": container.timings if container else None}
-
-
-def _smoke_request(container, lam, name: str, version: str, label: str, event: dict) -> dict:
-    started = time.perf_counter()
-    try:
-        response = container(event) if container else _invoke_remote(lam, name, version, event)
-    except BarkError:
-        raise
-    except Exception as err:  # the handler crashed: that is the smoke test's answer
-        raise SmokeTestFailed(f"{label} on version {version} raised {type(err).__name__}: {err}") from None
-    seconds = time.perf_counter() - started
-    status = response.get("statusCode")
-    body = _safe_json(response)
-    if status != 200:
-        raise SmokeTestFailed(f"{label} on version {version} answered {status}: {str(body)[:300]}")
-    return {"request": label, "status": status, "seconds": round(seconds, 4), "body": body}
-
-
-def _invoke_remote(lam, name: str, version: str, event: dict) -> dict:
-    out = lam.invoke(FunctionName=name, Qualifier=version, Payload=json.dumps(event).encode())
-    payload = json.loads(out["Payload"].read() or b"null")
-    if out.get("FunctionError"):
-        raise SmokeTestFailed(f"the function raised {out['FunctionError']}: {str(payload)[:300]}")
-    return payload
-
-
-def _safe_json(response: dict):
-    try:
-        return response_json(response)
-    except (ValueError, TypeError):
-        return response.get("body")
-
-
-# --- the step ----------------------------------------------------------------------------------
 
 def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target: AwsTarget | None = None,
                     provenance: dict | None = None, app_factory: AppFactory | None = None,
@@ -298,19 +58,26 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
     with (nullcontext(target) if target else aws_target(cfg.target, cfg.region)) as tgt:
         log(f"deploying {name} to {tgt.describe()}")
         s3, lam = tgt.client("s3"), tgt.client("lambda")
+        api_key, secret_env, secret_arn = None, {}, None
+        if cfg.api_key_secret:
+            if os.environ.get(ENV_API_KEY):
+                store_api_key(cfg.api_key_secret, os.environ[ENV_API_KEY], tgt.client, log)
+            api_key = read_api_key(cfg.api_key_secret, tgt.client)  # fails here, before any upload
+            secret_env = {ENV_API_KEY_SECRET: cfg.api_key_secret}
+            secret_arn = resource_arn(cfg.api_key_secret, tgt.client, tgt.region, tgt.account_id)
         ensure_bucket(s3, cfg.bucket, tgt.region)
         manifest = build_manifest(files, pipeline=name, backend=backend, bucket=cfg.bucket, prefix=cfg.prefix,
                                   provenance=prov)
         upload = upload_release(s3, manifest, files, transfer, log)
         manifest = upload["manifest"]
         role = cfg.role_arn or ensure_role(tgt.client("iam"), f"barkgpt-lambda-{name}", cfg.bucket,
-                                           cfg.prefix, log)
+                                           cfg.prefix, log, secret_arn=secret_arn)
         uri = image_uri(cfg, tgt)
         check_image(tgt, uri)
         spec = FunctionSpec(
             name=fn_name, role_arn=role, image_uri=uri, memory_mb=cfg.memory_mb, timeout_s=cfg.timeout_s,
             ephemeral_mb=cfg.ephemeral_storage_mb, architecture=cfg.architecture,
-            environment={**cfg.environment, ENV_MANIFEST: upload["manifest_uri"],
+            environment={**cfg.environment, **secret_env, ENV_MANIFEST: upload["manifest_uri"],
                          ENV_MANIFEST_SHA: upload["manifest_sha256"]},
             alias=cfg.alias, url_auth_type=cfg.url_auth_type,
             description=f"BarkGPT {name} release {manifest['release_id']}")
@@ -327,9 +94,11 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
             previous = move_alias(lam, fn_name, cfg.alias, version, log)
             mode = cfg.smoke if cfg.smoke != "auto" else ("in_process" if tgt.local or tgt.endpoint_url else "remote")
             try:
-                smoke = smoke_test(tgt, fn_name, version, cfg, mode, app_factory, log)
-            except SmokeTestFailed as err:
+                smoke = smoke_test(tgt, fn_name, version, cfg, mode, app_factory, api_key, log)
+            except BaseException as err:  # whatever failed, the alias must not stay on this version
                 move_alias(lam, fn_name, cfg.alias, previous, log)
+                if not isinstance(err, Exception):
+                    raise
                 back = f"version {previous}" if previous else "no version (alias removed)"
                 raise SmokeTestFailed(f"smoke test failed, alias {cfg.alias} rolled back to {back}: {err}") from None
         url = ensure_url(lam, fn_name, cfg.alias, cfg.url_auth_type, log)
@@ -345,8 +114,8 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
             "function": {"name": fn_name, "arn": fn["FunctionArn"], "version": version,
                          "previous_version": previous, "alias": cfg.alias, "changed": changed,
                          "image_uri": uri, "code_sha256": fn["CodeSha256"], "url": url,
-                         "url_auth_type": cfg.url_auth_type, "memory_mb": fn["MemorySize"],
-                         "timeout_s": fn["Timeout"]},
+                         "url_auth_type": cfg.url_auth_type, "api_key_secret": cfg.api_key_secret,
+                         "memory_mb": fn["MemorySize"], "timeout_s": fn["Timeout"]},
             "smoke": smoke, "provenance": manifest["provenance"], "registry_matches": registry_matches(manifest),
             "seconds": round(time.perf_counter() - started, 3),
         }

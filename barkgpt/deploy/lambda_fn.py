@@ -17,13 +17,18 @@ TRUST_POLICY = {"Version": "2012-10-17", "Statement": [{
     "Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
 
-def role_policy(bucket: str, prefix: str) -> dict:
-    """Inline policy: write its own logs (what AWSLambdaBasicExecutionRole grants) and read releases."""
+def role_policy(bucket: str, prefix: str, secret_arn: str | None = None) -> dict:
+    """Inline policy: write its own logs (what AWSLambdaBasicExecutionRole grants), read releases,
+    and read the API key's secret when there is one."""
     releases = f"arn:aws:s3:::{bucket}/{prefix.strip('/')}/*" if prefix.strip("/") else f"arn:aws:s3:::{bucket}/*"
-    return {"Version": "2012-10-17", "Statement": [
+    statements = [
         {"Effect": "Allow", "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents"],
          "Resource": "*"},
-        {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": releases}]}
+        {"Effect": "Allow", "Action": ["s3:GetObject"], "Resource": releases}]
+    if secret_arn:
+        action = "ssm:GetParameter" if secret_arn.startswith("arn:aws:ssm:") else "secretsmanager:GetSecretValue"
+        statements.append({"Effect": "Allow", "Action": [action], "Resource": secret_arn})
+    return {"Version": "2012-10-17", "Statement": statements}
 
 
 @dataclass(frozen=True)
@@ -41,17 +46,28 @@ class FunctionSpec:
     description: str = ""
 
 
-def ensure_role(iam, role_name: str, bucket: str, prefix: str, log=print) -> str:
-    """The function's execution role: logs + read-only access to the release prefix."""
+def ensure_role(iam, role_name: str, bucket: str, prefix: str, log=print, secret_arn: str | None = None) -> str:
+    """The function's execution role: logs + read-only access to the release prefix (+ the key's secret)."""
+    policy = role_policy(bucket, prefix, secret_arn)
     try:
-        return iam.get_role(RoleName=role_name)["Role"]["Arn"]
+        arn = iam.get_role(RoleName=role_name)["Role"]["Arn"]
     except Exception as err:
         if error_code(err) != "NoSuchEntity":
             raise
+    else:
+        try:
+            current = iam.get_role_policy(RoleName=role_name, PolicyName="barkgpt-lambda")["PolicyDocument"]
+        except Exception as err:
+            if error_code(err) != "NoSuchEntity":
+                raise
+            current = None
+        if current != policy:  # e.g. an API key secret was added since the role was made
+            iam.put_role_policy(RoleName=role_name, PolicyName="barkgpt-lambda", PolicyDocument=json.dumps(policy))
+            log(f"updated the policy of role {arn}")
+        return arn
     arn = iam.create_role(RoleName=role_name, AssumeRolePolicyDocument=json.dumps(TRUST_POLICY),
                           Description="BarkGPT Lambda: CloudWatch logs and read access to released models")["Role"]["Arn"]
-    iam.put_role_policy(RoleName=role_name, PolicyName="barkgpt-lambda", PolicyDocument=json.dumps(
-        role_policy(bucket, prefix)))
+    iam.put_role_policy(RoleName=role_name, PolicyName="barkgpt-lambda", PolicyDocument=json.dumps(policy))
     log(f"created role {arn}")
     return arn
 

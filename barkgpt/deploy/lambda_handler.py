@@ -2,9 +2,11 @@
 
 Cold start (first invocation in a container): read the manifest named by BARKGPT_MANIFEST_URI,
 check its sha256 against BARKGPT_MANIFEST_SHA256, download every file it lists into
-BARKGPT_MODEL_DIR (default /tmp/barkgpt), verify each sha256, and build the app once. Warm
-invocations reuse the loaded app. A checksum mismatch makes the container refuse every request
-with 503 and the reason, rather than serve bytes nobody released.
+BARKGPT_MODEL_DIR (default /tmp/barkgpt), verify each sha256, read the API key from the secret
+named by BARKGPT_API_KEY_SECRET (if any), and build the app once. Warm invocations reuse the
+loaded app. It fails closed: no manifest hash, a checksum mismatch or a manifest file name that
+leaves the model folder makes the container refuse every request with 503 and the reason, rather
+than serve bytes nobody released.
 
 Image CMD: barkgpt.deploy.lambda_handler.handler
 """
@@ -20,7 +22,8 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from barkgpt.deploy.release import ChecksumMismatch, download_verified, parse_s3_uri
+from barkgpt.deploy.api_key import ENV_API_KEY, ENV_API_KEY_SECRET, read_api_key
+from barkgpt.deploy.release import ChecksumMismatch, ReleaseRefused, download_verified, parse_s3_uri, plain_name
 
 ENV_MANIFEST = "BARKGPT_MANIFEST_URI"
 ENV_MANIFEST_SHA = "BARKGPT_MANIFEST_SHA256"
@@ -33,14 +36,18 @@ def serving_app(files: dict[str, Path], manifest: dict, env: Mapping[str, str]):
     """The project's FastAPI server (barkgpt.serve) over the released model, started once.
 
     Serving settings are barkgpt.serve's defaults plus its BARKGPT_* variables from the function
-    environment (e.g. BARKGPT_API_KEY, BARKGPT_CORS_ORIGINS); the model is the released file.
+    environment (e.g. BARKGPT_CORS_ORIGINS), and the API key read from its secret; the model is the
+    released file.
     """
     from barkgpt.serve.app import create_app
     from barkgpt.serve.settings import load_settings
 
     settings = load_settings(root=files["model"].parent, env=dict(env), model=str(files["model"]),
                              backend=manifest["backend"], pipeline=manifest["pipeline"],
-                             allowed_hosts=["*"])  # AWS routes by its own host names; no browser-local server to rebind
+                             allowed_hosts=["*"],  # AWS routes by its own host names; no browser-local server to rebind
+                             # The start-up runs on a loop of its own and each invocation on the thread's loop:
+                             # a generation task tied to the start-up loop would die with it, so a thread runs them.
+                             inline="never")
     app = create_app(settings)
     start_lifespan(app)
     return app
@@ -97,9 +104,11 @@ def refusal(status: int, kind: str, message: str) -> dict:
 class LambdaApp:
     """One container's state: the released files, the app, and how long the cold start took."""
 
-    def __init__(self, env: Mapping[str, str], s3=None, app_factory: AppFactory | None = None):
+    def __init__(self, env: Mapping[str, str], s3=None, app_factory: AppFactory | None = None,
+                 clients: Callable[[str], object] | None = None):
         self.env = dict(env)
         self._s3 = s3
+        self._clients = clients  # service -> boto3 client (default: boto3, the function role's credentials)
         self.app_factory = app_factory or serving_app
         self.app = None           # the ASGI app once loaded
         self.asgi = None          # the Mangum handler around it
@@ -111,33 +120,45 @@ class LambdaApp:
 
     def s3(self):
         if self._s3 is None:
-            import boto3  # in Lambda: the function role's credentials; AWS_ENDPOINT_URL honoured
-
-            self._s3 = boto3.client("s3")
+            self._s3 = self.client("s3")
         return self._s3
+
+    def client(self, service: str):
+        if self._clients is not None:
+            return self._clients(service)
+        import boto3  # in Lambda: the function role's credentials; AWS_ENDPOINT_URL honoured
+
+        return boto3.client(service)
 
     def load(self) -> None:
         """Cold start: manifest -> verified files in the model dir -> app."""
         from mangum import Mangum
 
         started = time.perf_counter()
-        uri = self.env.get(ENV_MANIFEST)
+        uri, expected = self.env.get(ENV_MANIFEST), self.env.get(ENV_MANIFEST_SHA)
         if not uri:
-            raise ChecksumMismatch(f"{ENV_MANIFEST} is not set; deploy the function with `barkgpt deploy`")
+            raise ReleaseRefused(f"{ENV_MANIFEST} is not set; deploy the function with `barkgpt deploy`")
+        if not expected:  # without it, whoever can write the bucket decides what this function serves
+            raise ReleaseRefused(f"{ENV_MANIFEST_SHA} is not set, so the release cannot be verified; "
+                                 "deploy the function with `barkgpt deploy` (it sets both variables)")
         bucket, key = parse_s3_uri(uri)
         body = self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-        expected = self.env.get(ENV_MANIFEST_SHA)
-        if expected and hashlib.sha256(body).hexdigest() != expected:
+        if hashlib.sha256(body).hexdigest() != expected:
             raise ChecksumMismatch(f"{uri}: manifest sha256 differs from the deployed {ENV_MANIFEST_SHA}; "
                                    "the release was modified after deploy; re-run the deploy")
         manifest = json.loads(body)
+        if not plain_name(manifest.get("release_id")):
+            raise ReleaseRefused(f"{uri}: release id {manifest.get('release_id')!r} is not a plain folder name")
         t_manifest = time.perf_counter()
         folder = Path(self.env.get(ENV_MODEL_DIR, "/tmp/barkgpt")) / manifest["release_id"]
         folder.mkdir(parents=True, exist_ok=True)
         files = {role: download_verified(self.s3(), manifest["bucket"], entry, folder)
                  for role, entry in manifest["files"].items()}
         t_download = time.perf_counter()
-        app = self.app_factory(files, manifest, self.env)
+        app_env = dict(self.env)
+        if self.env.get(ENV_API_KEY_SECRET):  # the key lives in this process only, never in the env
+            app_env[ENV_API_KEY] = read_api_key(self.env[ENV_API_KEY_SECRET], self.client)
+        app = self.app_factory(files, manifest, app_env)
         # lifespan off: Mangum would otherwise run startup/shutdown on every invocation.
         self.app, self.asgi = app, Mangum(app, lifespan="off")
         t_load = time.perf_counter()
@@ -159,7 +180,7 @@ class LambdaApp:
         if self.asgi is None:
             try:
                 self.load()
-            except ChecksumMismatch as err:
+            except ReleaseRefused as err:
                 # Permanent for this container: the released bytes are not what was promised.
                 self.refused = f"refusing to serve: {err}"
                 print(json.dumps({"barkgpt": "refused", "reason": self.refused}), file=sys.stderr)

@@ -1,7 +1,7 @@
 """Re-deploy a registered MLflow model version: stage its files as a project root, then deploy.
 
 The registered version (`<tracking.model_prefix>-<pipeline>`, by number or by alias) carries the
-checkpoint, its checksum file and the tokenizer; its run carries the evaluation metrics. They are
+checkpoint (one file with its own sha256) and the tokenizer; its run carries the evaluation metrics. They are
 laid out as the pipeline would have written them, under <root>/.deploy-staging/<name>-v<N>/, so the
 ordinary deploy step (gates, manifest, function) runs unchanged on them.
 """
@@ -49,7 +49,7 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
         local = Path(download_artifacts(artifact_uri=client.get_model_version_download_uri(model, mv.version),
                                         dst_path=tmp, tracking_uri=uri))
         found = {p.name: p for p in local.rglob("*") if p.is_file()}
-        for file, dest in (("best.pt", models), ("best.pt.json", models), ("tokenizer.json", data)):
+        for file, dest in (("best.pt", models), ("tokenizer.json", data)):
             if file not in found:
                 raise BarkError(f"{model} version {mv.version} has no {file} artifact; it cannot be deployed")
             shutil.copy2(found[file], dest / file)

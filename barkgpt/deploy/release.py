@@ -21,8 +21,18 @@ MANIFEST = "manifest.json"
 MIB = 1024 * 1024
 
 
-class ChecksumMismatch(BarkError):
+class ReleaseRefused(BarkError):
+    """The release cannot be served as it is (the function refuses it for its whole life)."""
+
+
+class ChecksumMismatch(ReleaseRefused):
     """A file's bytes do not match the sha256 the manifest promises."""
+
+
+def plain_name(name) -> bool:
+    """A bare file name: joined to a folder, it names a file inside that folder and nowhere else."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and Path(name).name == name)
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,9 @@ def verify_object(s3, bucket: str, entry: dict, transfer: TransferSettings, path
 
 def download_verified(s3, bucket: str, entry: dict, dest_dir: Path) -> Path:
     """Fetch one manifest file into dest_dir; ChecksumMismatch if its sha256 differs."""
+    if not plain_name(entry.get("name")):
+        raise ReleaseRefused(f"manifest file name {entry.get('name')!r} is not a plain file name; refusing to "
+                             f"write outside {dest_dir}; re-run the deploy to write a fresh manifest")
     dest = Path(dest_dir) / entry["name"]
     if dest.exists() and dest.stat().st_size == entry["size"] and sha256_file(dest) == entry["sha256"]:
         return dest  # already here and intact (e.g. a warm container's /tmp)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 DTYPES = {"f32": np.float32, "f16": np.float16}
 
 
-def gguf_tensors(model) -> dict[str, torch.Tensor]:
+def gguf_tensors(model) -> dict:
     """llama.cpp tensor names -> weights (PyTorch (out, in) layout; gguf reverses to ggml's ne)."""
     cfg = model.cfg
     hd, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads

@@ -1,184 +1,163 @@
-"""Parity between llama.cpp (running an exported GGUF) and BarkGPT's PyTorch model.
+"""Parity: the same evaluation on the PyTorch checkpoint and on every exported GGUF, diffed.
 
-Every file reaches llama.cpp only after `preflight`. Logits are read from llama.cpp's own forward
-pass (`logits_all=True`); sampling for contract accuracy happens here with numpy from those logits,
-so a quantized file is judged by its distribution, the same rule `evaluate.py` uses for PyTorch.
+Both sides are barkgpt.lm models (TorchLM, LlamaLM). Per file: tokenization (llama.cpp's tokenizer
+from the GGUF vs BarkGPT's, on every validation line), logits on fixed prompts, greedy completions,
+and the pipeline's quality measure from barkgpt.evaluate (bark: the contract test, sampled through
+llama.cpp's own sampler; webtext: bits per byte on the validation stream). The verdict is
+barkgpt.gates.judge over the report; the report records the sha256 of every file it judged.
 """
 from __future__ import annotations
 
-import ctypes
-import math
-from pathlib import Path
-
 import numpy as np
-import torch
 
-from barkgpt.engine import Sampling, stream
-from barkgpt.export.gguf_file import preflight
-
-
-def open_llama(path: Path, n_ctx: int, threads: int = 1, warnings: list[str] | None = None):
-    """A llama_cpp.Llama for `path` after BarkGPT's own header checks; quiet, all logits kept.
-    llama.cpp's warnings while loading (e.g. `n_ctx_seq (256) > n_ctx_train (64)`: it pads the
-    context to 256; positions past the trained context are never used) are added to `warnings`.
-
-    The KV cache is F32 (llama.cpp defaults to F16) so F32 parity measures the export, not the
-    cache's rounding. One thread: these models are tiny and extra threads only add sync cost.
-    """
-    import llama_cpp
-
-    preflight(path)
-    kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                  n_threads=threads, n_threads_batch=threads, verbose=False,
-                  type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    from barkgpt.export import llama_log
-
-    with llama_log.captured() as warned:
-        llm = llama_cpp.Llama(**kwargs)
-    if warnings is not None:
-        warnings.extend(warned)
-    return llm
+from barkgpt.errors import BarkError
+from barkgpt.evaluate import CONTRACT_PROMPT, contract_quality, multi_turn_prompts, validation_loss
+from barkgpt.export import llama_log
+from barkgpt.export.checksums import verify_recorded
+from barkgpt.fileio import write_json
+from barkgpt.gates import GateError, deploy_quantization, judge, judged_files
+from barkgpt.layout import Layout
+from barkgpt.lm import LM, Sampling
 
 
-def close_llama(llm) -> None:
-    llm.close()  # free now, not in __del__ at interpreter exit (where llama-cpp-python can fail)
-
-
-def llama_tokenize(llm, text: str) -> list[int]:
-    # special=False: like BarkGPT, text is text; "<|endoftext|>" typed by a user is not the EOS
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-
-
-def llama_detokenize(llm, ids: list[int]) -> str:
-    """llama.cpp's own detokenizer (llama_detokenize), which also drops UGM's leading space.
-
-    llama-cpp-python's `Llama.detokenize` concatenates pieces instead and keeps that space.
-    """
-    import llama_cpp
-
-    arr = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
-    size = 64 + 32 * len(ids)
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_detokenize(llm._model.vocab, arr, len(ids), buf, size, False, True)
-        if n >= 0:
-            return buf.raw[:n].decode("utf-8", errors="replace")
-        size = -n + 1
-
-
-def llama_text(llm, ids: list[int]) -> str:
-    """The text llama.cpp gives for `ids`.
-
-    Word vocabulary (UGM): llama_detokenize, which drops the "▁" space prefix of the first word.
-    Byte-level BPE: the concatenated token pieces, as llama.cpp streams them; its whole-sequence
-    llama_detokenize also applies GPT-2's clean_up_tokenization_spaces (" ," -> ","), which
-    BarkGPT's tiktoken decoding does not (that rate is reported separately).
-    """
-    if llm.metadata.get("tokenizer.ggml.model") == "t5":
-        return llama_detokenize(llm, ids)
-    return llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
-
-
-def tokenization_parity(llm, tok, lines: list[str]) -> dict:
-    """Token ids on every line, and detokenize round trips (text equality, then ids again)."""
-    same = round_trip = whole = 0
+def tokenization_parity(theirs, ours, lines: list[str]) -> dict:
+    """Token ids on every line, and decode round trips (text equality, then ids again)."""
+    same = round_trip = 0
     first_mismatch = None
     for line in lines:
-        ours = tok.encode(line)
-        theirs = llama_tokenize(llm, line)
-        if ours == theirs:
+        a, b = ours.encode(line), theirs.encode(line)
+        if a == b:
             same += 1
         elif first_mismatch is None:
-            first_mismatch = {"line": line[:200], "barkgpt": ours[:32], "llama_cpp": theirs[:32]}
-        text = llama_text(llm, theirs)
-        if text == tok.decode(ours) and llama_tokenize(llm, text) == theirs:
-            round_trip += 1
-        whole += llama_detokenize(llm, theirs) == tok.decode(ours)
+            first_mismatch = {"line": line[:200], "barkgpt": a[:32], "llama_cpp": b[:32]}
+        text = theirs.decode(b)
+        round_trip += text == ours.decode(a) and theirs.encode(text) == b
     n = max(1, len(lines))
     return {"lines": len(lines), "agreement": same / n, "detokenize_round_trip": round_trip / n,
-            "llama_detokenize_exact": whole / n, "first_mismatch": first_mismatch}
+            "first_mismatch": first_mismatch}
 
 
-def llama_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-@torch.inference_mode()
-def logits_parity(llm, model, prompts: list[list[int]]) -> dict:
-    worst = 0.0
-    for ids in prompts:
-        ref = model(torch.tensor([ids]))[0].float().numpy()
-        worst = max(worst, float(np.abs(llama_logits(llm, ids) - ref).max()))
+def logits_parity(a: LM, b: LM, prompts: list[list[int]]) -> dict:
+    worst = max((float(np.abs(a.logits(ids) - b.logits(ids)).max()) for ids in prompts), default=0.0)
     return {"prompts": len(prompts), "max_abs_diff": worst}
 
 
-def llama_greedy(llm, ids: list[int], max_new: int, eos_id: int, n_ctx: int) -> list[int]:
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(min(max_new, n_ctx - len(ids))):
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(nxt)
-        if nxt == eos_id or len(ids) + len(out) >= n_ctx:
-            break
-        llm.eval([nxt])
-    return out
-
-
-def greedy_parity(llm, model, prompts: list[list[int]], eos_id: int, max_new: int) -> dict:
+def greedy_parity(a: LM, b: LM, prompts: list[list[int]], max_new: int) -> dict:
     s = Sampling(temperature=0.0, max_new_tokens=max_new)
     same, examples = 0, []
     for ids in prompts:
-        ours = list(stream(model, ids, s, eos_id))
-        theirs = llama_greedy(llm, ids, max_new, eos_id, model.cfg.block_size)
+        ours, theirs = list(a.generate(ids, s)), list(b.generate(ids, s))
         same += ours == theirs
         if len(examples) < 4 or ours != theirs:
-            examples.append({"prompt": ids, "pytorch": ours, "llama_cpp": theirs})
+            examples.append({"prompt": ids, a.backend: ours, b.backend: theirs})
     return {"prompts": len(prompts), "identical": same, "all_identical": same == len(prompts),
             "examples": examples[:8]}
 
 
-def llama_contract_accuracy(llm, tok, prompt: str, samples: int, max_new: int, temperature: float,
-                            seed: int, n_ctx: int) -> float:
-    """Share of temperature samples that keep the bark contract, logits from llama.cpp."""
-    from barkgpt.evaluate import is_contract
-
-    rng = np.random.default_rng(seed)
-    prompt_ids = tok.encode(prompt)
-    ok = 0
-    for _ in range(samples):
-        llm.reset()
-        llm.eval(prompt_ids)
-        out = []
-        for _ in range(min(max_new, n_ctx - len(prompt_ids))):
-            logits = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            if temperature == 0:
-                nxt = int(logits.argmax())
-            else:
-                p = np.exp((logits - logits.max()) / temperature)
-                nxt = int(rng.choice(len(p), p=p / p.sum()))
-            out.append(nxt)
-            if nxt == tok.eos_id or llm.n_tokens + 1 >= n_ctx:
-                break
-            llm.eval([nxt])
-        ok += is_contract(out, tok)
-    return ok / samples
+def parity_prompts(tok, val_lines: list[str], n_ctx: int, prompt_format: str) -> tuple[list[list[int]], list[list[int]]]:
+    """(logit prompts, greedy prompts): fixed, derived from the validation text."""
+    if prompt_format == "bark":
+        greedy = [CONTRACT_PROMPT, "User: woof Assistant:", "Assistant:"] + multi_turn_prompts(val_lines, 5)
+        greedy_ids = [tok.encode(g) for g in greedy]
+    else:
+        greedy_ids = [ids[: n_ctx // 4] for ids in (tok.encode(line) for line in val_lines[:32]) if len(ids) > 1][:8]
+    logit_ids = [ids[:n_ctx] for ids in (tok.encode(line) for line in val_lines[:8]) if ids] + greedy_ids
+    return logit_ids, [g for g in greedy_ids if 0 < len(g) < n_ctx]
 
 
-def llama_bits_per_byte(llm, ids: np.ndarray, n_bytes: int, window: int) -> float:
-    """Sum of -log2 p(next token) over `ids` in non-overlapping windows, per byte of text."""
-    total = 0.0
-    for start in range(0, len(ids) - 1, window):
-        chunk = [int(x) for x in ids[start : start + window + 1]]
-        if len(chunk) < 2:
-            break
-        logits = llama_logits(llm, chunk[:-1]).astype(np.float64)
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        total += float((logz - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
-    return total / math.log(2) / max(1, n_bytes)
+def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
+    """Compare every exported file with PyTorch; judge; write parity.json and its summary.
+
+    Raises GateError (after writing the report) when F32 parity fails or the deploy quantization
+    is rejected.
+    """
+    import llama_cpp
+
+    from barkgpt.evaluate import open_for_evaluation
+    from barkgpt.lm.llama_lm import LlamaLM
+
+    p, name = params.export, lay.pipeline
+    section = pipe.params(params)
+    files = {"f32": lay.gguf("f32"), **({"f16": lay.gguf("f16")} if p.f16 else {}),
+             **{q: lay.gguf(q) for q in p.quantizations}}
+    missing = [str(f) for f in files.values() if not f.exists()]
+    if missing:
+        raise BarkError(f"exported files are missing: {missing}; run the export and quantize stages first")
+    for path in files.values():  # judge the files the stages wrote (their recorded sha256), not copies damaged since
+        verify_recorded(lay, path)
+    ref, val_ids, token_bytes = open_for_evaluation(lay, threads=max(1, min(2, p.threads)))
+    tok = ref.tokenizer
+    if pipe.metric == "contract_accuracy":  # the contract test, as the evaluate stage runs it
+        metric = "contract"
+
+        def quality(lm: LM) -> dict:
+            return {k: v for k, v in contract_quality(lm, section.gates, section.eval).items() if k != "completions"}
+    else:
+        metric = "val_bpb"
+
+        def quality(lm: LM) -> dict:
+            return validation_loss(lm, val_ids[: p.bpb_tokens], token_bytes, 16, None)
+    logit_prompts, greedy_prompts = parity_prompts(tok, val_lines, ref.n_ctx, pipe.prompt_format)
+    report: dict = {"pipeline": name, "stage": "parity", "metric": metric, "llama_cpp_python": llama_cpp.__version__,
+                    "tokenizer": tok.kind, "reference": {"backend": ref.backend, **quality(ref)}, "files": {}}
+    f32_size = files["f32"].stat().st_size
+    warned: list[str] = []  # llama.cpp's warnings while opening the files: into the report, not the log
+    for variant, path in files.items():
+        lm = LlamaLM(path, n_ctx=ref.n_ctx, threads=p.threads, all_logits=True)
+        warned += lm.warnings
+        try:
+            report["files"][variant] = {
+                "path": str(path), "bytes": path.stat().st_size, "size_ratio_vs_f32": path.stat().st_size / f32_size,
+                "tokenization": tokenization_parity(lm.tokenizer, tok, val_lines),
+                "logits": logits_parity(ref, lm, logit_prompts),
+                "greedy": greedy_parity(ref, lm, greedy_prompts, p.greedy_max_new_tokens),
+                "quality": quality(lm)}
+        finally:
+            lm.close()
+    verdict = judge(report, params)
+    deploy = deploy_quantization(params)
+    report["quantizations"] = {q: _quantization_entry(report, q, verdict, lay) for q in p.quantizations}
+    report["gate"] = {**verdict.as_dict(), "deploy_quantization": deploy, "deploy_file": str(lay.gguf(deploy)),
+                      "f32_parity_passed": verdict.passed_for("f32."), "deploy_passed": verdict.passed,
+                      "rejected": [q for q in p.quantizations if not verdict.passed_for(f"{q}.")]}
+    f32 = report["files"]["f32"]
+    report["f32_parity"] = {
+        "passed": verdict.passed_for("f32."), "tokenization_agreement": f32["tokenization"]["agreement"],
+        "detokenize_round_trip": f32["tokenization"]["detokenize_round_trip"],
+        "validation_lines": f32["tokenization"]["lines"], "logits_max_abs_diff": f32["logits"]["max_abs_diff"],
+        "logits_tolerance": p.logits_tolerance,
+        "greedy_identical": f"{f32['greedy']['identical']}/{f32['greedy']['prompts']}"}
+    report["judged"] = judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
+                                               "val_text": lay.val_text, "val_tokens": lay.token_manifest("val"), **files})
+    report["llama_cpp_warnings"] = llama_log.summary(warned)
+    write_json(lay.parity_report, report)
+    print(llama_log.one_line(f"parity {name}", warned, str(lay.parity_report)), flush=True)
+    # For `dvc metrics show`, which prints one table over every metrics file: the verdict shares the
+    # evaluation summary's gate_passed column, and one value per quantization keeps a row < 120 columns.
+    write_json(lay.parity_summary, {"gate_passed": verdict.passed,
+                                    **{q: e["value"] for q, e in report["quantizations"].items()}})
+    if not verdict.passed_for("f32."):
+        raise GateError(f"F32 GGUF parity failed ({verdict.reason('f32.')}); see {lay.parity_report}. The export "
+                        "does not reproduce the PyTorch model; fix the exporter before deploying")
+    if not verdict.passed:
+        raise GateError(f"deploy quantization {deploy} was rejected: {verdict.reason(deploy + '.')} (see "
+                        f"{lay.parity_report}); choose another export.deploy_quantization or retrain")
+    return report
 
 
-def file_size(path: Path) -> int:
-    return Path(path).stat().st_size
+def _quantization_entry(report: dict, q: str, verdict, lay: Layout) -> dict:
+    """One line per quantization: size, the measured value against PyTorch's, the verdict, tensor types."""
+    from barkgpt.fileio import read_json
+
+    e, metric = report["files"][q], report["metric"]
+    key = "contract_accuracy" if metric == "contract" else "val_bpb"
+    value, base = e["quality"][key], report["reference"][key]
+    quant = (read_json(lay.quantization_report) if lay.quantization_report.exists() else {}).get(q, {})
+    return {"size_ratio_vs_f32": e["size_ratio_vs_f32"], "bytes": e["bytes"], "metric": key, "value": value,
+            "pytorch_value": base, "delta": value - base, "relative_delta": (value - base) / base if base else None,
+            "logits_max_abs_diff_vs_pytorch": e["logits"]["max_abs_diff"],
+            "greedy_identical": f"{e['greedy']['identical']}/{e['greedy']['prompts']}",
+            "status": "accepted" if verdict.passed_for(f"{q}.") else "rejected",
+            "reason": "; ".join(c.detail for c in verdict.checks if c.name.startswith(f"{q}.")),
+            "fallbacks": quant.get("fallbacks", []),
+            "tensor_types": {k: v["type"] for k, v in quant.get("tensors", {}).items()}}

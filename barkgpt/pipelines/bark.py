@@ -24,17 +24,13 @@ def word_tokenizer(params, lay: Layout):
 
 
 def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
-    """Validation loss, perplexity, prompt-contract accuracy and the OOD probe, plus samples."""
-    from barkgpt.checkpoint import load_model
-    from barkgpt.evaluate import evaluate_bark
-    from barkgpt.stages import load_split, read_lines
+    """Bits per byte, loss, the contract test's failures, multi-turn and OOD rates, plus samples."""
+    from barkgpt.evaluate import evaluate_bark, open_for_evaluation
+    from barkgpt.stages import read_lines
 
     cfg = params.bark
-    model, tok = load_model(lay.checkpoint)
-    val_ids, _ = load_split(lay, "val", tok)
-    metrics, samples = evaluate_bark(model, tok, val_ids, read_lines(lay.val_text), cfg.eval, cfg.train.dtype)
-    metrics["gate_passed"] = metrics["contract_accuracy"] >= cfg.gates.min_contract_accuracy
-    return metrics, samples
+    lm, val_ids, token_bytes = open_for_evaluation(lay, cfg.train.threads)
+    return evaluate_bark(lm, val_ids, read_lines(lay.val_text), token_bytes, cfg.eval, cfg.gates)
 
 
 def _bark_suites(params, lay):
@@ -60,13 +56,13 @@ PIPELINE = Pipeline(
         common.validate_stage(params=("bark.data", "bark.validation", "bark.model.block_size")),
         common.tokenize_stage(writes_tokenizer=True),
         common.validate_tokens_stage(),
-        *common.model_stages(evaluate_code=("barkgpt/evaluate.py", "barkgpt/engine.py"),
-                             train_after=lambda lay: [lay.token_validation_report]),
+        *common.model_stages(train_after=lambda lay: [lay.token_validation_report],
+                             parity_params=("bark.eval", "bark.gates")),  # parity runs the contract test
     ),
     metric="contract_accuracy",
     higher_is_better=True,
     summary=(("contract_accuracy", "contract_accuracy"), ("contract_accuracy_multi_turn", "multi_turn"),
-             ("val_loss", "val_loss"), ("val_perplexity", "perplexity"), ("gate_passed", "gate_passed")),
+             ("val_bpb", "val_bpb"), ("gate_passed", "gate_passed")),
     evaluate=evaluate,
     prompt_format="bark",
     tokens=word_tokenizer,

@@ -52,13 +52,14 @@ def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
         code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py",
-              "barkgpt/distributed.py", "barkgpt/data/shards.py"),
+              "barkgpt/distributed.py", "barkgpt/data/shards.py", "barkgpt/loss_eval.py", "barkgpt/lm/torch_lm.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
         reports=lambda lay: [lay.train_summary],
         plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
-        options=(Option(("--resume",), "resume", "continue from models/<pipeline>/last.pt",
+        options=(Option(("--resume",), "resume", "continue the interrupted run in runs/<pipeline>/, else train "
+                        "models/<pipeline>/last.pt further",
                         {"action": "store_true"}),
                  Option(("--quiet",), "progress",
                         "no progress bar: a progress line every 10 s instead (as when stderr is not a terminal)",
@@ -70,10 +71,14 @@ def train_stage(after=lambda lay: []) -> Stage:
         dvc_flags=("--quiet",))
 
 
-def evaluate_stage(code: tuple[str, ...]) -> Stage:
+# The model interface, the metrics and the gate: what evaluation and parity judge with.
+EVALUATION_CODE = ("barkgpt/lm", "barkgpt/evaluate.py", "barkgpt/loss_eval.py", "barkgpt/gates.py")
+
+
+def evaluate_stage() -> Stage:
     return Stage(
         "evaluate", stages.evaluate, "evaluate the current model with the pipeline's metric and gate",
-        code=code, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
+        code=EVALUATION_CODE, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
         params=("{p}.eval", "{p}.gates"),
         metrics=lambda lay: [lay.summary], reports=lambda lay: [lay.metrics, lay.samples])
 
@@ -96,17 +101,18 @@ def quantize_stage() -> Stage:
         reports=lambda lay: [lay.quantization_report])
 
 
-def parity_stage() -> Stage:
+def parity_stage(params: tuple[str, ...] = ()) -> Stage:
+    """`params`: what the pipeline's quality measure reads besides export (bark: its eval and gates)."""
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
-        code=("barkgpt/export/parity.py", "barkgpt/export/pipeline.py"),
-        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.full_exports, lay.quantized_exports,
+        code=("barkgpt/export/parity.py", "barkgpt/export/checksums.py", *EVALUATION_CODE),
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens, lay.full_exports, lay.quantized_exports,
                           lay.export_report, lay.quantization_report],
-        params=("seed", "export"),
-        reports=lambda lay: [lay.parity_report])
+        params=("seed", "export", *params),
+        metrics=lambda lay: [lay.parity_summary], reports=lambda lay: [lay.parity_report])
 
 
-def model_stages(evaluate_code: tuple[str, ...], train_after=lambda lay: []) -> tuple[Stage, ...]:
+def model_stages(train_after=lambda lay: [], parity_params: tuple[str, ...] = ()) -> tuple[Stage, ...]:
     """train -> evaluate -> export -> quantize -> parity: the same for every pipeline."""
-    return (train_stage(train_after), evaluate_stage(evaluate_code), export_stage(), quantize_stage(),
-            parity_stage())
+    return (train_stage(train_after), evaluate_stage(), export_stage(), quantize_stage(),
+            parity_stage(parity_params))

@@ -51,20 +51,12 @@ def saved_tokenizer(params, lay: Layout):
 
 
 def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
-    """Validation bits per byte and perplexity over the whole validation split, plus samples."""
-    from barkgpt.checkpoint import load_model
-    from barkgpt.loss_eval import evaluate_lm
-    from barkgpt.stages import load_split
+    """Validation bits per byte and perplexity over the validation split, plus samples."""
+    from barkgpt.evaluate import evaluate_text, open_for_evaluation
 
     cfg = pipe.params(params)
-    model, tok = load_model(lay.checkpoint)
-    val_ids, manifest = load_split(lay, "val", tok, f"the model {lay.checkpoint} and the shards disagree: re-run "
-                                   f"the tokenize and train stages (dvc repro {pipe.dvc_file})")
-    # fp32 here whatever the training dtype: the reported bpb should not carry bf16 rounding.
-    metrics, samples = evaluate_lm(model, tok, val_ids, cfg.eval, "float32", cfg.train.threads)
-    metrics["val_text_bytes"] = manifest.get("text_bytes")
-    metrics["gate_passed"] = metrics["val_bpb"] <= cfg.gates.max_val_bpb
-    return metrics, samples
+    lm, val_ids, token_bytes = open_for_evaluation(lay, cfg.train.threads)
+    return evaluate_text(lm, val_ids, token_bytes, cfg.eval)
 
 
 def _text_suites(params, lay):
@@ -98,8 +90,7 @@ def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
               outs=lambda lay: [lay.tokenizer], reports=lambda lay: [lay.tokenizer_report]),
         common.tokenize_stage(after=lambda lay: [lay.tokenizer], params=("{p}.tokenizer.shard_tokens",)),
         common.validate_tokens_stage(),
-        *common.model_stages(evaluate_code=("barkgpt/loss_eval.py", "barkgpt/engine.py"),
-                             train_after=lambda lay: [lay.token_validation_report]),
+        *common.model_stages(train_after=lambda lay: [lay.token_validation_report]),
     )
 
 

@@ -45,7 +45,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.backend = load_backend(serve, settings.root)  # once per process
         app.state.worker = make_worker(app.state.backend, serve)
         app.state.worker.start()
-        log.info("serving %s (%s, %s backend)", app.state.backend.model_id, app.state.backend.kind, serve.backend)
+        log.info("serving %s (%s model, %s)", app.state.backend.model_id, app.state.backend.kind,
+                 app.state.backend.lm.backend)
         yield
         app.state.worker.stop()
 

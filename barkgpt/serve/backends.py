@@ -1,4 +1,5 @@
-"""Model backends behind one small interface: the GGUF through llama.cpp, or the PyTorch checkpoint.
+"""The server's model backend: one class over any barkgpt.lm model, a GGUF through llama.cpp or a
+PyTorch checkpoint (the same generation, tokenizer and decoding the CLI and evaluation use).
 
 A backend is used by exactly one thread (the model worker, `worker.py`): llama.cpp contexts and
 the KV cache are not thread-safe. `complete` and `chat` are generators: text pieces, then one
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from barkgpt.errors import BarkError
+from barkgpt.lm import Sampling, StopFn, TextStream, load_lm
 from barkgpt.serve.contract import bark_prompt
 
 BARK_WORDS = {"User:", "Assistant:", "speak", "<EOS>"}
@@ -36,7 +38,6 @@ class Done:
 
 
 Piece = str | Done
-StopFn = Callable[[], bool]
 
 
 class StopText:
@@ -61,128 +62,80 @@ class StopText:
         return out
 
 
-def _check_fit(prompt_tokens: int, n_ctx: int) -> None:
-    if prompt_tokens == 0:
-        raise BarkError("the prompt is empty; send at least one word")
-    if prompt_tokens >= n_ctx:
-        raise BarkError(f"the prompt has {prompt_tokens} tokens; this model's context is {n_ctx} tokens; "
-                        "shorten the prompt")
+KINDS = {
+    "bark": "a bark model: it hears only 'User: speak' (your words are not in its vocabulary) and "
+            "answers in barks",
+    "text": "a text model: it continues what you type, up to the end of the line",
+    "chat": "a chat model: your messages go through its own chat template",
+}
 
 
-class TorchBackend:
-    """The PyTorch checkpoint through barkgpt.engine (KV-cache decoding)."""
+def model_kind(lm) -> str:
+    """bark: a word vocabulary holding the contract words; chat: a GGUF with a chat template that is
+    not a BarkGPT model; text: any other language model (e.g. BarkGPT's WebText model)."""
+    vocab = getattr(lm.tokenizer, "vocab", None)
+    if lm.tokenizer.kind == "word" and vocab and BARK_WORDS <= set(vocab):
+        return "bark"
+    return "chat" if getattr(lm, "has_chat_template", False) else "text"
 
-    kind = "bark"
 
-    def __init__(self, path: Path, threads: int, model_id: str):
-        import torch
+class Backend:
+    """A barkgpt.lm model (PyTorch or llama.cpp) behind the server: text in, text pieces out,
+    decoded incrementally by the model's own tokenizer."""
 
-        from barkgpt.checkpoint import load_model
+    def __init__(self, lm, model_id: str):
+        self.lm, self.model_id = lm, model_id
+        self.kind, self.n_ctx = model_kind(lm), lm.n_ctx
 
-        torch.set_num_threads(threads)
-        self.model, self.tok = load_model(path)
-        self.n_ctx = self.model.cfg.block_size
-        self.model_id = model_id
+    def info(self) -> dict:
+        """What the chat page and /v1/models say about the model."""
+        return {"backend": self.lm.backend, "kind": self.kind, "hears": KINDS[self.kind],
+                "context_length": self.n_ctx, "vocab_size": self.lm.vocab_size,
+                "tokenizer": self.lm.tokenizer.kind}
 
     def complete(self, prompt: str, g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
-        from barkgpt.engine import Sampling, stream
-
-        ids = self.tok.encode(prompt)
-        _check_fit(len(ids), self.n_ctx)
-        seed = g.seed % 2**63 if g.seed is not None else random.getrandbits(62)
-        s = Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_tokens, seed=seed)
-        stopper, n, finish = StopText(g.stop), 0, "length"
-        for tok_id in stream(self.model, ids, s, self.tok.eos_id):
+        ids = self.lm.tokenizer.encode(prompt)
+        s = Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_tokens, seed=g.seed)
+        text, stopper, n, finish, hit = TextStream(self.lm.tokenizer, ids), StopText(g.stop), 0, "length", False
+        for token in self.lm.generate(ids, s, should_stop):
             n += 1
-            if tok_id == self.tok.eos_id:
+            if self.lm.is_end(token):
                 finish = "stop"
                 break
-            out, hit = stopper.feed(" " + self.tok.decode([tok_id]))
+            out, hit = stopper.feed(text.push(token))
             if out:
                 yield out
             if hit:
-                finish = "stop"
                 break
-            if should_stop():
-                break
-        if rest := stopper.flush():
+        if not hit:  # what the decoder held back (an unfinished character), then the stop-text hold
+            out, hit = stopper.feed(text.flush())
+            if out:
+                yield out
+        if hit:
+            finish = "stop"
+        elif rest := stopper.flush():
             yield rest
         yield Done(finish, len(ids), n)
 
     def chat(self, messages: list[dict], g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
-        yield from self.complete(bark_prompt(messages, self.n_ctx - 2), g, should_stop)
+        if self.kind == "bark":  # the prompt contract, for bark models only
+            yield from self.complete(bark_prompt(messages, self.n_ctx - 2), g, should_stop)
+        elif self.kind == "text":  # a text model continues the last user message
+            last = next(m for m in reversed(messages) if m["role"] == "user")
+            yield from self.complete(last["content"], g, should_stop)
+        else:
+            yield from self._template_chat(messages, g, should_stop)
 
-
-class LlamaBackend:
-    """A GGUF through llama-cpp-python. A bark GGUF (its vocabulary holds the contract words) gets
-    the contract prompt; any other chat GGUF gets its own chat template (create_chat_completion)."""
-
-    def __init__(self, path: Path, threads: int, model_id: str, n_ctx: int = 0,
-                 chat_format: str | None = None):
-        from llama_cpp import Llama
-
-        probe = Llama(model_path=str(path), vocab_only=True, verbose=False)
-        trained = int(probe.metadata.get(f"{probe.metadata.get('general.architecture')}.context_length", 2048))
-        self.vocab = self._small_vocab(probe)
-        del probe
-        self.n_ctx = n_ctx or min(trained, 4096)
-        # flash_attn: llama.cpp's fused attention; the bark model decodes a token in ~60 us, not ~95 us
-        self.llm = Llama(model_path=str(path), n_ctx=self.n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=min(512, self.n_ctx), chat_format=chat_format, flash_attn=True, verbose=False)
-        self.kind = "bark" if self.vocab and BARK_WORDS <= self.vocab else "chat"
-        self.model_id = model_id
-
-    @staticmethod
-    def _small_vocab(llm) -> set[str] | None:
-        """The token texts of a small (word-level) vocabulary; None for a real LLM's vocabulary."""
-        n = llm.n_vocab()
-        if n > 4096:
-            return None
-        return {llm._model.token_get_text(i).replace("\u2581", "").strip() for i in range(n)}
-
-    def _sampler(self, g: GenParams) -> dict:
+    def _template_chat(self, messages: list[dict], g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
+        """A chat GGUF through llama-cpp-python's chat templating (its own format and stop tokens)."""
+        llm = self.lm.llm
         # OpenAI semantics: only temperature and top_p shape the distribution (llama.cpp's own
         # defaults add top_k=40, min_p=0.05 and a repeat penalty)
         seed = g.seed % 2**32 if g.seed is not None else random.getrandbits(32)
-        return dict(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p or 1.0, top_k=0,
-                    min_p=0.0, repeat_penalty=1.0, stop=g.stop or None, seed=seed, stream=True)
-
-    def _check_bark_words(self, prompt: str) -> None:
-        unknown = [w for w in prompt.split() if w not in self.vocab]
-        if unknown:
-            raise BarkError(f"word {unknown[0]!r} is not in the bark vocabulary {sorted(self.vocab - {''})}; "
-                            "prompts may use only these words, e.g. 'User: speak Assistant:'")
-
-    def complete(self, prompt: str, g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
-        if self.kind == "bark":
-            self._check_bark_words(prompt)
-        n_prompt = len(self.llm.tokenize(prompt.encode("utf-8"), add_bos=True))
-        _check_fit(n_prompt, self.n_ctx)
-        params = self._sampler(g) | {"max_tokens": min(g.max_tokens, self.n_ctx - n_prompt)}
-        n, finish = 0, "length"
-        for chunk in self.llm.create_completion(prompt, **params):
-            choice = chunk["choices"][0]
-            if choice.get("finish_reason"):
-                # the closing chunk: its token is <EOS> or a stop string (counted, like PyTorch's
-                # <EOS>), or nothing new when max_tokens ran out
-                finish = choice["finish_reason"]
-                n += finish == "stop"
-                if choice["text"]:
-                    yield choice["text"]
-                break
-            n += 1
-            if choice["text"]:
-                yield choice["text"]
-            if should_stop():
-                break
-        yield Done(finish, n_prompt, n)
-
-    def chat(self, messages: list[dict], g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
-        if self.kind == "bark":
-            yield from self.complete(bark_prompt(messages, self.n_ctx - 2), g, should_stop)
-            return
         try:
-            chunks = self.llm.create_chat_completion(messages=messages, **self._sampler(g))
+            chunks = llm.create_chat_completion(
+                messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p or 1.0,
+                top_k=0, min_p=0.0, repeat_penalty=1.0, stop=g.stop or None, seed=seed, stream=True)
             n, finish = 0, "length"
             for chunk in chunks:
                 choice = chunk["choices"][0]
@@ -198,7 +151,7 @@ class LlamaBackend:
                     break
         except ValueError as err:  # llama-cpp-python: "Requested tokens (...) exceed context window of ..."
             raise BarkError(f"{err}; shorten the conversation") from None
-        yield Done(finish, max(0, self.llm.n_tokens - n), n)
+        yield Done(finish, max(0, llm.n_tokens - n), n)
 
 
 def resolve_model(serve, root: Path) -> Path:
@@ -240,17 +193,17 @@ def load_backend(serve, root: Path):
         return _LOADED[key]
 
 
-def _load_backend(serve, root: Path):
+def _load_backend(serve, root: Path) -> Backend:
     path = resolve_model(serve, root)
-    if serve.backend == "torch" or path.suffix == ".pt":
-        return TorchBackend(path, serve.threads, serve.model_id or f"barkgpt-{serve.pipeline}")
-    if path.suffix != ".gguf":
-        raise BarkError(f"{path}: not a .gguf or .pt file; the llama backend serves GGUF models")
-    from barkgpt.export.checksums import verify_recorded
-    from barkgpt.layout import layout
+    if serve.backend == "torch" and path.suffix != ".pt":
+        raise BarkError(f"{path}: the torch backend serves a .pt checkpoint; use --backend llama for a GGUF")
+    if path.suffix == ".gguf":
+        from barkgpt.export.checksums import verify_recorded
+        from barkgpt.layout import layout
 
-    # a pipeline's export must be the file its stage wrote (and pre-flighted); any other GGUF meets
-    # llama.cpp's own loader checks
-    verify_recorded(layout(serve.pipeline, root), path, required=False)
-    return LlamaBackend(path, serve.threads, serve.model_id or path.stem, serve.n_ctx,
-                        serve.chat_format)
+        # a pipeline's export must be the file its stage wrote (and pre-flighted); any other GGUF meets
+        # llama.cpp's own loader checks
+        verify_recorded(layout(serve.pipeline, root), path, required=False)
+    # flash_attn: llama.cpp's fused attention; the bark model decodes a token in ~60 us, not ~95 us
+    lm = load_lm(path, threads=serve.threads, n_ctx=serve.n_ctx, chat_format=serve.chat_format, flash_attn=True)
+    return Backend(lm, serve.model_id or lm.name)

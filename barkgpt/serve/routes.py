@@ -129,8 +129,9 @@ async def chat_page():
 
 @api.get("/models")
 async def models(backend: Backend):
+    # OpenAI's fields, then what the model is and what it hears (the chat page shows them)
     return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": 0,
-                                         "owned_by": "barkgpt", "context_length": backend.n_ctx}]}
+                                         "owned_by": "barkgpt", **backend.info()}]}
 
 
 @api.post("/completions")

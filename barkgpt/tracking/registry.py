@@ -4,7 +4,7 @@ A version is known by its checkpoint's sha256 (tag `sha256.best.pt`): evaluating
 again (other evaluation params, another door, a re-run) updates that version's tags instead of
 registering another. Every version carries the sha256 of its files, the data hashes of the
 project's current dvc.lock, the evaluation verdict and the pipeline's ranking metrics. The
-`champion` alias goes to the best gate-passing version by the pipeline's metric (RANKING), not
+`champion` alias goes to the best gate-passing version by the pipeline's metric (`ranking`), not
 to the newest; when no version passes, there is no champion.
 """
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 from barkgpt.fileio import sha256_file
 from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
-# The pipeline's metric, then its tie-breakers: (metric in metrics.json, "max" or "min").
-# Bark's contract accuracy saturates at 1.0 for any good model, so validation loss breaks ties.
-RANKING = {
-    "bark": [("contract_accuracy", "max"), ("val_loss", "min")],
-    "webtext": [("val_bpb", "min")],
-}
 CHECKPOINT_TAG = "sha256.best.pt"
+
+
+def ranking(metric: str, higher_is_better: bool) -> list[tuple[str, str]]:
+    """The pipeline's declared metric (barkgpt/pipelines/), then validation loss to break ties:
+    bark's contract accuracy saturates at 1.0 for any good model. [(metric, "max" | "min")]."""
+    order = [(metric, "max" if higher_is_better else "min")]
+    return order if metric == "val_loss" else order + [("val_loss", "min")]
 
 
 def model_name(params, name: str) -> str:
@@ -29,19 +30,18 @@ def model_name(params, name: str) -> str:
 
 
 def model_files(paths) -> dict[str, Path]:
-    """The files a registered version is made of (the checkpoint's checksum file when there is one)."""
-    files = {"best.pt": paths.checkpoint, "best.pt.json": Path(str(paths.checkpoint) + ".json"),
-             "tokenizer.json": paths.tokenizer}
+    """The files a registered version is made of (a checkpoint is one file, its sha256 inside)."""
+    files = {"best.pt": paths.checkpoint, "tokenizer.json": paths.tokenizer}
     return {k: f for k, f in files.items() if f.exists()}
 
 
-def version_tags(paths, name: str, metrics: dict, gate_passed: bool) -> dict[str, str]:
+def version_tags(paths, order: list[tuple[str, str]], metrics: dict, gate_passed: bool) -> dict[str, str]:
     tags = {f"sha256.{k}": sha256_file(f) for k, f in model_files(paths).items()}
     tags.update({f"dvc.md5.{path}": md5 for path, md5 in dvc_data_md5(paths).items()})
     if sha := tokens_sha256(paths):
         tags["data.tokens_sha256"] = sha
     tags["gate_passed"] = str(bool(gate_passed)).lower()
-    for metric, _ in RANKING.get(name, []):
+    for metric, _ in order:
         if isinstance(metrics.get(metric), (int, float)):
             tags[f"eval.{metric}"] = repr(float(metrics[metric]))
     return tags
@@ -55,18 +55,22 @@ def find_version(client, model: str, checkpoint_sha256: str):
     return None
 
 
-def register(run, metrics: dict, gate_passed: bool) -> dict:
+def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]) -> dict:
     """Register the run's model once (a known checkpoint only gets fresh tags), then elect the champion."""
     mlflow, client, p, params, name = run.mlflow, run.client, run.paths, run.params, run.name
+    if gate_passed:  # a champion candidate must be the model its gate judged, byte for byte
+        from barkgpt.gates import verify_judged
+
+        verify_judged(p.metrics, {"checkpoint": p.checkpoint, "tokenizer": p.tokenizer})
     model = model_name(params, name)
-    tags = version_tags(p, name, metrics, gate_passed)
+    tags = version_tags(p, order, metrics, gate_passed)
     mv = find_version(client, model, tags.get(CHECKPOINT_TAG, "")) if CHECKPOINT_TAG in tags else None
     if mv is None:
         mv = mlflow.register_model(log_model(run), model, tags=tags)
     else:
         for key, value in tags.items():
             client.set_model_version_tag(model, mv.version, key, value)
-    champion = elect_champion(client, model, name, params.tracking.champion_alias)
+    champion = elect_champion(client, model, order, params.tracking.champion_alias)
     return {"run_id": run.run_id, "registered_model": model, "version": int(mv.version),
             "champion": champion == int(mv.version), "champion_version": champion}
 
@@ -79,8 +83,6 @@ def log_model(run) -> str:
     mlflow, p, params, name = run.mlflow, run.paths, run.params, run.name
     eval_cfg = getattr(params, name).eval
     artifacts = {"checkpoint": str(p.checkpoint), "tokenizer": str(p.tokenizer)}
-    if (checksum := Path(str(p.checkpoint) + ".json")).exists():
-        artifacts["checkpoint_sha256"] = str(checksum)
     prompt = "User: speak Assistant:" if name == "bark" else (getattr(eval_cfg, "prompts", None) or ["The"])[0]
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -98,11 +100,11 @@ def log_model(run) -> str:
     return info.model_uri
 
 
-def _rank_key(mv, name: str, run_metrics) -> tuple | None:
+def _rank_key(mv, order: list[tuple[str, str]], run_metrics) -> tuple | None:
     """Sort key (smaller is better) from the version's eval.* tags (or its run's metrics for versions
     registered before those tags existed); None when the pipeline's metric is unknown."""
     key = []
-    for metric, direction in RANKING.get(name, []):
+    for metric, direction in order:
         raw = (mv.tags or {}).get(f"eval.{metric}")
         value = float(raw) if raw is not None else run_metrics(mv.run_id).get(f"eval.{metric}")
         if value is None or not math.isfinite(value):
@@ -113,18 +115,18 @@ def _rank_key(mv, name: str, run_metrics) -> tuple | None:
     return (*key, -int(mv.version))  # a tie goes to the newer version
 
 
-def best_version(versions, name: str, run_metrics=lambda run_id: {}) -> int | None:
+def best_version(versions, order: list[tuple[str, str]], run_metrics=lambda run_id: {}) -> int | None:
     ranked = []
     for mv in versions:
         if (mv.tags or {}).get("gate_passed") != "true":
             continue
-        key = _rank_key(mv, name, run_metrics)
+        key = _rank_key(mv, order, run_metrics)
         if key is not None:
             ranked.append((key, int(mv.version)))
     return min(ranked)[1] if ranked else None
 
 
-def elect_champion(client, model: str, name: str, alias: str) -> int | None:
+def elect_champion(client, model: str, order: list[tuple[str, str]], alias: str) -> int | None:
     """Point `alias` at the best gate-passing version; remove it when none passes."""
     cache: dict[str, dict] = {}
 
@@ -136,7 +138,7 @@ def elect_champion(client, model: str, name: str, alias: str) -> int | None:
                 cache[run_id] = {}
         return cache[run_id]
 
-    best = best_version(client.search_model_versions(f"name='{model}'"), name, run_metrics)
+    best = best_version(client.search_model_versions(f"name='{model}'"), order, run_metrics)
     current = (client.get_registered_model(model).aliases or {}).get(alias)
     if best is None:
         if current is not None:

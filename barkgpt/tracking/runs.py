@@ -11,6 +11,7 @@ in `mlruns/`), or the `MLFLOW_TRACKING_URI` environment variable (a tracking ser
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -152,13 +153,16 @@ def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
 
     inputs = []
     for split, context in (("train", "training"), ("val", "validation")):
-        shard = paths.shard(split)
-        if not shard.exists():
+        manifest = paths.token_manifest(split)  # names the split's shard files, in order
+        if not manifest.exists():
             continue
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file, either way
             warnings.simplefilter("ignore")
-            source = resolve_dataset_source(shard.resolve().as_uri())
-        digest = sha256_file(shard)[:16]
+            source = resolve_dataset_source(manifest.resolve().as_uri())
+        digest = hashlib.sha256(sha256_file(manifest).encode())
+        for shard in paths.token_shard_files(split):
+            digest.update(sha256_file(shard).encode())
+        digest = digest.hexdigest()[:16]
         dataset = MetaDataset(source, name=f"{name}-{split}-tokens", digest=digest)
         inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                    tags=[InputTag("mlflow.data.context", context)]))
@@ -216,12 +220,12 @@ class TrainingRun:
 
 
 def start_training_run(params: Params, name: str, paths, tags: dict | None = None,
-                       resume: bool = False) -> TrainingRun | None:
+                       resume: bool = False, record: Path | None = None) -> TrainingRun | None:
     """Open the run before training (so a dead server fails now, not after the training).
 
-    The run id is written next to the checkpoint at once, so a resumed training (--resume)
-    continues the same run, and evaluate finds it."""
-    run_file = paths.run_record
+    The run id is written at once to `record` (the training's run folder; promotion copies it
+    to paths.run_record), so a resumed training (--resume) continues the same run."""
+    run_file = record or paths.run_record
     previous = read_json(run_file).get("run_id") if resume and run_file.exists() else None
     run_file.unlink(missing_ok=True)  # a stale id must never receive another model's metrics
     if not params.tracking.enabled:
@@ -322,7 +326,8 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
     return TrainingRun(mlflow, client, run_id, params, name, paths)
 
 
-def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool) -> dict:
+def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
+                      order: list[tuple[str, str]]) -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
     the champion alias to the best gate-passing version."""
     from barkgpt.tracking import registry
@@ -342,7 +347,7 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool)
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed)
+        info = registry.register(run, metrics, gate_passed, order)
     except BaseException:
         run.fail()
         raise

@@ -1,0 +1,253 @@
+"""Quality gates: one pure function over a report (`judge`), the binomial test behind the bark
+contract gate, and the binding of a report to the exact files it judged.
+
+`judge(report, params)` is the gate, wherever a verdict is needed: the evaluate stage (which also
+decides MLflow's champion), the parity stage and deploy. It reads only the report's numbers and the
+current params, so the same report always gets the same verdict.
+
+The bark contract gate is a one-sided binomial test. The evaluation samples n completions at the
+evaluation temperature and counts the failures X (answers that are not barks then <EOS>). For a
+model whose true contract accuracy is a, X ~ Binomial(n, 1 - a). The gate passes when X <= k, with
+k the smallest count such that a model at `bark.gates.contract_accuracy` passes with probability
+>= `bark.gates.pass_probability`. With the defaults (n = 1000, a = 0.995, 0.999) k = 13: a model at
+0.995 passes with probability 0.99933, one at 0.97 with probability 0.00035 (docs/evaluation.md).
+
+Gating reports record the sha256 of every file they judged (`judged_files`); `verify_judged`
+refuses a report whose files have changed since, naming the report and the stage to re-run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from math import comb
+from pathlib import Path
+
+from barkgpt.errors import BarkError
+from barkgpt.fileio import read_json, sha256_file
+
+STAGE_OF_REPORT = {"metrics": "evaluate", "parity": "parity", "quantization": "quantize"}
+
+
+class GateError(BarkError):
+    """A gate failed; the report it was written to names what failed."""
+
+
+# --- the binomial test ----------------------------------------------------------------------------
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), summed exactly in rational arithmetic."""
+    p = Fraction(str(p))
+    return float(sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(min(k, n) + 1)))
+
+
+@lru_cache(maxsize=64)
+def max_failures(n: int, accuracy: float, pass_probability: float) -> int:
+    """Smallest k with P(failures <= k) >= pass_probability for a model of true `accuracy`."""
+    p = Fraction(str(1 - Fraction(str(accuracy))))
+    total, target = Fraction(0), Fraction(str(pass_probability))
+    for k in range(n + 1):
+        total += comb(n, k) * p**k * (1 - p) ** (n - k)
+        if total >= target:
+            return k
+    return n
+
+
+@dataclass(frozen=True)
+class ContractTest:
+    samples: int  # n
+    max_failures: int  # k: pass when failures <= k
+    accuracy: float  # a model this good ...
+    pass_probability: float  # ... passes with this probability (>= the configured one)
+    reject_accuracy: float  # a model this bad ...
+    reject_pass_probability: float  # ... passes with this probability
+
+    def describe(self) -> str:
+        return (f"pass when at most {self.max_failures} of {self.samples} sampled completions break the "
+                f"contract; P(pass) = {self.pass_probability:.5f} at true accuracy {self.accuracy}, "
+                f"{self.reject_pass_probability:.5f} at {self.reject_accuracy}")
+
+
+def contract_test(gates) -> ContractTest:
+    """The test `bark.gates` states (its fields: contract_samples, contract_accuracy,
+    pass_probability, reject_accuracy)."""
+    n = gates.contract_samples
+    k = max_failures(n, gates.contract_accuracy, gates.pass_probability)
+    return ContractTest(n, k, gates.contract_accuracy, binomial_cdf(k, n, 1 - gates.contract_accuracy),
+                        gates.reject_accuracy, binomial_cdf(k, n, 1 - gates.reject_accuracy))
+
+
+# --- the gate ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # "contract", "val_bpb", "f32.logits", "q8_0.quality", ...
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    checks: tuple[Check, ...]
+
+    def failed(self, prefix: str = "") -> list[Check]:
+        return [c for c in self.checks if not c.passed and c.name.startswith(prefix)]
+
+    def passed_for(self, prefix: str) -> bool:
+        return not self.failed(prefix)
+
+    def reason(self, prefix: str = "") -> str:
+        bad = self.failed(prefix)
+        return "; ".join(f"{c.name}: {c.detail}" for c in bad) if bad else "all checks passed"
+
+    def as_dict(self) -> dict:
+        return {"passed": self.passed, "checks": [c.__dict__ for c in self.checks]}
+
+
+def judge(report: dict, params) -> Verdict:
+    """The gate over a report the evaluate or parity stage wrote, with the current params. Pure."""
+    stage, name = report.get("stage"), report.get("pipeline")
+    section = getattr(params, str(name), None)
+    if section is None:
+        raise BarkError(f"the report names pipeline {name!r}, which params has no section for; re-run its stage")
+    if stage == "evaluate":
+        checks = _quality_checks("", report, section.gates)
+        return Verdict(all(c.passed for c in checks), tuple(checks))
+    if stage == "parity":
+        return _judge_parity(report, section.gates, params.export, deploy_quantization(params))
+    raise BarkError(f"a {stage!r} report has no gate; gates judge evaluate and parity reports")
+
+
+def deploy_quantization(params) -> str:
+    return params.deploy.quantization or params.export.deploy_quantization
+
+
+def _quality_checks(prefix: str, measured: dict, gates) -> list[Check]:
+    """The pipeline's evaluation gate on `measured` (an evaluation report or a file's quality)."""
+    checks = []
+    if hasattr(gates, "contract_samples"):
+        test = contract_test(gates)
+        n, failures = measured.get("contract_samples"), measured.get("contract_failures")
+        if n != test.samples or failures is None:
+            checks.append(Check(prefix + "contract", False, f"measured on {n} samples, the test needs "
+                                f"{test.samples}; re-run the stage"))
+        else:
+            ok = failures <= test.max_failures
+            checks.append(Check(prefix + "contract", ok, f"{failures} of {n} failed "
+                                f"({'<=' if ok else '>'} {test.max_failures})"))
+    if hasattr(gates, "max_val_bpb"):
+        bpb = measured.get("val_bpb")
+        ok = bpb is not None and bpb <= gates.max_val_bpb
+        checks.append(Check(prefix + "val_bpb", ok, f"{bpb} {'<=' if ok else '>'} {gates.max_val_bpb}"))
+    return checks
+
+
+def _judge_parity(report: dict, gates, export, deploy_quant: str) -> Verdict:
+    files, reference = report.get("files", {}), report.get("reference", {})
+    f32 = files.get("f32")
+    if f32 is None:
+        return Verdict(False, (Check("f32", False, "the report has no F32 file; re-run parity"),))
+    tok, logits, greedy = f32["tokenization"], f32["logits"], f32["greedy"]
+    checks = [
+        Check("f32.tokenization", tok["agreement"] == 1.0 and tok["detokenize_round_trip"] == 1.0,
+              f"ids agree on {tok['agreement']:.2%} of lines, round trip {tok['detokenize_round_trip']:.2%}"),
+        Check("f32.logits", logits["max_abs_diff"] <= export.logits_tolerance,
+              f"max |diff| {logits['max_abs_diff']:.2e} vs tolerance {export.logits_tolerance:.0e}"),
+        Check("f32.greedy", greedy["identical"] == greedy["prompts"],
+              f"{greedy['identical']}/{greedy['prompts']} greedy completions identical"),
+    ]
+    for q in dict.fromkeys([*export.quantizations, deploy_quant]):
+        entry = files.get(q)
+        if entry is None:
+            checks.append(Check(f"{q}.quality", False, "not in the report; re-run parity"))
+            continue
+        checks.append(Check(f"{q}.tokenization", entry["tokenization"]["agreement"] == 1.0,
+                            f"ids agree on {entry['tokenization']['agreement']:.2%} of lines"))
+        quality = entry["quality"]
+        if report.get("metric") == "val_bpb":
+            limit, bpb, ref = export.max_bpb_delta.get(q), quality["val_bpb"], reference["val_bpb"]
+            rel = (bpb - ref) / ref
+            ok = limit is None or rel <= limit
+            checks.append(Check(f"{q}.quality", ok, f"bpb {bpb:.4f}, {rel:+.2%} vs PyTorch " + (
+                "(no threshold configured)" if limit is None else f"({'<=' if ok else '>'} {limit:.2%})")))
+        else:
+            checks += [Check(f"{q}.quality", c.passed, c.detail) for c in _quality_checks("", quality, gates)]
+    passed = all(c.passed for c in checks if c.name.startswith(("f32.", f"{deploy_quant}.")))
+    return Verdict(passed, tuple(checks))
+
+
+# --- reports bound to the bytes they judged ----------------------------------------------------------
+
+def judged_files(root: Path, files: dict[str, Path]) -> dict:
+    """{role: {path, sha256}} of the files a report judged, for the report itself."""
+    root = Path(root).resolve()
+    out = {}
+    for role, path in files.items():
+        path = Path(path)
+        try:
+            shown = str(path.resolve().relative_to(root))
+        except ValueError:
+            shown = str(path)
+        out[role] = {"path": shown, "sha256": sha256_file(path)}
+    return out
+
+
+def verify_judged(report_path: Path, files: dict[str, Path]) -> dict:
+    """The report, if it judged exactly these files (same sha256); else BarkError naming the stale
+    report and the stage that re-judges them."""
+    report_path = Path(report_path)
+    stage = STAGE_OF_REPORT.get(report_path.stem, report_path.stem)
+    if not report_path.exists():
+        raise BarkError(f"{report_path}: not found; run the {stage} stage first (dvc repro)")
+    report = read_json(report_path)
+    judged, stale = report.get("judged") or {}, []
+    for role, path in files.items():
+        entry = judged.get(role)
+        if entry is None:
+            stale.append(f"it never judged the {role} {path}")
+        elif not Path(path).exists():
+            stale.append(f"the {role} {path} is missing")
+        elif (now := sha256_file(path)) != entry.get("sha256"):
+            stale.append(f"the {role} {path} changed since it was judged (sha256 {now[:12]}..., judged "
+                         f"{str(entry.get('sha256'))[:12]}...)")
+    if stale:
+        raise BarkError(f"{report_path} is stale: {'; '.join(stale)}. Re-run the {stage} stage (barkgpt {stage} "
+                        f"{report.get('pipeline', '<pipeline>')}, or dvc repro) before releasing this model")
+    return report
+
+
+def check_release(params, name: str, root: Path, artifact: str) -> dict:
+    """Before a release or a promotion: every report that judged what ships describes these exact
+    files and passes its gate. Raises GateError naming every stale or failing report."""
+    from barkgpt.layout import layout
+
+    lay = layout(name, root)
+    shipped = {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer}
+    problems, summary = [], {}
+    reports = [(lay.metrics, shipped)]
+    quant = deploy_quantization(params)
+    if artifact == "gguf":
+        reports.append((lay.parity_report, {"checkpoint": lay.checkpoint, quant: lay.gguf(quant)}))
+    for path, files in reports:
+        try:
+            report = verify_judged(path, files)
+            verdict = judge(report, params)
+        except BarkError as err:
+            problems.append(str(err))
+            continue
+        key = "eval" if report.get("stage") == "evaluate" else "parity"
+        summary[key] = {"passed": verdict.passed, "failed": verdict.reason()}
+        if key == "eval":
+            summary[key].update({k: v for k, v in report.items() if isinstance(v, (int, float, bool, str))})
+            if not verdict.passed:
+                problems.append(f"{path}: the evaluation gate did not pass ({verdict.reason()}); improve the "
+                                "model, or set deploy.require_gates: false to override")
+        elif not verdict.passed_for("f32."):
+            problems.append(f"{path}: F32 GGUF parity with PyTorch failed ({verdict.reason('f32.')})")
+        elif not verdict.passed_for(f"{quant}."):
+            problems.append(f"{path}: quantization {quant} did not pass its gate ({verdict.reason(quant + '.')}); "
+                            "re-run parity, or choose another export.deploy_quantization")
+    if problems:
+        raise GateError("not releasing this model:" + "".join(f"\n  - {p}" for p in problems))
+    return summary
