@@ -59,10 +59,26 @@ def prepare(device: torch.device, compile_model: bool) -> None:
 
 
 def autocast(dtype: str, device_type: str = "cpu"):
-    """bf16 autocast (weights and optimizer stay fp32) on any device; float32 is a no-op."""
-    if dtype == "bfloat16":
+    """bf16 autocast (weights and optimizer stay fp32) on any device; float32 is a no-op;
+    auto is whichever of the two `compute_dtype` picks for the device."""
+    if compute_dtype(dtype, device_type) == "bfloat16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compute_dtype(dtype: str, device_type: str = "cpu") -> str:
+    """`train.dtype: auto`: bfloat16 where the hardware multiplies bf16 faster than fp32 (CUDA GPUs
+    with bf16, CPUs with AMX), else float32. On an AVX-512 CPU without AMX, oneDNN's bf16 GEMM ran
+    at 0.67x MKL's fp32 SGEMM and bf16 autocast trained the WebText-2 model 0.65x as fast as fp32
+    (benchmarks/webtext_throughput.py, issue 14), so auto means float32 there."""
+    if dtype != "auto":
+        return dtype
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device_type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        return "bfloat16" if amx() else "float32"
+    return "float32"
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -107,7 +107,9 @@ class TrainParams(Strict):
     schedule: Literal["cosine", "wsd"] = Field(
         "cosine", description="after warm-up: cosine to min_lr_ratio, or wsd: constant, then linear decay")
     decay_fraction: float = Field(0.4, gt=0, le=1, description="wsd: the final share of the run that decays")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32", description="bfloat16: autocast, fp32 master weights; auto: bfloat16 where bf16 matmuls are "
+                               "faster (CUDA, CPUs with AMX), else float32")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
     nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes (DDP under torchrun); "
@@ -254,7 +256,7 @@ def _webtext_model() -> ModelParams:
 
 def _webtext_train() -> TrainParams:
     return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
-                       dtype="bfloat16", threads=2, eval_every=100, eval_batches=10,
+                       dtype="auto", compile=True, threads=2, eval_every=100, eval_batches=10,
                        checkpoint_every=200, max_seconds=300)
 
 

@@ -4,14 +4,14 @@
 
 Trains the default bark configuration in a temporary project. Time to accuracy trains fresh
 models with growing step budgets (each with its full warm-up + cosine schedule) and reports the
-smallest budget whose model reaches the contract-accuracy gate, with its training wall time.
+smallest budget whose model reaches the contract-accuracy gate, with its training wall time
+(the trainer's clock; MLflow tracking is off in the scratch project).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -23,7 +23,8 @@ from barkgpt.params import load_params
 def project(root: Path, params_file: Path, overrides: dict) -> object:
     from barkgpt.params import deep_merge
 
-    raw = deep_merge(yaml.safe_load(params_file.read_text()), overrides)
+    # MLflow off: the figures are the trainer's, not the tracking store's
+    raw = deep_merge(yaml.safe_load(params_file.read_text()), deep_merge({"tracking": {"enabled": False}}, overrides))
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return load_params(root / "params.yaml")
 
@@ -31,7 +32,7 @@ def project(root: Path, params_file: Path, overrides: dict) -> object:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", type=Path)
-    parser.add_argument("--budgets", default="25,50,75,100,150,200,300")
+    parser.add_argument("--budgets", default="30,50,70,100,150,200,300")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,9 +50,8 @@ def main() -> None:
 
         for steps in [int(s) for s in args.budgets.split(",")]:
             p = project(root, args.params, {"bark": {"train": {"max_steps": steps}}})
-            t0 = time.perf_counter()
             summary = run_stage(p, "bark", "train", root, progress=False)
-            train_s = time.perf_counter() - t0
+            train_s = summary["seconds"]  # the trainer's own clock: steps, evaluation, checkpoints
             metrics = run_stage(p, "bark", "evaluate", root)
             acc = metrics["contract_accuracy"]
             print(f"{steps:>4} steps: train {train_s:5.2f}s, contract accuracy {acc:.3f}")

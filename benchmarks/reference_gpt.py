@@ -95,7 +95,7 @@ class Block(nn.Module):
 class RefGPT(nn.Module):
     def __init__(self, cfg: RefConfig):
         super().__init__()
-        self.cfg = cfg  # `cfg.block_size` is what barkgpt.loss_eval reads
+        self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
@@ -187,30 +187,45 @@ def train(train_ids: np.ndarray, seconds: float, cfg: RefConfig = RefConfig(), t
                    "train_loss": loss}
 
 
+class RefLM:
+    """The reference model as barkgpt.loss_eval sees a model: per-token losses, fp32, eval mode."""
+
+    def __init__(self, model: RefGPT):
+        self.model = model
+
+    @torch.inference_mode()
+    def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(torch.as_tensor(np.asarray(inputs, np.int64)))
+        self.model.train(was_training)
+        y = torch.as_tensor(np.asarray(targets, np.int64))
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(y.shape).numpy()
+
+
 def val_bpb(model: RefGPT, val_ids: np.ndarray, token_bytes: np.ndarray, eos_id: int) -> float:
     """Bits per byte over the whole validation split, by BarkGPT's own function, in fp32."""
-    from barkgpt.loss_eval import bits_per_byte, nll_and_bytes
+    from barkgpt.loss_eval import eval_windows, evaluate_bpb
 
-    nll, _, nbytes = nll_and_bytes(model, val_ids, token_bytes, 16, None, "float32", prefix_id=eos_id)
-    return bits_per_byte(nll, nbytes)
+    windows = eval_windows(val_ids, model.cfg.block_size, 16, eos_id)
+    return evaluate_bpb(RefLM(model), windows, token_bytes)["bpb"]
 
 
 def main() -> None:
-    from barkgpt.data.shards import load_shard
     from barkgpt.layout import Layout
+    from barkgpt.stages import load_split
     from barkgpt.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default=".", help="project whose data/webtext shards to train on")
+    ap.add_argument("--root", default=".", help="project whose data/webtext token shards to train on")
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = Layout("webtext", Path(args.root))
-    tok = load_tokenizer(paths.tokenizer)
-    train_ids, _ = load_shard(paths.shard("train"))
-    val_ids, _ = load_shard(paths.shard("val"))
+    lay = Layout("webtext", Path(args.root))
+    tok = load_tokenizer(lay.tokenizer)
+    train_ids, val_ids = (np.asarray(load_split(lay, split, tok)[0]) for split in ("train", "val"))
     model, summary = train(train_ids, args.seconds, RefConfig(vocab_size=tok.vocab_size))
     summary["val_bpb"] = val_bpb(model, val_ids, np.array(tok.token_bytes()), tok.eos_id)
     print(json.dumps(summary, indent=1))

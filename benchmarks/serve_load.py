@@ -5,18 +5,23 @@ a fixed number of chat requests from that many concurrent clients (keep-alive co
 prints p50/p90/p99 latency, requests/s, 4xx/5xx counts, dropped connections and how many replies
 kept the bark contract. Bounded: every level stops after --requests requests.
 
-With several --workers values it starts one server per value in turn (the first is the baseline,
-1 = one process, the configuration before serve.workers existed), so all figures come from one
-run, and prints each configuration's requests/s as a ratio to the baseline's.
+Several server configurations run in turn, so every figure comes from one run on one machine,
+and each configuration's requests/s is printed as a ratio to the first one's:
+- `ref:REF`: the code of git revision REF (checked out into a temporary worktree) with its own
+  defaults, e.g. `ref:main` or the commit before a change: the server as it was;
+- `single`: this code as one process generating in a model thread (serve.workers 1, inline never);
+- `params`: this code with the project's params.yaml serve section (serve.workers, serve.inline).
 
-    python benchmarks/serve_load.py                       # full: 1 and 2 workers, 8 and 32 clients, 2000 requests
-    python benchmarks/serve_load.py --requests 200        # short check
+    python benchmarks/serve_load.py                        # single, then params: 8 and 32 clients, 2000 requests
+    python benchmarks/serve_load.py --configs ref:HEAD~3 params   # an older revision against today
+    python benchmarks/serve_load.py --requests 200         # short check
     python benchmarks/serve_load.py --url http://HOST:PORT --model-id NAME   # an already running server
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -27,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,11 +61,14 @@ def bark_gguf(root: Path, quant: str) -> Path:
         return quantize(f32, out / f"bark-{quant.lower()}.gguf", quant.lower())
 
 
-def start_server(model: Path, port: int, threads: int, workers: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "barkgpt", "serve", "--model", str(model), "--port", str(port),
-           "--host", "127.0.0.1", "--log-level", "warning", "--threads", str(threads), "--workers", str(workers)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_server(model: Path, port: int, threads: int, code: Path = ROOT, params: Path | None = None
+                 ) -> subprocess.Popen:
+    """`barkgpt serve` of the code in `code`, with `params` as its params file when given."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    cmd = [sys.executable, "-m", "barkgpt", *(["--params", str(params)] if params else []), "serve",
+           "--model", str(model), "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning",
+           "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -72,6 +81,30 @@ def start_server(model: Path, port: int, threads: int, workers: int = 1) -> subp
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("server did not become ready in 120 s")
+
+
+SINGLE = {"workers": 1, "inline": "never"}  # one process, generation in a model thread
+
+
+@contextlib.contextmanager
+def configuration(name: str, work: Path):
+    """(code folder, params file or None) for a configuration name (see the module docstring)."""
+    if name.startswith("ref:"):
+        tree = work / name[4:].replace("/", "_")
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), name[4:]], check=True)
+        try:
+            yield tree, None
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    elif name in ("single", "params"):
+        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        if name == "single":
+            raw = {**raw, "serve": {**raw.get("serve", {}), **SINGLE}}
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        yield ROOT, path
+    else:
+        raise SystemExit(f"unknown configuration {name!r}: use ref:REV, single or params")
 
 
 class Connection:
@@ -162,31 +195,30 @@ def main() -> None:
     ap.add_argument("--model", help="GGUF to serve (default: the pipeline's Q8_0 GGUF, else one exported now)")
     ap.add_argument("--quant", default=None, help="default: export.deploy_quantization")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
-                    help="server processes; one server per value, in turn (the first is the baseline)")
+    ap.add_argument("--configs", nargs="+", default=["single", "params"],
+                    help="server configurations, in turn: ref:REV, single, params (the first is the baseline)")
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
     ap.add_argument("--model-id", help="with --url: the model name to send")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
     if args.url:
-        results = measure(args.url.rstrip("/"), args.model_id, args)
-        for r in results:
-            r["workers"] = "?"
+        results = [{"config": args.url, **r} for r in measure(args.url.rstrip("/"), args.model_id, args)]
     else:
         model = Path(args.model) if args.model else bark_gguf(ROOT, args.quant)
         results = []
-        for workers in args.workers:
-            proc, url = serve(model, args.threads, workers)
-            try:
-                model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                print(f"serving {model} as {model_id!r} on {url} with {workers} worker(s)", flush=True)
-                for r in measure(url, model_id, args):
-                    results.append({"workers": workers, **r})
-            finally:
-                proc.terminate()
-                proc.wait(timeout=10)
-    cols = ["workers", "clients", "requests", "ok", "4xx", "5xx", "dropped", "contract_ok", "req_per_s", "p50_ms",
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+            for name in args.configs:
+                with configuration(name, Path(tmp)) as (code, params):
+                    proc, url = serve(model, args.threads, code, params)
+                    try:
+                        model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                        print(f"{name}: serving {model} as {model_id!r} on {url}", flush=True)
+                        results += [{"config": name, **r} for r in measure(url, model_id, args)]
+                    finally:
+                        proc.terminate()
+                        proc.wait(timeout=10)
+    cols = ["config", "clients", "requests", "ok", "4xx", "5xx", "dropped", "contract_ok", "req_per_s", "p50_ms",
             "p90_ms", "p99_ms", "max_ms"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -197,26 +229,26 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
-def serve(model: Path, threads: int, workers: int) -> tuple[subprocess.Popen, str]:
+def serve(model: Path, threads: int, code: Path, params: Path | None) -> tuple[subprocess.Popen, str]:
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return start_server(model, port, threads, workers), f"http://127.0.0.1:{port}"
+    return start_server(model, port, threads, code, params), f"http://127.0.0.1:{port}"
 
 
 def measure(url: str, model_id: str, args) -> list[dict]:
-    asyncio.run(run_level(url, model_id, 4, 100 * max(args.workers), args.max_tokens))  # warm-up, not reported
+    asyncio.run(run_level(url, model_id, 8, 400, args.max_tokens))  # warm-up (every worker), not reported
     return [asyncio.run(run_level(url, model_id, c, args.requests, args.max_tokens)) for c in args.clients]
 
 
 def report(results: list[dict]) -> None:
     """Ratios to the first configuration and issue 14's targets, per configuration."""
-    base = {r["clients"]: r for r in results if r["workers"] == results[0]["workers"]}
+    base = {r["clients"]: r for r in results if r["config"] == results[0]["config"]}
     for r in results:
         within = r["contract_ok"] == r["requests"]
-        line = f"workers {r['workers']}, {r['clients']} clients: {r['req_per_s']:.0f} req/s"
+        line = f"{r['config']}, {r['clients']} clients: {r['req_per_s']:.0f} req/s"
         if r["clients"] in base:
             line += f" = {r['req_per_s'] / base[r['clients']]['req_per_s']:.2f}x the first configuration"
         if r["clients"] == 8:

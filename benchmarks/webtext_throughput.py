@@ -1,8 +1,9 @@
-"""Training throughput (tokens/s) of the WebText-2 model on CPU: fp32, bf16, bf16 + torch.compile.
+"""Training throughput (tokens/s) of the WebText-2 model on CPU: fp32 or bf16, eager or torch.compile.
 
 The issue's configuration by default: width 256, 4 layers, 4 heads, context 256, batch 16,
 vocabulary 4096. Each step is the trainer's own: a batch of random windows, forward and backward
-under autocast, gradient clipping, fused AdamW. Compilation time is reported apart and excluded.
+under autocast, gradient clipping, fused AdamW (or Muon, `+muon`). Compilation time is reported
+apart and excluded.
 
     python benchmarks/webtext_throughput.py                 # ~1 minute per mode on an idle machine
     python benchmarks/webtext_throughput.py --steps 5 --modes fp32,bf16   # a quick check
@@ -23,8 +24,9 @@ from barkgpt.train import autocast, make_optimizer, set_threads
 
 def measure(mode: str, args) -> dict:
     cfg = ModelParams(n_layer=args.layers, n_head=args.heads, n_embd=args.width, block_size=args.context)
-    p = TrainParams(batch_size=args.batch, dtype="float32" if mode == "fp32" else "bfloat16",
-                    compile=mode.endswith("compile"), threads=args.threads)
+    p = TrainParams(batch_size=args.batch, dtype="float32" if mode.startswith("fp32") else "bfloat16",
+                    compile="+compile" in mode, optimizer="muon" if "+muon" in mode else "adamw",
+                    threads=args.threads)
     set_threads(p.threads)
     torch.manual_seed(0)
     model = GPT(cfg, args.vocab)
@@ -59,7 +61,8 @@ def measure(mode: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", default="fp32,bf16,bf16+compile")
+    ap.add_argument("--modes", default="fp32,bf16,fp32+compile,bf16+compile",
+                    help="comma-separated: fp32 or bf16, optionally +compile and/or +muon")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--width", type=int, default=256)

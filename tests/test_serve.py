@@ -552,3 +552,87 @@ def test_default_model_is_the_pipelines_deploy_gguf(bark_project, bark_gguf, tmp
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "bark-q8_0"
         r = httpx.post(url + "/v1/chat/completions", json={"messages": USER})
         assert barks_ok(r.json()["choices"][0]["message"]["content"])
+
+
+# --- throughput: worker processes and in-place generation (issue 14) --------------------------
+
+def _worker_pids(port: int) -> list[int]:
+    """The uvicorn worker processes of the `barkgpt serve --port PORT` running on this machine."""
+    def cmdline(pid: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    parents = [p for p in os.listdir("/proc") if p.isdigit() and f"--port {port} " in cmdline(p) + " "]
+    kids = [int(c) for p in parents for t in os.listdir(f"/proc/{p}/task")
+            for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()]
+    return [k for k in kids if "spawn_main" in cmdline(str(k))]
+
+
+def test_two_worker_processes_share_the_port_and_replace_a_dead_one(bark_project, bark_gguf):
+    import signal
+
+    with run_server(["serve", "--model", str(bark_gguf), "--workers", "2"], cwd=bark_project) as url:
+        port = int(url.rsplit(":", 1)[1])
+        workers = _worker_pids(port)
+        assert len(workers) == 2, workers
+
+        async def burst(n):
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*[client.post(url + "/v1/chat/completions",
+                                                          json={"messages": USER, "seed": i}) for i in range(n)])
+
+        rs = asyncio.run(burst(40))
+        assert all(r.status_code == 200 and barks_ok(r.json()["choices"][0]["message"]["content"]) for r in rs)
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(now := _worker_pids(port)) < 2 or workers[0] in now:
+            assert time.monotonic() < deadline, f"no replacement worker: {now}"
+            time.sleep(0.5)
+        assert barks_ok(chat(url, USER).json()["choices"][0]["message"]["content"])
+
+
+def test_inline_worker_keeps_the_queue_bound_deadlines_and_errors():
+    from barkgpt.errors import BarkError
+    from barkgpt.serve.worker import InlineWorker
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        worker = InlineWorker(queue_size=2)
+        worker.start()
+
+        def barks(stop):
+            yield "woof"
+
+        def bad(stop):
+            raise BarkError("word 'hey' is not in the bark vocabulary")
+            yield
+
+        first, second, expired = Job(barks, loop, 10, whole=True), Job(bad, loop, 10), Job(barks, loop, 0.0)
+        worker.submit(first)  # nothing runs until this coroutine yields: the queue fills up
+        worker.submit(second)
+        with pytest.raises(Busy):
+            worker.submit(Job(barks, loop, 10))
+        assert await first.events.get() == ("items", ["woof"])
+        assert await first.events.get() == ("end", None)
+        assert await second.events.get() == ("bad", "word 'hey' is not in the bark vocabulary")
+        await asyncio.sleep(0.01)
+        worker.submit(expired)
+        assert await asyncio.wait_for(expired.events.get(), 5) == ("timeout", None)
+        worker.stop()
+
+    asyncio.run(main())
+
+
+def test_the_bark_model_generates_in_place_other_models_in_a_thread():
+    from types import SimpleNamespace
+
+    from barkgpt.params import ServeParams
+    from barkgpt.serve.worker import InlineWorker, make_worker
+
+    bark, chat_model = SimpleNamespace(kind="bark"), SimpleNamespace(kind="chat")
+    assert isinstance(make_worker(bark, ServeParams()), InlineWorker)
+    assert isinstance(make_worker(chat_model, ServeParams()), ModelWorker)
+    assert isinstance(make_worker(bark, ServeParams(inline="never")), ModelWorker)
+    assert isinstance(make_worker(chat_model, ServeParams(inline="always")), InlineWorker)

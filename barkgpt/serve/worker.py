@@ -149,6 +149,7 @@ class InlineWorker:
                 run_job(job, job.emit_here)
             finally:
                 self.busy = False
+            await asyncio.sleep(0)  # let the loop send the reply and read requests between jobs
 
 
 def make_worker(backend, serve) -> ModelWorker | InlineWorker:
