@@ -39,8 +39,39 @@ def bark_project(tmp_path_factory) -> Path:
 @pytest.fixture
 def bark_copy(bark_project, tmp_path) -> Path:
     """A private copy of the trained bark project, for tests that modify files."""
-    dest = tmp_path / "project"
-    shutil.copytree(bark_project, dest)
+    return copy_project(bark_project, tmp_path / "project")
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """Copy a project folder so the copy is independent, its MLflow store included.
+
+    MLflow's SQLite store records absolute artifact locations, so a plain copy would go on logging
+    artifacts into the original's mlruns/ (a test re-evaluating its copy would rewrite the shared
+    project's reports); rewrite them, and the run records that name the store, to the copy's folder."""
+    import sqlite3
+
+    shutil.copytree(src, dest)
+    db = dest / "mlflow.db"
+    if db.exists():
+        old, new = f"{src.resolve()}/", f"{dest.resolve()}/"
+        with sqlite3.connect(db) as con:
+            tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+            for table in tables:
+                for _, column, kind, *_ in con.execute(f"PRAGMA table_info({table})").fetchall():
+                    if kind.upper().startswith(("VARCHAR", "TEXT")):
+                        con.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?) "
+                                    f"WHERE {column} LIKE ?", (old, new, f"%{old}%"))
+        con.close()
+        for record in dest.rglob("mlflow_run.json"):
+            record.write_text(record.read_text().replace(str(src.resolve()), str(dest.resolve())))
+        # MLflow caches each run's artifact location by run id alone, and the copy's runs keep the
+        # original's ids: forget the cache, or this process would log the copy's artifacts there.
+        import sys
+
+        if "mlflow" in sys.modules:
+            from mlflow.tracking._tracking_service import utils as tracking_utils
+
+            tracking_utils._artifact_repos_cache.clear()
     return dest
 
 

@@ -131,7 +131,9 @@ def test_chat_barkgpt_is_chatopenai_pointed_at_the_server(monkeypatch):
 
 
 def test_chat_barkgpt_invoke_stream_batch_async(bark_server):
-    llm = ChatBarkGPT(base_url=bark_server, model="bark-q8_0", max_tokens=16)
+    # Greedy: at temperature 1 a model that keeps the contract 99.5% of the time breaks it now and
+    # then, and this test is about the interface, not the sampler (test_evaluate gates the model).
+    llm = ChatBarkGPT(base_url=bark_server, model="bark-q8_0", max_tokens=16, temperature=0)
     msg = llm.invoke([HumanMessage("Who is a good dog?")])
     assert isinstance(msg, AIMessage) and barks_ok(msg.content)
     assert msg.usage_metadata["output_tokens"] >= 2 and msg.response_metadata["finish_reason"] == "stop"

@@ -18,6 +18,7 @@ from barkgpt.export.gguf_file import preflight, write_gguf
 from barkgpt.gates import GateError
 from barkgpt.layout import Layout
 from barkgpt.params import load_params
+from conftest import copy_project
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,8 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def exported(bark_project, tmp_path_factory) -> tuple[Path, dict]:
     """A copy of the trained bark project after export -> quantize -> parity."""
-    root = tmp_path_factory.mktemp("export") / "project"
-    shutil.copytree(bark_project, root)
+    root = copy_project(bark_project, tmp_path_factory.mktemp("export") / "project")
     params = load_params(root / "params.yaml")
     run_stage(params, "bark", "export", root)
     run_stage(params, "bark", "quantize", root)

@@ -178,13 +178,17 @@ for line in sys.stdin:
 def test_kill_9_at_random_moments_then_resume_is_bit_identical(tiny_data, tmp_path):
     """checkpoint_every 1; kill -9 a dozen times at random moments (mid-step, mid-checkpoint,
     mid-promotion); every resume works; the final weights equal an uninterrupted run's."""
-    straight = tmp_path / "straight"
-    shutil.copytree(tiny_data, straight)
+    # Enough steps that a dozen kills, each after 1-3 checkpoints plus up to 30 ms, all land before
+    # the end, however fast this machine's steps are.
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for project in (straight, killed):
+        shutil.copytree(tiny_data, project)
+        raw = yaml.safe_load((project / "params.yaml").read_text())
+        raw["bark"]["train"]["max_steps"] = 400
+        (project / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(straight / "params.yaml")
     run_stage(params, "bark", "train", straight, progress=False)
 
-    killed = tmp_path / "killed"
-    shutil.copytree(tiny_data, killed)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "trainings.log", "w")
     zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(killed)], env=env, stdin=subprocess.PIPE,

@@ -49,6 +49,12 @@ class AwsTarget:
             self._clients[service] = client
         return self._clients[service]
 
+    @property
+    def emulated(self) -> bool:
+        """The embedded server, or an AWS_ENDPOINT_URL (moto, LocalStack): an API that keeps state
+        but runs no container images, so the image is not checked and the smoke test runs here."""
+        return self.local or bool(self.endpoint_url)
+
     def describe(self) -> str:
         where = f"local AWS API at {self.endpoint_url}" if self.local else (
             f"AWS endpoint {self.endpoint_url}" if self.endpoint_url else "AWS")

@@ -92,7 +92,7 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
         else:
             version = publish(lam, fn_name, spec.description)
             previous = move_alias(lam, fn_name, cfg.alias, version, log)
-            mode = cfg.smoke if cfg.smoke != "auto" else ("in_process" if tgt.local or tgt.endpoint_url else "remote")
+            mode = cfg.smoke if cfg.smoke != "auto" else ("in_process" if tgt.emulated else "remote")
             try:
                 smoke = smoke_test(tgt, fn_name, version, cfg, mode, app_factory, api_key, log)
             except BaseException as err:  # whatever failed, the alias must not stay on this version

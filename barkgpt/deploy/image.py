@@ -37,8 +37,8 @@ def image_uri(cfg: DeployParams, target: AwsTarget) -> str:
 
 def check_image(target: AwsTarget, uri: str) -> None:
     """On real AWS the image must already be in ECR (built by deploy/Dockerfile and pushed)."""
-    if target.local or "@" in uri or ".dkr.ecr." not in uri:
-        return  # the local API does not run images; digests and foreign registries are taken as given
+    if target.emulated or "@" in uri or ".dkr.ecr." not in uri:
+        return  # emulators run no images; digests and foreign registries are taken as given
     repo, tag = uri.split("/", 1)[1].rsplit(":", 1)
     try:
         target.client("ecr").describe_images(repositoryName=repo, imageIds=[{"imageTag": tag}])
