@@ -140,10 +140,9 @@ def cases(base: Path, folder: Path):
     yield "data/bark/tokenizer.json: not JSON", file_case("data/bark/tokenizer.json", b"woof", ["train", "bark"])
     yield "models/bark/best.pt truncated to 1000 bytes", truncated("models/bark/best.pt", 1000, ["evaluate", "bark"])
     yield "models/bark/best.pt holding []", file_case("models/bark/best.pt", b"[]", ["evaluate", "bark"])
-    yield "data/bark/tokens/train.bin of odd size", file_case("data/bark/tokens/train.bin", b"\x01\x02\x03",
-                                                              ["train", "bark"])
-    yield "data/bark/tokens/train.bin.json holding {}", file_case("data/bark/tokens/train.bin.json", b"{}",
-                                                                  ["train", "bark"])
+    yield "data/bark/tokens/train-000000.bin of odd size", file_case(
+        "data/bark/tokens/train-000000.bin", b"\x01\x02\x03", ["train", "bark"])
+    yield "data/bark/tokens/train.json holding {}", file_case("data/bark/tokens/train.json", b"{}", ["train", "bark"])
     yield "data/bark/val.txt: a row 'User: speak Assistant: meow <EOS>'", file_case(
         "data/bark/val.txt", b"User: speak Assistant: meow <EOS>\n", ["validate", "bark"])
     yield "generate --prompt 'User: hey Assistant:'", params_case({}, ["generate", "--prompt", "User: hey Assistant:"])

@@ -1,5 +1,6 @@
 """The bark pipeline: vocabulary, data, training, resume, evaluation, bad input, the CLI."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -78,8 +79,10 @@ def test_training_lowers_the_loss(bark_project):
     history = json.loads((bark_project / "reports/bark/train.json").read_text())
     log = (bark_project / "reports/bark/train_log.csv").read_text().splitlines()
     first_loss = float(log[1].split(",")[1])
-    assert history["step"] == 300
-    assert history["train_loss"] < first_loss / 2
+    assert history["step"] == load_params(bark_project / "params.yaml").bark.train.max_steps
+    assert history["train_loss"] < first_loss  # still falling after the first logged window
+    chance = math.log(len(json.loads((bark_project / "data/bark/tokenizer.json").read_text())["vocab"]))
+    assert history["train_loss"] < chance / 2  # a uniform guess over the vocabulary scores ln(V)
     assert history["best_val_loss"] < 0.9  # ln(9)=2.2 at chance; the bark entropy floor is ~0.7
 
 

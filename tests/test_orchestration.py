@@ -184,7 +184,8 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     assert run["info"]["status"] == "FINISHED"
     assert 0 <= metrics["eval.contract_accuracy"] <= 1 and "eval.val_loss" in metrics
     history = get_json(f"{ml}/metrics/get-history?run_id={run_id}&metric_key=loss")["metrics"]
-    assert [m["step"] for m in history] == list(range(10, 201, 10))
+    every = load_params(project / "params.yaml").bark.train.log_every
+    assert [m["step"] for m in history] == list(range(every, 201, every))
     assert {"lr", "tokens_per_s"} <= set(metrics)
     listed = get_json(f"{ml}/artifacts/list?run_id={run_id}&path=reports").get("files", [])
     assert {"reports/loss_curve.png", "reports/metrics.json", "reports/samples.json", "reports/train_log.csv"} \
