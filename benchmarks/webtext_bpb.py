@@ -65,7 +65,7 @@ def main() -> None:
     print(json.dumps({
         "val_bpb": round(metrics["val_bpb"], 4), "val_perplexity": round(metrics["val_perplexity"], 2),
         "train_seconds": round(train_s, 1), "steps": summary["step"], "tokens": summary["tokens"],
-        "tokens_per_s": round(summary["tokens_per_s"]), "params": metrics["params"],
+        "tokens_per_s": round(summary["tokens_per_s"]),
         "model": f"{m.n_layer}L {m.n_embd}d {m.n_head}h ctx {m.block_size}", "vocab": metrics["vocab_size"],
         "root": str(root),
     }, indent=2))

@@ -51,7 +51,7 @@ def _tag(text: str) -> tuple[str, str]:
 def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
-        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py",
+        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py", "barkgpt/checkpoint.py",
               "barkgpt/distributed.py", "barkgpt/data/shards.py", "barkgpt/loss_eval.py", "barkgpt/lm/torch_lm.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
@@ -72,7 +72,8 @@ def train_stage(after=lambda lay: []) -> Stage:
 
 
 # The model interface, the metrics and the gate: what evaluation and parity judge with.
-EVALUATION_CODE = ("barkgpt/lm", "barkgpt/evaluate.py", "barkgpt/loss_eval.py", "barkgpt/gates.py")
+EVALUATION_CODE = ("barkgpt/lm", "barkgpt/checkpoint.py", "barkgpt/evaluate.py", "barkgpt/loss_eval.py",
+                   "barkgpt/gates.py")
 
 
 def evaluate_stage() -> Stage:
@@ -86,7 +87,8 @@ def evaluate_stage() -> Stage:
 def export_stage() -> Stage:
     return Stage(
         "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
-        code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py"),
+        code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py",
+              "barkgpt/checkpoint.py"),
         deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
         outs=lambda lay: [lay.full_exports],
         reports=lambda lay: [lay.export_report])  # each GGUF's sha256, checked before it is used
