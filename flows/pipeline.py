@@ -19,7 +19,7 @@ from prefect import flow
 from barkgpt.pipelines import REGISTRY, get
 from tasks.common import resolve_params
 from tasks.deploy import deploy, deploy_blocker
-from tasks.stages import run_stage
+from tasks.stages import publish_report, run_stage
 
 
 def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: str, deploy_model: bool) -> dict:
@@ -31,6 +31,7 @@ def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: 
     results = {}
     for stage in get(pipeline).stages:  # a failure (bad data, a failed gate) stops the flow here
         results[stage.name] = run_stage.with_options(name=stage.name)(params, pipeline, stage.name, root)
+    results["report"] = publish_report(params, pipeline, root)
     evaluation = results.get("evaluate", {})
     print(f"{pipeline}: {get(pipeline).metric} {evaluation.get(get(pipeline).metric)}, "
           f"gate passed: {evaluation.get('gate_passed')}")

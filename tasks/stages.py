@@ -142,3 +142,16 @@ def publish_parity(report: dict, name: str) -> None:
     passed = (report.get("gate") or {}).get("deploy_passed")
     create_table_artifact(key=f"{name}-parity", table=rows,
                           description=f"{name}: llama.cpp quantizations vs PyTorch (deploy gate passed: {passed})")
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+def publish_report(params: dict, pipeline: str, root: str = ".") -> str:
+    """The run report (what `barkgpt report` writes): reports/<pipeline>/report.md, attached to the
+    model's MLflow run and shown as this flow run's Markdown artifact. A view of what is on disk,
+    not a DVC output, so it runs every time."""
+    from barkgpt.report import report_markdown
+
+    markdown = report_markdown(to_params(params), pipeline, Path(root))
+    create_markdown_artifact(key=f"{pipeline}-report", markdown=markdown,
+                             description=f"{pipeline}: hardware, data, training, evaluation, exports, timings")
+    return str(Layout(pipeline, Path(root)).reports / "report.md")

@@ -157,11 +157,12 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
                       {"flow_runs": {"id": {"any_": [deployed_run["id"]]}}, "limit": 50})
     names = {t["name"].rsplit("-", 1)[0] for t in tasks}
     assert {"resolve-params", "data", "validate", "tokenize", "train", "evaluate", "export", "quantize", "parity",
-            "deploy"} <= names, names
+            "report", "deploy"} <= names, names
     assert all(t["state_type"] == "COMPLETED" for t in tasks)
     keys = {a["key"] for a in post_json(f"{api}/artifacts/filter",
                                         {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
-    assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-deploy"} <= keys
+    assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-report", "bark-deploy"} <= keys
+    assert "## " in (project / "reports/bark/report.md").read_text()  # the report the artifact shows
     for f in ("data/bark/train.txt", "reports/bark/validation/index.html", "models/bark/best.pt",
               "reports/bark/metrics.json", "exports/bark/quantized/bark-q8_0.gguf"):
         assert (project / f).exists(), f
@@ -188,8 +189,8 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     assert [m["step"] for m in history] == list(range(every, 201, every))
     assert {"lr", "tokens_per_s"} <= set(metrics)
     listed = get_json(f"{ml}/artifacts/list?run_id={run_id}&path=reports").get("files", [])
-    assert {"reports/loss_curve.png", "reports/metrics.json", "reports/samples.json", "reports/train_log.csv"} \
-        <= {f["path"] for f in listed}
+    assert {"reports/loss_curve.png", "reports/metrics.json", "reports/samples.json", "reports/train_log.csv",
+            "reports/report.md"} <= {f["path"] for f in listed}
     alias = get_json(f"{ml}/registered-models/alias?name=barkgpt-bark&alias=champion")["model_version"]
     assert alias["run_id"] == run_id
     # one flow run, one trained model: one registered version, tagged with its files' hashes
