@@ -114,6 +114,10 @@ def test_fresh_clone_pulls_the_bark_pipeline_and_every_door_agrees(tmp_path):
                                   + pull.stdout[-2000:] + pull.stderr[-2000:])
     pulled = [f for f in ("data/bark/train.txt", "models/bark/best.pt") if (clone / f).exists()]
     assert pulled == ["data/bark/train.txt", "models/bark/best.pt"], pulled
+    # Bytecode Python writes beside a code dependency is not a change to it (.dvcignore).
+    (clone / "barkgpt/lm/__pycache__").mkdir(exist_ok=True)
+    (clone / "barkgpt/lm/__pycache__/planted.cpython-311.pyc").write_bytes(b"\0")
+    assert "barkgpt/lm" not in sh([dvc, "status"], clone).stdout
     # The flow asks DVC about every stage: what the code changed since dvc.lock was made runs (the
     # rest is up to date); afterwards DVC and the flow agree that nothing is stale.
     flow = sh([sys.executable, "-m", "flows.pipeline", "bark", "--no-deploy"], clone)
