@@ -437,6 +437,30 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def expand_dotted(overrides: dict) -> dict:
+    """{'bark.train.max_steps': 50} -> {'bark': {'train': {'max_steps': 50}}}; nested dicts pass through."""
+    out: dict = {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+        for part in reversed(str(key).split(".")[1:]):
+            value = {part: value}
+        out = deep_merge(out, {str(key).split(".")[0]: value})
+    return out
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """`--set` arguments, ['bark.train.max_steps=200', ...], as nested overrides; values are read as
+    YAML scalars (200, 0.5, true, [a, b])."""
+    flat = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BarkError(f"--set expects KEY=VALUE, got {item!r}")
+        flat[key] = yaml.safe_load(value)
+    return expand_dotted(flat)
+
+
 def flatten(params: BaseModel, prefix: str = "") -> dict[str, object]:
     """Dotted keys for MLflow and reports: {'bark.model.n_embd': 64, ...}."""
     flat: dict[str, object] = {}

@@ -44,7 +44,7 @@ import reference_gpt as ref  # noqa: E402
 
 from barkgpt.checkpoint import load_model  # noqa: E402
 from barkgpt.layout import Layout  # noqa: E402
-from barkgpt.params import deep_merge, load_params, parse_params  # noqa: E402
+from barkgpt.params import deep_merge, load_params, parse_assignments, parse_params  # noqa: E402
 from barkgpt.pipelines import run_stage  # noqa: E402
 from barkgpt.stages import load_split  # noqa: E402
 from barkgpt.tokenizer import load_tokenizer  # noqa: E402
@@ -138,14 +138,7 @@ def main() -> None:
 
     work = Path(args.root or tempfile.mkdtemp(prefix="vs-reference-"))
     base = {"source": str(Path(args.source).resolve()), "split": {"mode": "head", "val_fraction": 0.1}}
-    mine = {}  # BarkGPT's side only
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *parents, last = key.split(".")
-        node = mine
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
+    mine = parse_assignments(args.set)  # BarkGPT's side only
     results = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                "threads": torch.get_num_threads(), "load_before": [round(x, 2) for x in os.getloadavg()]}
     print(f"CPU: {results['cpu']} ({results['cores']} cores), torch {torch.__version__}, "

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from barkgpt.pipelines import run_stage
-from barkgpt.params import deep_merge, load_params
+from barkgpt.params import deep_merge, load_params, parse_assignments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,15 +34,8 @@ def main() -> None:
                     help="override webtext params, e.g. train.learning_rate=0.002 model.n_layer=6")
     args = ap.parse_args()
 
-    over = {"source": str(Path(args.source).resolve()), "split": {"mode": "head", "val_fraction": 0.1},
-            "train": {"max_seconds": args.seconds}}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        node = over
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = yaml.safe_load(value)
+    over = deep_merge({"source": str(Path(args.source).resolve()), "split": {"mode": "head", "val_fraction": 0.1},
+                       "train": {"max_seconds": args.seconds}}, parse_assignments(args.set))
     root = Path(args.root or tempfile.mkdtemp(prefix="webtext-bpb-"))
     root.mkdir(parents=True, exist_ok=True)
     raw = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {"webtext": over})

@@ -16,6 +16,7 @@ from pathlib import Path
 import flows  # noqa: F401  (PREFECT_HOME and result defaults before prefect loads)
 from prefect import flow
 
+from barkgpt.params import parse_assignments
 from barkgpt.pipelines import REGISTRY, get
 from tasks.common import resolve_params
 from tasks.deploy import deploy, deploy_blocker
@@ -58,18 +59,6 @@ FLOWS = {name: pipeline_flow(name) for name in REGISTRY}
 globals().update({f"{name}_pipeline": f for name, f in FLOWS.items()})
 
 
-def parse_set(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        out[key] = yaml.safe_load(value)  # YAML scalars: 100, 0.5, true, [a, b]
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a pipeline's flow in this process (Prefect's local API); exit 2 on a BarkError."""
     from barkgpt.errors import BarkError
@@ -84,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-deploy", action="store_true", help="stop after the parity gate")
     args = parser.parse_args(argv)
     try:
-        result = FLOWS[args.pipeline](overrides=parse_set(args.set), root=args.root, params_file=args.params,
+        result = FLOWS[args.pipeline](overrides=parse_assignments(args.set), root=args.root, params_file=args.params,
                                       deploy_model=not args.no_deploy)
     except BarkError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,21 +8,9 @@ from prefect import task
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path
-from barkgpt.params import deep_merge, load_params, parse_params
+from barkgpt.params import expand_dotted, load_params, parse_params
 
 TRANSIENT = (OSError, ConnectionError, TimeoutError)  # disk and network hiccups; worth a retry
-
-
-def expand_dotted(overrides: dict) -> dict:
-    """{'bark.train.max_steps': 50} -> {'bark': {'train': {'max_steps': 50}}}; nested dicts pass through."""
-    out: dict = {}
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict):
-            value = expand_dotted(value)
-        for part in reversed(str(key).split(".")[1:]):
-            value = {part: value}
-        out = deep_merge(out, {str(key).split(".")[0]: value})
-    return out
 
 
 def write_overrides(path: Path, nested: dict) -> list[str]:

@@ -222,7 +222,7 @@ def test_worse_model_registers_one_version_and_champion_stays_on_the_best(stack,
     version (also when evaluated twice), and `champion` stays on the better one, gate or no gate."""
     project = shutil.copytree(stack["project"], tmp_path / "copy")  # the flow's project stays as DVC left it
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stack["mlflow"])
-    from tasks.common import expand_dotted
+    from barkgpt.params import expand_dotted
 
     alias_url = f"{stack['mlflow']}/api/2.0/mlflow/registered-models/alias?name=barkgpt-bark&alias=champion"
     before = get_json(alias_url)["model_version"]
@@ -327,7 +327,8 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path, monkeypatch
 def test_overrides_nested_or_dotted_and_retry_only_transient():
     from prefect.states import Failed
 
-    from tasks.common import expand_dotted, transient_only
+    from barkgpt.params import expand_dotted
+    from tasks.common import transient_only
 
     assert expand_dotted({"bark.train.max_steps": 5, "bark": {"eval": {"seed": 1}}}) == \
         {"bark": {"train": {"max_steps": 5}, "eval": {"seed": 1}}}
