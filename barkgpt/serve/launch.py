@@ -74,8 +74,6 @@ def supervise(settings: Settings, workers: int, common: dict) -> None:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
-    log.info("Started supervisor [%d] for %d workers on http://%s:%d", multiprocessing.current_process().pid,
-             workers, common["host"], common["port"])
     processes = [start() for _ in range(workers)]
     code = 0
     while not stopping.wait(0.5):
