@@ -46,7 +46,7 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
 def prepare(device: torch.device, compile_model: bool) -> None:
     """Process-wide settings for the device: TF32 on CUDA; the compile cache when compiling."""
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)  # a bare "cuda" means the first GPU (torch wants an index)
         torch.set_float32_matmul_precision("high")  # TF32: fp32 matmuls on tensor cores (10-bit mantissa inputs)
         torch.backends.cudnn.allow_tf32 = True
     if compile_model:

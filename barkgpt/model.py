@@ -162,7 +162,9 @@ class GPT(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.block_size}")
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.tok_emb.weight.dtype
+        # RoPE tables in the activations' dtype: bf16 under autocast (CPU or CUDA), else the weights'.
+        device = idx.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.tok_emb.weight.dtype
         cos, sin = rope_pairs(self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         x = self.tok_emb(idx)

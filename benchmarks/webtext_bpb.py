@@ -8,6 +8,7 @@ functions, in a scratch project folder.
 
     python benchmarks/webtext_bpb.py                       # the 300-second benchmark (target <= 2.25)
     python benchmarks/webtext_bpb.py --seconds 30          # a quick check
+    python benchmarks/webtext_bpb.py --seconds 60 --no-tracking --set train.device=cuda   # on a GPU
 """
 from __future__ import annotations
 
@@ -32,13 +33,16 @@ def main() -> None:
     ap.add_argument("--root", help="project folder to use (default: a temporary one)")
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="override webtext params, e.g. train.learning_rate=0.002 model.n_layer=6")
+    ap.add_argument("--no-tracking", dest="tracking", action="store_false",
+                    help="no MLflow run (tracking.enabled: false), e.g. on a GPU machine without MLflow installed")
     args = ap.parse_args()
 
     over = deep_merge({"source": str(Path(args.source).resolve()), "split": {"mode": "head", "val_fraction": 0.1},
                        "train": {"max_seconds": args.seconds}}, parse_assignments(args.set))
     root = Path(args.root or tempfile.mkdtemp(prefix="webtext-bpb-"))
     root.mkdir(parents=True, exist_ok=True)
-    raw = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), {"webtext": over})
+    raw = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
+                     {"webtext": over, "tracking": {"enabled": args.tracking}})
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(root / "params.yaml")
 
