@@ -34,7 +34,7 @@ from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
-        "docs/webtext.md", "docs/evaluation.md"]
+        "docs/webtext.md", "docs/evaluation.md", "docs/scaling.md"]
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
 COMMAND_TIMEOUT_S = 900
 pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)
@@ -56,11 +56,15 @@ RULES: list[tuple[str, str, str]] = [
     (r"^PYTHONPATH=\$PWD/\.dvc-s3", "skip", "an S3 remote (docs/deploy.md)"),
     (r"^git clone <repo>", "skip", "a placeholder (<repo>); tests/test_dvc_remote.py clones and pulls"),
     (r"^dvc remote modify --local local url /path/to/", "skip", "a placeholder path"),
+    (r"^prefect work-pool create \S+ --type (docker|kubernetes)", "skip",
+     "Docker or Kubernetes and their Prefect plugins (not installed here)"),
     (r"^prefect (server start|worker start)", "expensive", "a Prefect server and worker: tests/test_orchestration.py"),
     (r"^prefect (work-pool|--no-prompt deploy|deployment run)", "expensive",
      "needs the Prefect server above: tests/test_orchestration.py runs these"),
     (r"^python -m flows\.", "expensive", "the whole flow (~1 min): tests/test_orchestration.py runs it"),
     (r"^python benchmarks/", "expensive", "benchmarks: minutes each, on an idle machine"),
+    (r"^bash benchmarks/gpu_checks\.sh", "skip", "needs a CUDA GPU (tests/test_cuda.py skips without one)"),
+    (r"^torchrun .*--nproc-per-node 8", "skip", "8 GPUs; tests/test_scale.py runs torchrun with 2 CPU processes"),
     (r"^dvc repro pipelines/webtext/dvc\.yaml", "expensive", "a 300 s WebText-2 training: tests/test_webtext.py"),
     (r"^dvc plots show reports/webtext", "expensive", "needs the WebText-2 training above"),
     (r"^cat reports/webtext/", "expensive", "needs the WebText-2 training above"),
