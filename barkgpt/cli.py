@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from barkgpt import warm
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = warm.run(argv)  # a stage command forks from a warm process when one is ready
+    if code is not None:
+        return code
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     try:

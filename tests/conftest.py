@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny bark project, trained once per test session through the stage functions."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
+# Stage commands run in their own process here, as under the Prefect door; tests/test_warm.py
+# covers the warm server (barkgpt/warm.py) that `barkgpt <stage>` uses by default.
+os.environ["BARKGPT_WARM"] = "0"
 SHARED_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-valid.txt"
 
 

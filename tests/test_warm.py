@@ -1,0 +1,193 @@
+"""The warm server for stage commands (barkgpt/warm.py): `dvc repro` forks every stage from one
+process that imported torch, MLflow and Great Expectations once, with the same results as fresh
+processes. Each test gets its own runtime folder (XDG_RUNTIME_DIR), so its servers are its own."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from barkgpt import warm
+from barkgpt.pipelines import REGISTRY
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the warm server is Linux-only (fork)")
+
+
+def warm_env(runtime: Path, project: Path, **extra: str) -> dict:
+    return {**os.environ, "BARKGPT_WARM": "1", "BARKGPT_WARM_IDLE": "120", "XDG_RUNTIME_DIR": str(runtime),
+            "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project), "GX_ANALYTICS_ENABLED": "False",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1", **extra}
+
+
+def barkgpt(args: list[str], project: Path, env: dict, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "barkgpt"), *args], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def sockets(runtime: Path) -> list[Path]:
+    return sorted(runtime.glob("barkgpt-warm-*/*.sock"))
+
+
+def wait_for(predicate, seconds: float = 90.0, what: str = "") -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def serve_processes(runtime: Path) -> list[int]:
+    folder = next(runtime.glob("barkgpt-warm-*"), None)
+    return warm.server_pids(folder) if folder else []
+
+
+@pytest.fixture
+def runtime():
+    folder = Path(tempfile.mkdtemp(prefix="bw-"))  # short: a socket's path has at most 107 bytes
+    yield folder
+    for pid in serve_processes(folder):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def copy_tree(dest: Path) -> Path:
+    """The working tree's tracked and unignored files, as a new git repository (a fresh clone)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def test_the_warm_commands_are_the_declared_stages(monkeypatch):
+    """The client decides before importing the pipelines, so it keeps its own list: this one."""
+    monkeypatch.setenv("BARKGPT_WARM", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert warm.STAGE_COMMANDS == {s.name for p in REGISTRY.values() for s in p.stages}
+    assert warm.enabled(["train", "bark"]) and warm.enabled(["--params", "p.yaml", "parity", "bark", "-q"])
+    for argv in (["serve"], ["chat"], ["generate"], ["deploy"], ["--params", "train", "serve"], ["train", "-h"]):
+        assert not warm.enabled(argv), argv
+    monkeypatch.setenv("BARKGPT_WARM", "0")
+    assert not warm.enabled(["train", "bark"])
+
+
+def test_the_server_is_chosen_by_code_environment_and_path_not_by_dvc_stage(monkeypatch):
+    env = dict(os.environ)
+    base = warm.fingerprint(environ=env)
+    assert warm.fingerprint(environ={**env, "DVC_STAGE": "bark-train", "PWD": "/elsewhere"}) == base
+    assert warm.fingerprint(environ={**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}) != base
+    assert warm.fingerprint(path=[*sys.path, "/extra"], environ=env) != base
+
+
+def test_dvc_repro_forks_every_stage_from_one_server_with_the_results_of_fresh_processes(tmp_path, runtime):
+    project = copy_tree(tmp_path / "project")
+    env = warm_env(runtime, project)
+    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    for stage in REGISTRY["bark"].stages:
+        assert f"Running stage 'bark-{stage.name}'" in repro.stdout
+    # One server for the whole run: DVC_STAGE differs per stage, the project folder fills up, and
+    # neither picks another server.
+    assert len(sockets(runtime)) == 1 and len(serve_processes(runtime)) == 1
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=env, capture_output=True, text=True)
+    assert "changed" not in status.stdout, status.stdout
+
+    # The client of a warm command imports neither torch nor MLflow: the forked child had them.
+    client = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "barkgpt"), "tokenize", "bark"],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert client.returncode == 0 and "train:" in client.stdout, client.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in client.stderr.splitlines() if "import time:" in line}
+    assert "barkgpt.warm" in imported and not imported & {"torch", "mlflow", "great_expectations"}
+
+    # The same training in a fresh process (warm off) gives the same weights, bit for bit.
+    cold = tmp_path / "cold"
+    shutil.copytree(project, cold, ignore=shutil.ignore_patterns("models", "runs", "mlruns", "mlflow.db", "exports"))
+    out = barkgpt(["train", "bark", "--quiet"], cold, {**warm_env(runtime, cold), "BARKGPT_WARM": "0"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    warm_state = torch.load(project / "models/bark/best.pt", weights_only=False)["model"]
+    cold_state = torch.load(cold / "models/bark/best.pt", weights_only=False)["model"]
+    assert warm_state.keys() == cold_state.keys()
+    assert all(torch.equal(warm_state[k], cold_state[k]) for k in warm_state)
+
+
+def start_server(project: Path, env: dict) -> None:
+    """The first stage command starts the server (and runs in-process); wait until it listens."""
+    first = barkgpt(["data", "bark"], project, env)
+    assert first.returncode == 0, first.stderr
+    wait_for(lambda: sockets(Path(env["XDG_RUNTIME_DIR"])), what="the warm server's socket")
+
+
+def small_project(tmp_path: Path, overrides: dict) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["bark"]["data"].update(train_conversations=300, val_conversations=60)
+    for key, value in overrides.items():
+        raw["bark"]["train"][key] = value
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    return project
+
+
+def test_errors_exit_codes_and_output_pass_through(tmp_path, runtime):
+    project = small_project(tmp_path, {})
+    env = warm_env(runtime, ROOT)
+    start_server(project, env)
+    ok = barkgpt(["tokenize", "bark"], project, env)
+    assert ok.returncode == 0 and "train:" in ok.stdout
+    missing = barkgpt(["--params", "nowhere.yaml", "train", "bark"], project, env)
+    assert missing.returncode == 2 and "error:" in missing.stderr and "nowhere.yaml" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    usage = barkgpt(["train", "no-such-pipeline"], project, env)
+    assert usage.returncode == 2 and "invalid choice" in usage.stderr
+
+
+def test_ctrl_c_reaches_the_stage_and_a_killed_client_takes_its_stage_down(tmp_path, runtime):
+    project = small_project(tmp_path, {"max_steps": 1_000_000, "log_every": 1})
+    env = warm_env(runtime, ROOT)
+    start_server(project, env)
+    assert barkgpt(["tokenize", "bark"], project, env).returncode == 0
+    server = serve_processes(runtime)
+    assert len(server) == 1
+
+    def long_training() -> subprocess.Popen:
+        proc = subprocess.Popen([str(BIN / "barkgpt"), "train", "bark", "--quiet"], cwd=project, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: len(serve_processes(runtime)) == 2, what="the forked stage")
+        wait_for(lambda: any(project.glob("runs/bark/*/")), what="the run folder (training starts)")
+        time.sleep(1)
+        return proc
+
+    proc = long_training()
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends dvc repro and its stage
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    wait_for(lambda: serve_processes(runtime) == server, 30, "the stage to end")
+
+    proc = long_training()
+    proc.kill()  # no chance to forward anything: the child notices its client is gone
+    proc.wait()
+    wait_for(lambda: serve_processes(runtime) == server, 30, "the orphaned stage to stop")
+
+
+def test_an_idle_server_exits_and_removes_its_socket(tmp_path, runtime):
+    project = small_project(tmp_path, {})
+    env = {**warm_env(runtime, ROOT), "BARKGPT_WARM_IDLE": "1"}
+    start_server(project, env)
+    wait_for(lambda: not sockets(runtime) and not serve_processes(runtime), 30, "the idle server to exit")
+    assert not any(runtime.glob("barkgpt-warm-*/*.lock"))
