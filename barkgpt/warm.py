@@ -49,6 +49,7 @@ PRELOAD = ("great_expectations", "torch", "torch._dynamo", "mlflow", "mlflow.sto
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
 VOLATILE_PREFIXES = ("DVC_",)  # DVC_STAGE, DVC_ROOT: per stage and per repository
 DEFAULT_IDLE_S = 300.0
+START_TIMEOUT_S = 120.0  # from connecting to the child's pid: the server may be finishing an import
 MAX_FOLDER_CHARS = 64  # a Unix socket's path has at most 107 bytes: the folder, a 24-character key, ".sock.<pid>"
 _HEADER = struct.Struct("!I")
 _in_server = False  # set in a forked child: its own cli.main must not connect again
@@ -139,12 +140,14 @@ def run(argv: list[str]) -> int | None:
     with conn:
         try:
             _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}, [0, 1, 2])
+            conn.settimeout(START_TIMEOUT_S)  # a server stuck mid-import must not hang the command
             reader = conn.makefile("rb")
             line = reader.readline()
         except OSError:
-            return None  # nothing started: run in-process
+            return None  # nothing started (a child that finds us gone exits before it runs): run here
         if not line.startswith(b"pid "):
             return None
+        conn.settimeout(None)  # the command itself may take as long as it takes
         return _relay(int(line.split()[1]), reader)
 
 
@@ -258,7 +261,10 @@ def _child(conn: socket.socket) -> int:
     os.environ.update(request["env"])
     sys.argv = ["barkgpt", *request["argv"]]
     sys.stdout.reconfigure(line_buffering=os.isatty(1))
-    conn.sendall(f"pid {os.getpid()}\n".encode())
+    try:
+        conn.sendall(f"pid {os.getpid()}\n".encode())
+    except OSError:
+        return 1  # the client gave up waiting and runs the command itself: not here too
 
     def watch_client():  # the client gone (killed with its process group): stop, as its child would
         try:
