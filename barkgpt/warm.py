@@ -30,6 +30,7 @@ import socket
 import struct
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # The commands that fork from the server: the pipeline stages. tests/test_warm.py checks that this
@@ -182,18 +183,19 @@ def _start_server(folder: Path, key: str) -> None:
 
     idle = os.environ.get("BARKGPT_WARM_IDLE", str(DEFAULT_IDLE_S))
     with open(folder / f"{key}.log", "w") as log:
-        subprocess.Popen([sys.executable, "-m", "barkgpt.warm", "serve", str(folder / f"{key}.sock"), idle,
+        subprocess.Popen([sys.executable, "-m", "barkgpt.warm_server", str(folder / f"{key}.sock"), idle,
                           json.dumps(sys.path)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                          start_new_session=True, close_fds=True)
 
 
 # --- the server --------------------------------------------------------------------------------
 
-def serve(sock_path: Path, idle_s: float, path: list[str]) -> int:
+def serve(sock_path: Path, idle_s: float, entry: Callable[[list[str]], int]) -> int:
+    """Serve commands on `sock_path` until idle: each runs `entry(argv)` (barkgpt.cli.main) in a
+    forked child. Started by `python -m barkgpt.warm_server`."""
     import fcntl
     import importlib
 
-    sys.path[:] = path  # the client's import path, so the child imports what a fresh process would
     lock = open(sock_path.with_suffix(".lock"), "a")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,7 +230,7 @@ def serve(sock_path: Path, idle_s: float, path: list[str]) -> int:
             if os.fork() == 0:
                 listener.close()
                 lock.close()
-                os._exit(_child(conn))
+                os._exit(_child(conn, entry))
             conn.close()
     finally:
         try:
@@ -240,7 +242,7 @@ def serve(sock_path: Path, idle_s: float, path: list[str]) -> int:
             leftover.unlink(missing_ok=True)  # still locked by us: no other server owns these
 
 
-def _child(conn: socket.socket) -> int:
+def _child(conn: socket.socket, entry: Callable[[list[str]], int]) -> int:
     global _in_server
     import atexit
     import threading
@@ -275,9 +277,7 @@ def _child(conn: socket.socket) -> int:
 
     threading.Thread(target=watch_client, daemon=True).start()
     try:
-        from barkgpt.cli import main
-
-        code = main(request["argv"])
+        code = entry(request["argv"])
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         if exit_.code is not None and not isinstance(exit_.code, int):
@@ -326,22 +326,12 @@ def server_pids(folder: Path) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if cmd[1:4] == [b"-m", b"barkgpt.warm", b"serve"] and cmd[4].startswith(prefix):
+        if cmd[1:3] == [b"-m", b"barkgpt.warm_server"] and cmd[3].startswith(prefix):
             pids.append(int(proc.name))
     return pids
 
 
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["serve"] and len(argv) == 4:
-        return serve(Path(argv[1]), float(argv[2]), json.loads(argv[3]))
-    if argv == ["stop"]:
-        return stop()
-    print("usage: python -m barkgpt.warm stop", file=sys.stderr)
-    return 2
-
-
 if __name__ == "__main__":
-    # Through the imported module, not this __main__ copy: its `_in_server` is the one cli.main reads.
-    from barkgpt.warm import main as module_main
-
-    sys.exit(module_main(sys.argv[1:]))
+    if sys.argv[1:] != ["stop"]:
+        sys.exit("usage: python -m barkgpt.warm stop")
+    sys.exit(stop())
