@@ -231,10 +231,14 @@ class Layout:
         return self.report("deploy")
 
 
+# The pipeline whose stages the root dvc.yaml holds (what a plain `dvc repro` runs); every other
+# pipeline's are in pipelines/<name>/dvc.yaml (barkgpt.pipelines.base.Pipeline.default reads this).
+DEFAULT_PIPELINE = "bark"
+
+
 def repro_command(pipeline: str) -> str:
-    """The DVC command that runs a pipeline's stages: bark's are in the root dvc.yaml (what a plain
-    `dvc repro` runs), every other pipeline's in pipelines/<name>/dvc.yaml."""
-    return "dvc repro" if pipeline in ("bark", "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"
+    """The DVC command that runs a pipeline's stages."""
+    return "dvc repro" if pipeline in (DEFAULT_PIPELINE, "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"
 
 
 def layout(pipeline: str, root: str | Path = ".") -> Layout:

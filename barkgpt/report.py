@@ -207,12 +207,13 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
                         [[q, e.get("bytes"), len(e.get("fallbacks") or [])] for q, e in quant.items()])
     else:
         lines += ["Not exported yet.", ""]
-    warned = sum(k.get("count", 0) for e in (quant or {}).values() if isinstance(e, dict)
-                 for k in e.get("llama_cpp_warnings") or [])
-    warned += sum(k.get("count", 0) for k in (parity or {}).get("llama_cpp_warnings") or [])
+    kinds = [k for e in (quant or {}).values() if isinstance(e, dict) for k in e.get("llama_cpp_warnings") or []]
+    kinds += (parity or {}).get("llama_cpp_warnings") or []
+    warned = sum(k.get("count", 0) for k in kinds)
+    unexplained = sum(k.get("count", 0) for k in kinds if not k.get("explained"))
     if quant or parity:
-        lines += [f"llama.cpp logged {warned} warnings (listed in {lay.quantization_report.name} and "
-                  f"{lay.parity_report.name}).", ""]
+        lines += [f"llama.cpp logged {warned} warnings, {unexplained} of them of a kind not known to be harmless "
+                  f"(listed, with the reasons, in {lay.quantization_report.name} and {lay.parity_report.name}).", ""]
 
     lines += ["## Deploy", ""]
     deploy = _read(lay.deploy_report)

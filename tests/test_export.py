@@ -105,6 +105,7 @@ def test_quantize_collects_llama_cpp_warnings_into_the_report(exported, tmp_path
     fell_back = {f["tensor"] for f in report["q4_k_m"]["fallbacks"]}
     assert all("falling back to" in line and line.split()[1] in fell_back for line in fallbacks["lines"])
     assert warned["q8_0"] == 0 and warned["q4_k_m"] >= 14
+    assert all(k.get("explained") for q in report for k in report[q]["llama_cpp_warnings"])
     assert f"{sum(warned.values())} llama.cpp warnings" in summary[0]
 
 
@@ -113,6 +114,11 @@ def test_parity_collects_context_warnings(exported):
     kinds = {k["kind"]: k["count"] for k in report["llama_cpp_warnings"]}
     # llama.cpp pads the context to 256 tokens and warns once per file opened (5 files)
     assert kinds.get("llama_context: n_ctx_seq (N) > n_ctx_train (N) -- possible training context overflow") == 5
+    # Each warning the bark model always gives says why it is harmless; an unknown one would not.
+    assert all(k.get("explained") for k in report["llama_cpp_warnings"]), report["llama_cpp_warnings"]
+    from barkgpt.export.llama_log import summary
+
+    assert "explained" not in summary(["llama_model_load: something new went wrong"])[0]
 
 
 def test_llama_tokenizer_matches_word_tokenizer(exported):

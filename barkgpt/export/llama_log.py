@@ -99,13 +99,36 @@ def kind(line: str) -> str:
     return _NUMBER.sub("N", line)
 
 
+# Warnings that BarkGPT's own models always give, and why each is harmless: the report says so
+# next to them, so that a reader can tell them from a warning that needs a look.
+EXPLAINED = {
+    "special_eos_id is not in special_eog_ids": (
+        "bark's <EOS> is a word of its vocabulary, not one of the token texts llama.cpp knows as end of "
+        "generation; llama.cpp adds the EOS id to that set itself, and generation stops on it (parity checks)"),
+    "model vocab missing newline token": (
+        "a word vocabulary has no newline token; nothing BarkGPT does with llama.cpp needs one"),
+    "possible training context overflow": (
+        "llama.cpp rounds the context up to a multiple of 256; prompts and replies stay within the trained "
+        "context (the server and the gates cap them)"),
+    "fell back to another type": (
+        "a small model's rows do not fill a 256-value k-quant block, so llama.cpp quantizes those tensors "
+        "with the fallback type it names (listed under the quantization's fallbacks)"),
+    "count of those fallbacks": "the total of the fallbacks above",
+}
+
+
 def summary(lines: list[str]) -> list[dict]:
-    """[{"kind", "count", "lines"}] by kind, most frequent first, for a JSON report. A list, so that
-    `dvc metrics show` (which skips lists) gets no column from it when the report is a DVC metric."""
+    """[{"kind", "count", "lines", "explained"?}] by kind, most frequent first, for a JSON report. A
+    list, so that `dvc metrics show` (which skips lists) gets no column from it when the report is a
+    DVC metric. `explained` says why a warning BarkGPT's models always give is harmless."""
     groups: dict[str, list[str]] = {}
     for line in lines:
         groups.setdefault(kind(line), []).append(line)
-    return [{"kind": k, "count": len(v), "lines": v} for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    out = []
+    for k, v in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        why = next((reason for text, reason in EXPLAINED.items() if text in k), None)
+        out.append({"kind": k, "count": len(v), "lines": v, **({"explained": why} if why else {})})
+    return out
 
 
 def one_line(what: str, lines: list[str], where: str) -> str:

@@ -66,6 +66,5 @@ PIPELINE = Pipeline(
     evaluate=evaluate,
     prompt_format="bark",
     tokens=word_tokenizer,
-    default=True,
     extra={"suites": _bark_suites, "token_suites": _token_suites, "eos_per_line": False},  # bark lines spell their own <EOS>
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from barkgpt.errors import BarkError
-from barkgpt.layout import Layout
+from barkgpt.layout import DEFAULT_PIPELINE, Layout
 
 Files = Callable[[Layout], list[Path]]
 
@@ -62,7 +62,6 @@ class Pipeline:
     # (metric key, short name): the few numbers `dvc metrics show` lists, so a row stays readable
     summary: tuple[tuple[str, str], ...] = ()
     tokens: Callable[..., Any] | None = None  # (params, layout) -> tokenizer, for the tokenize stage
-    default: bool = False  # in the root dvc.yaml (plain `dvc repro`); others in pipelines/<name>/
     extra: dict = field(default_factory=dict)
 
     def stage(self, name: str) -> Stage:
@@ -77,6 +76,11 @@ class Pipeline:
 
     def params(self, params) -> Any:
         return self.section(params)
+
+    @property
+    def default(self) -> bool:
+        """In the root dvc.yaml (what a plain `dvc repro` runs); the others in pipelines/<name>/."""
+        return self.name == DEFAULT_PIPELINE
 
     @property
     def dvc_file(self) -> str:
