@@ -157,6 +157,15 @@ def _judge_parity(report: dict, gates, export, deploy_quant: str) -> Verdict:
         Check("f32.greedy", greedy["identical"] == greedy["prompts"],
               f"{greedy['identical']}/{greedy['prompts']} greedy completions identical"),
     ]
+    def quality_checks(name: str, quality: dict, file: str) -> list[Check]:
+        if report.get("metric") == "val_bpb":
+            limit, bpb, ref = export.max_bpb_delta.get(file), quality["val_bpb"], reference["val_bpb"]
+            rel = (bpb - ref) / ref
+            ok = limit is None or rel <= limit
+            return [Check(f"{name}.quality", ok, f"bpb {bpb:.4f}, {rel:+.2%} vs PyTorch " + (
+                "(no threshold configured)" if limit is None else f"({'<=' if ok else '>'} {limit:.2%})"))]
+        return [Check(f"{name}.quality", c.passed, c.detail) for c in _quality_checks("", quality, gates)]
+
     for q in dict.fromkeys([*export.quantizations, deploy_quant]):
         entry = files.get(q)
         if entry is None:
@@ -164,16 +173,15 @@ def _judge_parity(report: dict, gates, export, deploy_quant: str) -> Verdict:
             continue
         checks.append(Check(f"{q}.tokenization", entry["tokenization"]["agreement"] == 1.0,
                             f"ids agree on {entry['tokenization']['agreement']:.2%} of lines"))
-        quality = entry["quality"]
-        if report.get("metric") == "val_bpb":
-            limit, bpb, ref = export.max_bpb_delta.get(q), quality["val_bpb"], reference["val_bpb"]
-            rel = (bpb - ref) / ref
-            ok = limit is None or rel <= limit
-            checks.append(Check(f"{q}.quality", ok, f"bpb {bpb:.4f}, {rel:+.2%} vs PyTorch " + (
-                "(no threshold configured)" if limit is None else f"({'<=' if ok else '>'} {limit:.2%})")))
-        else:
-            checks += [Check(f"{q}.quality", c.passed, c.detail) for c in _quality_checks("", quality, gates)]
-    passed = all(c.passed for c in checks if c.name.startswith(("f32.", f"{deploy_quant}.")))
+        checks += quality_checks(q, entry["quality"], q)
+    # The deploy file as the server runs it (flash attention on): the same gate as the file itself.
+    served = report.get("served")
+    if served is None or served.get("file") != deploy_quant:
+        checks.append(Check("served.quality", False, f"the report does not measure {deploy_quant} as served; "
+                                                     "re-run parity"))
+    else:
+        checks += quality_checks("served", served["quality"], deploy_quant)
+    passed = all(c.passed for c in checks if c.name.startswith(("f32.", f"{deploy_quant}.", "served.")))
     return Verdict(passed, tuple(checks))
 
 

@@ -199,9 +199,10 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
                 for q, e in (parity.get("quantizations") or {}).items()]
         lines += _table(["file", "bytes", "size vs F32", "metric", "value", "delta vs F32", "fallback tensors",
                          "status", "why"], rows)
-        gate = parity.get("gate", {})
-        lines += [f"Deploy file `{gate.get('deploy_file')}`: gate {'passed' if gate.get('deploy_passed') else 'FAILED'}.",
-                  ""]
+        gate, served = parity.get("gate", {}), parity.get("served") or {}
+        lines += [f"Deploy file `{gate.get('deploy_file')}`: gate {'passed' if gate.get('deploy_passed') else 'FAILED'}"
+                  + (f"; as served (flash attention), max |logit diff| {_fmt(served['logits']['max_abs_diff'])} "
+                     f"vs PyTorch" if served.get("logits") else "") + ".", ""]
     elif quant:
         lines += _table(["file", "bytes", "fallback tensors"],
                         [[q, e.get("bytes"), len(e.get("fallbacks") or [])] for q, e in quant.items()])

@@ -549,6 +549,7 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
     q8 = {**f32, "quality": {"contract_samples": 1000, "contract_failures": failures}}
     (root / "reports" / "bark" / "parity.json").write_text(json.dumps({
         "stage": "parity", "pipeline": "bark", "metric": "contract", "files": {"f32": f32, "q8_0": q8},
+        "served": {"file": "q8_0", "flash_attn": True, "quality": q8["quality"]},
         "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1 - failures / 1000,
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
         "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},

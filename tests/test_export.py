@@ -48,6 +48,11 @@ def test_parity_report_f32(exported):
     assert f32["logits_max_abs_diff"] <= 1e-3
     greedy = report["files"]["f32"]["greedy"]
     assert greedy["all_identical"] and greedy["prompts"] >= 3
+    # The deploy file is also judged as served (flash attention on), and that check gates it.
+    served = report["served"]
+    assert served["flash_attn"] and served["file"] == "q8_0" and served["logits"]["max_abs_diff"] < 0.05
+    assert {"name": "served.quality", "passed": True} in [
+        {"name": c["name"], "passed": c["passed"]} for c in report["gate"]["checks"]]
     assert report["files"]["f16"]["logits"]["max_abs_diff"] < 0.05  # half precision: close, not exact
 
 
@@ -112,8 +117,9 @@ def test_quantize_collects_llama_cpp_warnings_into_the_report(exported, tmp_path
 def test_parity_collects_context_warnings(exported):
     _, report = exported
     kinds = {k["kind"]: k["count"] for k in report["llama_cpp_warnings"]}
-    # llama.cpp pads the context to 256 tokens and warns once per file opened (5 files)
-    assert kinds.get("llama_context: n_ctx_seq (N) > n_ctx_train (N) -- possible training context overflow") == 5
+    # llama.cpp pads the context to 256 tokens and warns once per file opened (5 files, and the
+    # deploy file once more, as served)
+    assert kinds.get("llama_context: n_ctx_seq (N) > n_ctx_train (N) -- possible training context overflow") == 6
     # Each warning the bark model always gives says why it is harmless; an unknown one would not.
     assert all(k.get("explained") for k in report["llama_cpp_warnings"]), report["llama_cpp_warnings"]
     from barkgpt.export.llama_log import summary
@@ -384,3 +390,30 @@ def test_gguf_files_and_parity_report_are_in_the_mlflow_run(exported):
     deploy_file = root / report["gate"]["deploy_file"]
     assert version.tags["gguf.deploy_sha256"] == sha256_file(deploy_file)
     assert version.tags["parity.deploy_passed"] == "true"
+
+
+def test_serving_with_flash_attention_matches_the_judged_path(exported):
+    """The server opens GGUFs with llama.cpp's flash attention; parity and the gates judge them
+    without it. llama.cpp's CPU flash attention works in half precision (about 0.02 apart in the
+    logits here), so the bound is the F16 file's (0.05); the greedy replies are the same, and the
+    contract holds on the serving path too."""
+    from barkgpt.export.parity import greedy_parity, logits_parity
+    from barkgpt.lm import Sampling
+    from barkgpt.lm.llama_lm import LlamaLM
+    from barkgpt.tokenizer import load_tokenizer
+
+    root, _ = exported
+    params = load_params(root / "params.yaml")
+    gguf = root / "exports/bark/quantized" / f"bark-{params.export.deploy_quantization}.gguf"
+    judged = LlamaLM(gguf, all_logits=True)
+    served = LlamaLM(gguf, all_logits=True, flash_attn=True)
+    tok = load_tokenizer(root / "data/bark/tokenizer.json")
+    prompts = [tok.encode(p) for p in ("User: speak Assistant:", "User: speak Assistant: woof <EOS> User: speak Assistant:",
+                                       "User: speak Assistant: arf arf <EOS> User: speak Assistant: ruff <EOS> "
+                                       "User: speak Assistant:")]
+    assert logits_parity(judged, served, prompts)["max_abs_diff"] < 0.05
+    assert greedy_parity(judged, served, prompts, max_new=12)["all_identical"]
+    barks, eos = {tok.ids[w] for w in ("woof", "arf", "ruff", "grrr")}, tok.eos_id
+    for seed in range(20):
+        reply = list(served.generate(prompts[0], Sampling(temperature=1.0, max_new_tokens=12, seed=seed)))
+        assert reply and reply[-1] == eos and set(reply[:-1]) <= barks, tok.decode(reply)

@@ -114,8 +114,17 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
                 "quality": quality(lm)}
         finally:
             lm.close()
-    verdict = judge(report, params)
+    # What ships is judged as it is served: the deploy file with llama.cpp's flash attention, which
+    # the server turns on (barkgpt/serve/backends.py) and the comparisons above keep off.
     deploy = deploy_quantization(params)
+    served = LlamaLM(lay.gguf(deploy), n_ctx=ref.n_ctx, threads=p.threads, all_logits=True, flash_attn=True)
+    warned += served.warnings
+    try:
+        report["served"] = {"path": str(lay.gguf(deploy)), "file": deploy, "flash_attn": True,
+                            "logits": logits_parity(ref, served, logit_prompts), "quality": quality(served)}
+    finally:
+        served.close()
+    verdict = judge(report, params)
     report["quantizations"] = {q: _quantization_entry(report, q, verdict, lay) for q in p.quantizations}
     report["gate"] = {**verdict.as_dict(), "deploy_quantization": deploy, "deploy_file": str(lay.gguf(deploy)),
                       "f32_parity_passed": verdict.passed_for("f32."), "deploy_passed": verdict.passed,
