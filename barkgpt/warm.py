@@ -80,8 +80,9 @@ def runtime_dir() -> Path | None:
     return path if private and len(str(path)) <= MAX_FOLDER_CHARS else None
 
 
-def fingerprint(path: list[str] | None = None, environ: dict | None = None) -> str:
-    """The setup a server serves: interpreter, import path, environment, code and packages."""
+def fingerprint(path: list[str] | None = None, environ: dict | None = None, package: Path | None = None) -> str:
+    """The setup a server serves: interpreter, import path, environment, code (`package`: this
+    barkgpt's folder) and packages."""
     path = list(sys.path if path is None else path)
     environ = dict(os.environ if environ is None else environ)
     kept = sorted((k, v) for k, v in environ.items() if k not in VOLATILE_ENV and not k.startswith(VOLATILE_PREFIXES))
@@ -92,7 +93,7 @@ def fingerprint(path: list[str] | None = None, environ: dict | None = None) -> s
                 h.update(f"{entry}:{os.stat(entry).st_mtime_ns}".encode())
             except OSError:
                 pass
-    package = Path(__file__).resolve().parent
+    package = package or Path(__file__).resolve().parent
     for file in sorted(package.rglob("*.py")):
         st = file.stat()
         h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -94,6 +94,21 @@ def test_the_server_is_chosen_by_code_environment_and_path_not_by_dvc_stage(monk
     assert warm.fingerprint(path=[*sys.path, "/extra"], environ=env) != base
 
 
+def test_an_edited_source_file_gets_a_new_server(tmp_path):
+    code = tmp_path / "barkgpt"
+    code.mkdir()
+    (code / "model.py").write_text("N_LAYER = 2\n")
+    before = warm.fingerprint(package=code)
+    assert warm.fingerprint(package=code) == before
+    stamp = (code / "model.py").stat().st_mtime_ns
+    (code / "model.py").write_text("N_LAYER = 12\n")
+    os.utime(code / "model.py", ns=(stamp, stamp))  # the same mtime: the size tells
+    assert warm.fingerprint(package=code) != before
+    (code / "model.py").write_text("N_LAYER = 2\n")
+    os.utime(code / "model.py", ns=(stamp + 1, stamp + 1))  # the same size: the mtime tells
+    assert warm.fingerprint(package=code) != before
+
+
 def test_dvc_repro_forks_every_stage_from_one_server_with_the_results_of_fresh_processes(tmp_path, runtime):
     project = copy_tree(tmp_path / "project")
     env = warm_env(runtime, project)
