@@ -10,6 +10,7 @@ MFU = achieved FLOP/s / the GPU's dense bf16 peak, with FLOPs per token = 6 N + 
 
     python benchmarks/gpu_train.py                     # on a CUDA GPU (H100: target >= 45% MFU)
     python benchmarks/gpu_train.py --no-compile        # eager, for comparison
+    python benchmarks/gpu_train.py --batch 64 --compile-mode max-autotune-no-cudagraphs   # autotuned kernels
     python benchmarks/gpu_train.py --tiny --device cpu # a smoke check anywhere: tiny model, 3 steps
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30; tiny: 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps, compilation included (default 5; tiny: 1)")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode (default: PyTorch's default; autotuning compiles for minutes)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, if not in the table")
     ap.add_argument("--threads", type=int, default=None, help="CPU torch threads")
@@ -70,7 +73,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(cfg, vocab).to(device)
     optimizer = make_optimizer(model, p)
-    step_fn = torch.compile(model) if p.compile else model
+    step_fn = torch.compile(model, mode=args.compile_mode) if p.compile else model
     data = np.random.default_rng(0).integers(0, vocab, 50_000_000 if not args.tiny else 100_000).astype(np.uint16)
     n_params = model.num_params()
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.block_size
