@@ -36,7 +36,7 @@ def exported(bark_project, tmp_path_factory) -> tuple[Path, dict]:
 
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                          timeout=120, env={"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": "/usr/bin:/bin"})
 
 
 def test_parity_report_f32(exported):
@@ -98,7 +98,7 @@ def test_quantize_collects_llama_cpp_warnings_into_the_report(exported, tmp_path
     root = tmp_path / "project"
     shutil.copytree(exported[0], root)
     out = subprocess.run([sys.executable, "-m", "barkgpt", "quantize", "bark"], cwd=root, capture_output=True,
-                         text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     log = out.stdout + out.stderr
     summary = [line for line in log.splitlines() if "llama.cpp warning" in line]
@@ -191,7 +191,7 @@ def test_gate_rejects_damaged_quantization(exported, tmp_path):
     raw["export"]["deploy_quantization"] = "q4_0"
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     cli = subprocess.run([sys.executable, "-m", "barkgpt", "parity", "bark"], cwd=root, capture_output=True,
-                         text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+                         text=True, env={"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": "/usr/bin:/bin"}, timeout=300)
     assert cli.returncode == 2, cli.stderr[-2000:]
     assert "q4_0 was rejected" in cli.stderr and "Traceback" not in cli.stderr
     report = json.loads((root / "reports/bark/parity.json").read_text())
@@ -220,7 +220,7 @@ def test_a_flipped_byte_is_neither_judged_nor_served(exported, tmp_path):
     data[-64] ^= 0x01  # inside the last tensor's data
     gguf.write_bytes(bytes(data))
     preflight(gguf)  # structurally still a fine GGUF
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    env = {"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": "/usr/bin:/bin"}
     for cmd in (["parity", "bark"], ["serve", "--port", "1"]):
         cli = subprocess.run([sys.executable, "-m", "barkgpt", *cmd], cwd=root, capture_output=True, text=True,
                              env=env, timeout=300)

@@ -181,7 +181,7 @@ def test_cli_error_exit_code_and_pipeline_choices(tmp_path):
     assert tuple(choices) == tuple(REGISTRY) == ("bark", "webtext", "localtext")
     root = project(tmp_path, tmp_path / "missing.txt")
     run = subprocess.run([sys.executable, "-m", "barkgpt", "--params", str(root / "params.yaml"), "ingest", "webtext"],
-                         cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                         cwd=root, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": ""})
     assert run.returncode == 2 and "no such file" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -422,7 +422,7 @@ def test_greedy_text_is_identical_through_both_backends_the_cli_and_the_server(w
                 out = subprocess.run([sys.executable, "-m", "barkgpt", "generate", "--pipeline", "webtext", "--prompt",
                                       prompt, "--temperature", "0", "--max-new-tokens", "24", *model],
                                      cwd=webtext_project, capture_output=True, text=True, timeout=300,
-                                     env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                                     env={"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": "/usr/bin:/bin"})
                 assert out.returncode == 0, out.stderr
                 assert out.stdout == prompt + text + "\n" and not out.stdout.startswith(prompt + "  ")
         assert any(t.strip() for t in texts.values())  # a tiny model may end a line at once, not always

@@ -137,7 +137,7 @@ def test_shard_from_another_tokenizer_fails(project):
 def test_cli_validate_webtext_exits_2_on_bad_data(project):
     def validate(command="validate"):
         return subprocess.run([sys.executable, "-m", "barkgpt", command, "webtext"], cwd=project,
-                              capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+                              capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "BARKGPT_WARM": "0", "PATH": ""})
 
     ok = validate("validate-tokens")
     assert ok.returncode == 0 and "all 10 expectations passed" in ok.stdout
