@@ -157,6 +157,7 @@ def _judge_parity(report: dict, gates, export, deploy_quant: str) -> Verdict:
         Check("f32.greedy", greedy["identical"] == greedy["prompts"],
               f"{greedy['identical']}/{greedy['prompts']} greedy completions identical"),
     ]
+
     def quality_checks(name: str, quality: dict, file: str) -> list[Check]:
         if report.get("metric") == "val_bpb":
             limit, bpb, ref = export.max_bpb_delta.get(file), quality["val_bpb"], reference["val_bpb"]

@@ -37,7 +37,6 @@ from pathlib import Path
 # is every stage the pipelines declare (the client must decide before importing them).
 STAGE_COMMANDS = frozenset({"data", "ingest", "validate", "tokenizer", "tokenize", "validate-tokens", "train",
                             "evaluate", "export", "quantize", "parity"})
-# What the server imports before it serves: the heavy libraries the stages import lazily.
 # What the server imports, one module at a time between commands, in the order the bark and
 # WebText stages first need them (Great Expectations for the validate stages comes first).
 PRELOAD = ("great_expectations", "torch", "torch._dynamo", "mlflow", "mlflow.store.tracking.sqlalchemy_store",
@@ -57,11 +56,11 @@ _in_server = False  # set in a forked child: its own cli.main must not connect a
 
 
 def enabled(argv: list[str]) -> bool:
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if "--params" in argv:  # `--params FILE` puts FILE first among the non-options
-        i = argv.index("--params")
-        rest = argv[:i] + argv[i + 2:]
-        command = next((a for a in rest if not a.startswith("-")), None)
+    rest = list(argv)
+    if "--params" in rest:  # `--params FILE` would put FILE first among the non-options
+        i = rest.index("--params")
+        del rest[i:i + 2]
+    command = next((a for a in rest if not a.startswith("-")), None)
     return (not _in_server and os.environ.get("BARKGPT_WARM", "1") != "0" and sys.platform == "linux"
             and command in STAGE_COMMANDS and "TORCHELASTIC_RUN_ID" not in os.environ
             and not any(a in ("-h", "--help", "--version") for a in argv))
@@ -279,9 +278,9 @@ def _child(conn: socket.socket, entry: Callable[[list[str]], int]) -> int:
     threading.Thread(target=watch_client, daemon=True).start()
     try:
         code = entry(request["argv"])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        if exit_.code is not None and not isinstance(exit_.code, int):
+    except SystemExit as exit_:  # argparse's usage errors; sys.exit("message") prints and exits 1
+        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+        if isinstance(exit_.code, str):
             print(exit_.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
@@ -298,10 +297,9 @@ def _child(conn: socket.socket, entry: Callable[[list[str]], int]) -> int:
     return code
 
 
-def stop(folder: Path | None = None) -> int:
-    """Stop this user's warm servers in `folder` (default: the runtime folder); each exits on
-    SIGTERM and removes its socket."""
-    folder = folder or runtime_dir()
+def stop() -> int:
+    """Stop this user's warm servers; each exits on SIGTERM and removes its socket."""
+    folder = runtime_dir()
     found = server_pids(folder) if folder else []
     pids = [pid for pid in found if _parent(pid) not in found]  # not the stage commands running now
     for pid in pids:
@@ -334,5 +332,6 @@ def server_pids(folder: Path) -> list[int]:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["stop"]:
-        sys.exit("usage: python -m barkgpt.warm stop")
+        print("usage: python -m barkgpt.warm stop", file=sys.stderr)
+        sys.exit(2)
     sys.exit(stop())

@@ -1,7 +1,7 @@
 """`dvc repro` of the bark pipeline from a clean state, with and without the warm server.
 
-Each round copies the working tree's tracked files into a fresh git repository (as a clone would
-have them: no data, models or MLflow store) and times `dvc repro` there, in three setups:
+Each round clones the repository's HEAD (no data, models or MLflow store: a clean state) and
+times `dvc repro` there, in three setups:
 
     cold       BARKGPT_WARM=0: every stage imports torch, MLflow and Great Expectations itself
     warm       the default, from nothing: the first stage starts the server, the others fork from it
@@ -25,27 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from vs_reference import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return "unknown CPU"
-
-
-def fresh_copy(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
-        subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
+def fresh_clone(dest: Path) -> Path:
+    """A clone of this repository's HEAD: commit first to measure your own edits."""
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(dest)], check=True, capture_output=True)
     return dest
 
 
@@ -72,7 +60,7 @@ def main() -> None:
             base = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "False",
                     "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "XDG_RUNTIME_DIR": str(runtime)}
             for setup in ("cold", "warm", "warm-hot"):
-                project = fresh_copy(Path(tmp) / f"{r}-{setup}")
+                project = fresh_clone(Path(tmp) / f"{r}-{setup}")
                 # The same PYTHONPATH for both warm setups, so warm-hot finds warm's server.
                 env = {**base, "PYTHONPATH": str(Path(tmp) / "code"), "BARKGPT_WARM": "0" if setup == "cold" else "1"}
                 if not (Path(tmp) / "code").exists():
@@ -82,7 +70,7 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "barkgpt.warm", "stop"], env={**base, "PYTHONPATH": str(ROOT)},
                            capture_output=True)
             shutil.rmtree(runtime, ignore_errors=True)
-    print(f"\n{cpu_model()}; `dvc repro` of the bark pipeline (9 stages) from a clean state, median of {args.rounds}:")
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores; `dvc repro` of the bark pipeline (9 stages) from a clean state, median of {args.rounds}:")
     cold = statistics.median(times["cold"])
     for setup, values in times.items():
         m = statistics.median(values)

@@ -79,6 +79,23 @@ def copy_project(src: Path, dest: Path) -> Path:
     return dest
 
 
+def copy_worktree(dest: Path) -> Path:
+    """The working tree's tracked and unignored files, copied into `dest` as a new git repository:
+    a fresh clone that also carries uncommitted edits."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fresh copy"]):
+        subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def wikitext_path() -> Path:
     if not SHARED_TEXT.exists():

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_worktree
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
@@ -173,23 +173,13 @@ def port_open(port: int) -> bool:
 def fresh_project(tmp_path_factory) -> Path:
     """The working tree's tracked and unignored files, copied, as a new git repo (for dvc exp run)."""
     base = tmp_path_factory.mktemp("docs")
-    root = base / "project"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+    root = copy_worktree(base / "project")
     if (ROOT.parent / "shared").exists():
         (base / "shared").symlink_to((ROOT.parent / "shared").resolve())  # ../shared as in a checkout
     for plot in (ROOT / ".dvc").glob("offline-plots.html"):
         shutil.copy2(plot, root / ".dvc" / plot.name)  # what scripts/install.sh writes for a checkout
-    if (ROOT / ".dvc/config.local").exists():
+    if (ROOT / ".dvc/config.local").exists():  # both ignored by git: not in the commit
         shutil.copy2(ROOT / ".dvc/config.local", root / ".dvc/config.local")
-    git = ["git", "-c", "user.name=docs", "-c", "user.email=docs@localhost"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fresh copy"]):
-        subprocess.run(git + args, cwd=root, check=True, capture_output=True)
     return root
 
 

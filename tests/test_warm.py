@@ -18,7 +18,7 @@ import yaml
 
 from barkgpt import warm
 from barkgpt.pipelines import REGISTRY
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_worktree
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the warm server is Linux-only (fork)")
@@ -60,20 +60,6 @@ def runtime():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def copy_tree(dest: Path) -> Path:
-    """The working tree's tracked and unignored files, as a new git repository (a fresh clone)."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
-        subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
-    return dest
-
-
 def test_the_warm_commands_are_the_declared_stages(monkeypatch):
     """The client decides before importing the pipelines, so it keeps its own list: this one."""
     monkeypatch.setenv("BARKGPT_WARM", "1")
@@ -110,7 +96,7 @@ def test_an_edited_source_file_gets_a_new_server(tmp_path):
 
 
 def test_dvc_repro_forks_every_stage_from_one_server_with_the_results_of_fresh_processes(tmp_path, runtime):
-    project = copy_tree(tmp_path / "project")
+    project = copy_worktree(tmp_path / "project")
     env = warm_env(runtime, project)
     repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True,
                            timeout=600)
