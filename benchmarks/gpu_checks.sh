@@ -16,6 +16,11 @@ python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 cd "$here"
 
+if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "error: $python sees no CUDA GPU (a CPU-only torch, or no GPU on this machine); run the GPU checks on a" \
+         "machine with an NVIDIA GPU and a CUDA build of torch" >&2
+    exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "|", torch.cuda.get_device_name())'
 lscpu | sed -n 's/^Model name: *//p'
