@@ -160,8 +160,18 @@ def _relay(pid: int, reader) -> int:
         except ProcessLookupError:
             pass
 
+    def suspend(_signum, _frame):
+        # Ctrl-Z: the terminal stops only this process (the child is in the server's session), so
+        # stop the child too, then this process; `fg` or `bg` continues both.
+        forward(signal.SIGSTOP, None)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # returns on SIGCONT
+        signal.signal(signal.SIGTSTP, suspend)
+        forward(signal.SIGCONT, None)
+
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, forward)
+    signal.signal(signal.SIGTSTP, suspend)
     line = reader.readline()
     if line.startswith(b"exit "):
         return int(line.split()[1])

@@ -159,7 +159,12 @@ def test_errors_exit_codes_and_output_pass_through(tmp_path, runtime):
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
 
 
-def test_ctrl_c_reaches_the_stage_and_a_killed_client_takes_its_stage_down(tmp_path, runtime):
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), ... from /proc/<pid>/stat."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_c_and_ctrl_z_reach_the_stage_and_a_killed_client_takes_its_stage_down(tmp_path, runtime):
     project = small_project(tmp_path, {"max_steps": 1_000_000, "log_every": 1})
     env = warm_env(runtime, ROOT)
     start_server(project, env)
@@ -168,14 +173,20 @@ def test_ctrl_c_reaches_the_stage_and_a_killed_client_takes_its_stage_down(tmp_p
     server = serve_processes(runtime)
 
     def long_training() -> subprocess.Popen:
+        # Its own process group, as a shell gives a job: a stop signal to an orphaned group is discarded.
         proc = subprocess.Popen([str(BIN / "barkgpt"), "train", "bark", "--quiet"], cwd=project, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
         wait_for(lambda: len(serve_processes(runtime)) == 2, what="the forked stage")
         wait_for(lambda: any(project.glob("runs/bark/*/")), what="the run folder (training starts)")
         time.sleep(1)
         return proc
 
     proc = long_training()
+    child = next(pid for pid in serve_processes(runtime) if pid not in server)
+    proc.send_signal(signal.SIGTSTP)  # what a terminal's Ctrl-Z sends the foreground job
+    wait_for(lambda: process_state(child) == "T" and process_state(proc.pid) == "T", 10, "stage and client to stop")
+    proc.send_signal(signal.SIGCONT)  # what the shell's `fg` sends
+    wait_for(lambda: process_state(child) != "T" and process_state(proc.pid) != "T", 10, "both to continue")
     proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends dvc repro and its stage
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
