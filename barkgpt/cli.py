@@ -118,6 +118,25 @@ def cmd_serve(args) -> None:
     launch.run(settings, args.log_level)
 
 
+def cmd_runs(args) -> None:
+    from barkgpt.layout import Layout
+    from barkgpt.runs import list_runs, prune_runs
+
+    lay = Layout(args.pipeline)
+    if args.prune:
+        removed = prune_runs(lay)
+        print(f"removed {len(removed)} run folder(s) from {lay.runs}, {sum(r['bytes'] for r in removed) / 1e6:.1f} MB"
+              + "".join(f"\n  {r['id']} ({r['status']})" for r in removed))
+        return
+    runs = list_runs(lay)
+    if not runs:
+        print(f"no runs in {lay.runs}")
+        return
+    for r in runs:
+        note = "  <- barkgpt train --resume continues this one" if r["resumable"] else ""
+        print(f"{r['id']}  {r['status']:<10} {r['bytes'] / 1e6:8.1f} MB{note}")
+
+
 def cmd_chat(args) -> None:
     from barkgpt.chat.terminal import run_chat
 
@@ -251,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(a local AWS API server when no AWS configuration exists)")
     p.add_argument("pipeline", nargs="?", default="bark", choices=list(REGISTRY), help="default: bark")
     p.set_defaults(fn=cmd_deploy)
+
+    p = sub.add_parser("runs", help="list the training runs in runs/<pipeline>/ (status, size); --prune removes "
+                                    "all but the one --resume continues")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline's runs")
+    p.add_argument("--prune", action="store_true", help="remove every run folder but the one `train --resume` "
+                   "would continue (promoted runs keep their model in models/<pipeline>/ and MLflow)")
+    p.set_defaults(fn=cmd_runs)
 
     p = sub.add_parser("report", help="write reports/<pipeline>/report.md (hardware, data, params, loss curve, "
                                       "evaluation, parity, deploy, timings) and log it to the MLflow run")

@@ -212,3 +212,35 @@ def promote(paths: Layout, folder: RunFolder, summary: dict) -> None:
     folder.set_status("promoted")
     for ckpt in (folder.best, folder.last):  # their copies are models/<p>/ now
         ckpt.unlink(missing_ok=True)
+
+
+# --- keeping runs/ small ---------------------------------------------------------------------------
+
+def list_runs(paths: Layout) -> list[dict]:
+    """Every run folder, oldest first: id, status, when it started, bytes on disk, and whether
+    `--resume` would continue it. A folder without run.json never started (status "incomplete")."""
+    if not paths.runs.is_dir():
+        return []
+    resumable = latest_interrupted(paths)
+    runs = []
+    for p in sorted(p for p in paths.runs.iterdir() if p.is_dir()):
+        status = RunFolder(p).status()
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        runs.append({"id": p.name, "status": status.get("status", "incomplete"), "started": status.get("started"),
+                     "bytes": size, "resumable": resumable is not None and resumable.path == p})
+    return runs
+
+
+def prune_runs(paths: Layout) -> list[dict]:
+    """Remove every run folder but the one `--resume` would continue; the removed runs, as listed.
+
+    Promoted runs hold only their log (models/<p>/ and MLflow keep the rest), diverged and older
+    interrupted runs hold checkpoints nothing reads again. Under the writer lock, so no training
+    is writing into a folder while it goes."""
+    import shutil
+
+    with writer_lock(paths, "prune runs"):
+        removed = [r for r in list_runs(paths) if not r["resumable"]]
+        for r in removed:
+            shutil.rmtree(paths.runs / r["id"])
+    return removed

@@ -268,3 +268,47 @@ def wait_for_checkpoints(root: Path, before: set, count: int, timeout: float = 1
     while len(seen) < count and not (root / "models/bark/last.pt").exists() and time.monotonic() < deadline:
         seen |= checkpoint_versions(root) - before
         time.sleep(0.001)
+
+
+def test_runs_lists_and_prunes_all_but_the_resumable_run(tiny):
+    """`barkgpt runs bark` lists each run with its status; `--prune` removes all but the run that
+    `train --resume` continues, which then still resumes; a running writer blocks the prune."""
+    from barkgpt.runs import RunFolder
+
+    params = load_params(tiny / "params.yaml", {"bark": {"train": {"max_steps": 5}}})
+    run_stage(params, "bark", "train", tiny, progress=False)  # a promoted run
+    lay = layout("bark", tiny)
+    promoted = next(p for p in lay.runs.iterdir() if p.is_dir())
+    # Two interrupted runs (the newer one is the one --resume picks) and a diverged one.
+    for run_id, status, started in (("20260101T000000-aaaaaa", "running", "2026-01-01T00:00:00.000000Z"),
+                                    ("20260102T000000-bbbbbb", "running", "2026-01-02T00:00:00.000000Z"),
+                                    ("20260103T000000-cccccc", "diverged", "2026-01-03T00:00:00.000000Z")):
+        folder = RunFolder(lay.runs / run_id)
+        folder.path.mkdir()
+        shutil.copy(tiny / "models/bark/last.pt", folder.last)
+        (folder.path / "run.json").write_text(f'{{"status": "{status}", "started": "{started}"}}')
+    (lay.runs / "20260104T000000-dddddd").mkdir()  # never started: no run.json
+
+    proc = cli("runs", "bark", cwd=tiny)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 5
+    assert "promoted" in next(line for line in lines if line.startswith(promoted.name))
+    assert "incomplete" in next(line for line in lines if line.startswith("20260104T000000-dddddd"))
+    resumable = [line for line in lines if "--resume continues" in line]
+    assert len(resumable) == 1 and resumable[0].startswith("20260102T000000-bbbbbb")
+
+    with writer_lock(lay, "train bark"):
+        blocked = cli("runs", "bark", "--prune", cwd=tiny)
+        _, err = blocked.communicate(timeout=120)
+    assert blocked.returncode == 2 and "cannot prune runs" in err and "Traceback" not in err
+    assert len([p for p in lay.runs.iterdir() if p.is_dir()]) == 5
+
+    proc = cli("runs", "bark", "--prune", cwd=tiny)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.startswith("removed 4 run folder(s)")
+    assert sorted(p.name for p in lay.runs.iterdir() if p.is_dir()) == ["20260102T000000-bbbbbb"]
+    assert (tiny / "models/bark/best.pt").exists()  # the promoted model is untouched
+    assert latest_interrupted(lay).id == "20260102T000000-bbbbbb"  # --resume still finds it
