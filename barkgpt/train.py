@@ -246,7 +246,8 @@ def train(
             now = time.perf_counter()
             tps = window_tokens / max(now - window_start, 1e-9)
             window_start, window_tokens = now, 0
-            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps, "tokens": tokens}
+            row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps, "tokens": tokens,
+                   "seconds": round(elapsed_before + now - start, 3)}  # wall clock, evaluations included
             if step % p.eval_every == 0 or last_step:
                 val = evaluate_now()
                 row["val_loss"] = val
@@ -272,7 +273,7 @@ def train(
 
 
 def write_history(path: Path, history: list[dict]) -> None:
-    columns = ["step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "tokens"]
+    columns = ["step", "loss", "val_loss", "val_bpb", "lr", "tokens_per_s", "tokens", "seconds"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

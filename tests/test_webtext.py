@@ -2,6 +2,7 @@
 ingestion, the BPE tokenizer, token shards, training measured in bits per byte, bad input."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -320,6 +321,9 @@ def test_training_lowers_validation_bpb(webtext_project, bpe):
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]))
     log = (webtext_project / "reports/webtext/train_log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss,val_loss,val_bpb") and len(log) > 3
+    seconds = [float(r["seconds"]) for r in csv.DictReader(log)]  # wall clock into training, per row
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:]))
+    assert seconds[-1] <= json.loads((webtext_project / "reports/webtext/train.json").read_text())["seconds"]
     samples = json.loads((webtext_project / "reports/webtext/samples.json").read_text())
     assert set(samples) == set(load_params(webtext_project / "params.yaml").webtext.eval.prompts)
     assert metrics["gate_passed"] == (metrics["val_bpb"] <= 2.5)
