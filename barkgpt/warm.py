@@ -140,7 +140,10 @@ def run(argv: list[str]) -> int | None:
         return None
     with conn:
         try:
-            _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}, [0, 1, 2])
+            # Ctrl-C as this process has it: a job started in the background by a shell ignores it
+            sigint_ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            _send(conn, {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                         "sigint_ignored": sigint_ignored}, [0, 1, 2])
             conn.settimeout(START_TIMEOUT_S)  # a server stuck mid-import must not hang the command
             reader = conn.makefile("rb")
             line = reader.readline()
@@ -268,6 +271,8 @@ def _child(conn: socket.socket, entry: Callable[[list[str]], int]) -> int:
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
         os.close(fd)
+    # Ctrl-C as the client has it, not as whichever command started the server had it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN if request.get("sigint_ignored") else signal.default_int_handler)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
