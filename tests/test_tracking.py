@@ -106,3 +106,32 @@ def test_failing_reevaluation_takes_the_champion_away(tracked, tmp_path):
     assert best_version([V(1, "false", 1.0, 0.7), V(2, "true", 0.5, 1.0)], BARK) == 2
     assert best_version([V(1, "false", 1.0, 0.7)], BARK) is None
     assert best_version([V(1, "true", 1.0, 0.7), V(2, "true", 1.0, 0.7)], BARK) == 2  # a tie: newer
+
+
+def test_ctrl_c_while_mlflow_creates_its_store_leaves_none_or_a_whole_one(tmp_path):
+    """MLflow migrates a new mlflow.db in dozens of steps over seconds, on the first run; a Ctrl-C
+    then used to leave a half-migrated store that every later run failed on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from barkgpt.tracking.runs import client_for
+
+    root = make_project(tmp_path / "project")
+    first_run = ("import sys; from pathlib import Path; from barkgpt.params import load_params; "
+                 "from barkgpt.tracking.runs import client_for; root = Path(sys.argv[1]); "
+                 "client_for(load_params(root / 'params.yaml'), root)[1].search_experiments()")
+    proc = subprocess.Popen([sys.executable, "-c", first_run, str(root)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(root.glob("*mlflow.db*")):  # the store (or its temp file) is being migrated
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(0.5)  # well into the migrations (about 3 s on a 2-core machine)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) != 0, "the first run finished before Ctrl-C: nothing was tested"
+    assert "KeyboardInterrupt" in proc.stderr.read()
+    assert not list(root.glob(".mlflow.db.*")), "the temp store outlived its Ctrl-C"
+
+    _, client = client_for(load_params(root / "params.yaml"), root)  # the next run starts cleanly
+    assert [e.name for e in client.search_experiments()] == ["Default"]

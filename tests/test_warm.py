@@ -159,19 +159,14 @@ def test_errors_exit_codes_and_output_pass_through(tmp_path, runtime):
     assert usage.returncode == 2 and "invalid choice" in usage.stderr
 
 
-def ctrl_c(proc: subprocess.Popen, presses: int = 4) -> str:
-    """What a terminal's Ctrl-C sends dvc repro and its stage, pressed again every 10 s as a user
-    would: one full-suite run saw a single press go unseen, likeliest because Python swallows a
-    KeyboardInterrupt raised while it runs a finalizer (MLflow's database connections here, with
-    a log row every step). The stage's stderr once it exited."""
-    for _ in range(presses):
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.communicate(timeout=10)[1]
-        except subprocess.TimeoutExpired:
-            continue
-    proc.kill()
-    return f"still running after {presses} presses of Ctrl-C: " + proc.communicate()[1]
+def ctrl_c(proc: subprocess.Popen) -> str:
+    """What a terminal's Ctrl-C sends the foreground job; the stage's stderr once it exited."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return "still running 60 s after Ctrl-C: " + proc.communicate()[1]
 
 
 def ignores_sigint(pid: int) -> bool:
@@ -185,26 +180,38 @@ def process_state(pid: int) -> str:
 
 
 def test_ctrl_c_and_ctrl_z_reach_the_stage_and_a_killed_client_takes_its_stage_down(tmp_path, runtime):
-    project = small_project(tmp_path, {"max_steps": 1_000_000, "log_every": 1})
+    project = small_project(tmp_path, {"max_steps": 1_000_000, "log_every": 1, "checkpoint_every": 10})
     env = warm_env(runtime, ROOT)
     start_server(project, env)
     assert barkgpt(["tokenize", "bark"], project, env).returncode == 0
     wait_for(lambda: len(serve_processes(runtime)) == 1, 10, "tokenize's child to exit")
     server = serve_processes(runtime)
 
-    def long_training(sigint=signal.SIG_DFL) -> subprocess.Popen:
+    def long_training(sigint=signal.SIG_DFL) -> tuple[subprocess.Popen, int]:
+        """`barkgpt train bark` as a job of a shell, and the pid of its stage once it trains (past
+        MLflow's set-up: a Ctrl-C there is another test's, in test_tracking.py)."""
         # Its own process group, as a shell gives a job: a stop signal to an orphaned group is discarded.
-        # Ctrl-C as a foreground job has it (a background job of a script ignores it), whatever pytest has.
-        proc = subprocess.Popen([str(BIN / "barkgpt"), "train", "bark", "--quiet"], cwd=project, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
-        wait_for(lambda: len(serve_processes(runtime)) == 2, what="the forked stage")
-        wait_for(lambda: any(project.glob("runs/bark/*/")), what="the run folder (training starts)")
-        time.sleep(1)
-        return proc
+        # Ctrl-C as a foreground job has it, or ignored as a background job of a script has it,
+        # whatever pytest has: set by a small exec wrapper, as preexec_fn is unsafe in a threaded pytest.
+        wrapper = ("import os, signal, sys; signal.signal(signal.SIGINT, getattr(signal, sys.argv[1])); "
+                   "os.execv(sys.argv[2], sys.argv[2:])")
+        proc = subprocess.Popen([sys.executable, "-c", wrapper, sigint.name, str(BIN / "barkgpt"), "train", "bark",
+                                 "--quiet"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, process_group=0)
+        before = set(runs())
 
-    proc = long_training()
-    child = next(pid for pid in serve_processes(runtime) if pid not in server)
+        def training() -> bool:
+            assert proc.poll() is None, f"train exited {proc.returncode}: {proc.communicate()[1][-3000:]}"
+            return len(serve_processes(runtime)) == 2 and any((run / "last.pt").exists() for run in set(runs()) - before)
+
+        wait_for(training, what="the forked stage to train (a checkpoint in a new run folder)")
+        (child,) = set(serve_processes(runtime)) - set(server)
+        return proc, child
+
+    def runs() -> list[Path]:
+        return list(project.glob("runs/bark/*/"))
+
+    proc, child = long_training()
     proc.send_signal(signal.SIGTSTP)  # what a terminal's Ctrl-Z sends the foreground job
     wait_for(lambda: process_state(child) == "T" and process_state(proc.pid) == "T", 10, "stage and client to stop")
     proc.send_signal(signal.SIGCONT)  # what the shell's `fg` sends
@@ -215,15 +222,14 @@ def test_ctrl_c_and_ctrl_z_reach_the_stage_and_a_killed_client_takes_its_stage_d
 
     # A client that ignores Ctrl-C (started in the background) gets a stage that ignores it too,
     # whatever the command that started the server had.
-    proc = long_training(signal.SIG_IGN)
-    child = next(pid for pid in serve_processes(runtime) if pid not in server)
+    proc, child = long_training(signal.SIG_IGN)
     assert ignores_sigint(child)
     proc.kill()
     proc.wait()
     wait_for(lambda: serve_processes(runtime) == server, 30, "the orphaned stage to stop")
 
-    proc = long_training()
-    assert not ignores_sigint(next(pid for pid in serve_processes(runtime) if pid not in server))
+    proc, child = long_training()
+    assert not ignores_sigint(child)
     proc.kill()  # no chance to forward anything: the child notices its client is gone
     proc.wait()
     wait_for(lambda: serve_processes(runtime) == server, 30, "the orphaned stage to stop")

@@ -72,6 +72,8 @@ def client_for(params: Params, root: Path):
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        create_sqlite_store(Path(uri[len("sqlite:///"):]), (Path(root) / params.tracking.artifact_dir).resolve())
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model, register_model)
     # MLflow also exports the URI to the environment; undo that, or the next stage call in this
@@ -81,6 +83,28 @@ def client_for(params: Params, root: Path):
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_setting
     return mlflow, mlflow.MlflowClient(uri)
+
+
+def create_sqlite_store(db: Path, artifact_root: Path) -> None:
+    """Create and migrate an MLflow SQLite store beside `db`, then link it into place.
+
+    MLflow migrates a new database in dozens of steps over a few seconds, on the first training
+    run. A Ctrl-C in the middle used to leave a half-migrated mlflow.db that every later run
+    failed on ("duplicate column name"). Linked, not renamed over: a store that another process
+    created meanwhile wins, with whatever it has logged already."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")  # SQLite creates it, with the umask's mode
+    tmp.unlink(missing_ok=True)  # a killed process's, whose pid this one has now
+    try:
+        SqlAlchemyStore(f"sqlite:///{tmp}", artifact_root.as_uri()).engine.dispose()
+        try:
+            os.link(tmp, db)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _client = client_for  # the name other modules used before the split
