@@ -154,11 +154,20 @@ def remove_temp_files(folder: Path) -> None:
 
 def latest_interrupted(paths: Layout) -> RunFolder | None:
     """The newest run that neither finished nor failed, with a checkpoint to continue from."""
+    return _newest_interrupted(_runs_with_status(paths))
+
+
+def _runs_with_status(paths: Layout) -> list[tuple[RunFolder, dict]]:
+    """Every run folder with its status file, read once, oldest first."""
     if not paths.runs.is_dir():
-        return None
-    found = [RunFolder(p) for p in paths.runs.iterdir() if p.is_dir()]
-    found = [f for f in found if f.status().get("status") == "running" and f.last.exists()]
-    return max(found, key=lambda f: (f.status().get("started", ""), f.id), default=None)
+        return []
+    folders = (RunFolder(p) for p in sorted(paths.runs.iterdir()) if p.is_dir())
+    return [(f, f.status()) for f in folders]
+
+
+def _newest_interrupted(runs: list[tuple[RunFolder, dict]]) -> RunFolder | None:
+    found = [(f, s) for f, s in runs if s.get("status") == "running" and f.last.exists()]
+    return max(found, key=lambda fs: (fs[1].get("started", ""), fs[0].id), default=(None,))[0]
 
 
 # --- the verdict and the switch -----------------------------------------------------------------------
@@ -219,16 +228,11 @@ def promote(paths: Layout, folder: RunFolder, summary: dict) -> None:
 def list_runs(paths: Layout) -> list[dict]:
     """Every run folder, oldest first: id, status, when it started, bytes on disk, and whether
     `--resume` would continue it. A folder without run.json never started (status "incomplete")."""
-    if not paths.runs.is_dir():
-        return []
-    resumable = latest_interrupted(paths)
-    runs = []
-    for p in sorted(p for p in paths.runs.iterdir() if p.is_dir()):
-        status = RunFolder(p).status()
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        runs.append({"id": p.name, "status": status.get("status", "incomplete"), "started": status.get("started"),
-                     "bytes": size, "resumable": resumable is not None and resumable.path == p})
-    return runs
+    runs = _runs_with_status(paths)
+    resumable = _newest_interrupted(runs)
+    return [{"id": f.id, "status": s.get("status", "incomplete"), "started": s.get("started"),
+             "bytes": sum(x.stat().st_size for x in f.path.rglob("*") if x.is_file()),
+             "resumable": resumable is not None and resumable.path == f.path} for f, s in runs]
 
 
 def prune_runs(paths: Layout) -> list[dict]:
