@@ -93,3 +93,19 @@ def test_disk_full_inside_a_library_write(tiny_disk):
         with atomic_path(tiny_disk / "big.pt") as tmp:
             torch.save({"w": torch.zeros(100_000)}, tmp)
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_a_broken_mlflow_store_is_named_with_the_fix(tmp_path):
+    """A store that cannot be opened (here: tables of nothing MLflow made, as a first run killed
+    mid-migration by an older BarkGPT left it) stops training before it starts, with the fix."""
+    import sqlite3
+
+    root = make_project(tmp_path / "project", {"bark": {"data": {"train_conversations": 100, "val_conversations": 20},
+                                                        "train": {"max_steps": 5}}})
+    for cmd in (["data", "bark"], ["tokenize", "bark"]):
+        assert barkgpt(cmd, root).returncode == 0
+    with sqlite3.connect(root / "mlflow.db") as db:
+        db.execute("CREATE TABLE experiments (name TEXT)")
+    out = barkgpt(["train", "bark", "--quiet"], root)
+    assert_clear(out, f"MLflow store {root / 'mlflow.db'} cannot be opened", f"mv {root / 'mlflow.db'}")
+    assert not (root / "models" / "bark").exists()

@@ -72,8 +72,9 @@ def client_for(params: Params, root: Path):
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        create_sqlite_store(Path(uri[len("sqlite:///"):]), (Path(root) / params.tracking.artifact_dir).resolve())
+    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():
+        create_sqlite_store(db, (Path(root) / params.tracking.artifact_dir).resolve())
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model, register_model)
     # MLflow also exports the URI to the environment; undo that, or the next stage call in this
@@ -82,7 +83,7 @@ def client_for(params: Params, root: Path):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_setting
-    return mlflow, mlflow.MlflowClient(uri)
+    return mlflow, open_sqlite_store(mlflow, uri, db) if db is not None else mlflow.MlflowClient(uri)
 
 
 def create_sqlite_store(db: Path, artifact_root: Path) -> None:
@@ -107,7 +108,26 @@ def create_sqlite_store(db: Path, artifact_root: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-_client = client_for  # the name other modules used before the split
+def open_sqlite_store(mlflow, uri: str, db: Path):
+    """A client of the embedded store, opened now, so that a broken store fails here with its fix,
+    not with a traceback from deep inside MLflow."""
+    db_log = logging.getLogger("mlflow.store.db.utils")  # it logs the whole SQL error before raising
+    level = db_log.level
+    db_log.setLevel(logging.CRITICAL)
+    try:
+        client = mlflow.MlflowClient(uri)  # opens the store (MLflow creates tables it finds missing)
+        client.search_experiments(max_results=1)
+        return client
+    except Exception as err:  # sqlite3/SQLAlchemy errors, MLflow's "out-of-date database schema"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BarkError(
+            f"MLflow store {db} cannot be opened ({reason}). One cause is a store that an older BarkGPT "
+            f"left half-created when its first run was interrupted: move it aside (mv {db} {db}.broken) and "
+            f"run again to start a new, empty store. A store of an older MLflow needs `mlflow db upgrade "
+            f"sqlite:///{db}` instead"
+        ) from None
+    finally:
+        db_log.setLevel(level)
 
 
 def experiment_id(client, cfg: TrackingParams, root: Path, uri: str) -> str:
