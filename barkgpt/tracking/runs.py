@@ -72,7 +72,7 @@ def client_for(params: Params, root: Path):
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
-    db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    db = Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None  # no ?timeout=...
     if db is not None and not db.exists():
         create_sqlite_store(db, (Path(root) / params.tracking.artifact_dir).resolve())
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
