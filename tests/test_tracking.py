@@ -137,3 +137,17 @@ def test_ctrl_c_while_mlflow_creates_its_store_leaves_none_or_a_whole_one(tmp_pa
 
     _, client = client_for(load_params(root / "params.yaml"), root)  # the next run starts cleanly
     assert [e.name for e in client.search_experiments()] == ["Default"]
+
+
+def test_deploy_names_a_broken_store_with_the_fix_too(tmp_path):
+    """Deploy opens the registry through the same door as training (barkgpt.tracking.open_store)."""
+    import sqlite3
+
+    from barkgpt.deploy.registry import stage_model_version
+    from barkgpt.errors import BarkError
+
+    root = make_project(tmp_path / "project")
+    with sqlite3.connect(root / "mlflow.db") as db:
+        db.execute("CREATE TABLE experiments (name TEXT)")
+    with pytest.raises(BarkError, match=r"cannot be opened .*\(mv "):
+        stage_model_version(load_params(root / "params.yaml"), "bark", root)

@@ -23,10 +23,11 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    from barkgpt.tracking import resolve_uri
+    from barkgpt.tracking import open_store, resolve_uri
 
     root = Path(root)
     uri = resolve_uri(params.tracking, root)
+    open_store(uri, (root / params.tracking.artifact_dir).resolve())
     model = f"{params.tracking.model_prefix}-{name}"
     alias = alias or params.tracking.champion_alias
     client = MlflowClient(uri, registry_uri=uri)

@@ -12,6 +12,7 @@ from barkgpt.tracking.runs import (  # noqa: F401
     finish_training,
     git_commit,
     log_export,
+    open_store,
     loss_curve_png,
     pipeline_params,
     reopen_run,

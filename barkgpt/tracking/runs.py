@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from barkgpt.errors import BarkError
-from barkgpt.fileio import read_json, sha256_file, write_json
+from barkgpt.fileio import fsync_dir, read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
 from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
@@ -72,9 +72,7 @@ def client_for(params: Params, root: Path):
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
-    db = Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None  # no ?timeout=...
-    if db is not None and not db.exists():
-        create_sqlite_store(db, (Path(root) / params.tracking.artifact_dir).resolve())
+    open_store(uri, (Path(root) / params.tracking.artifact_dir).resolve())
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model, register_model)
     # MLflow also exports the URI to the environment; undo that, or the next stage call in this
@@ -83,7 +81,19 @@ def client_for(params: Params, root: Path):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_setting
-    return mlflow, open_sqlite_store(mlflow, uri, db) if db is not None else mlflow.MlflowClient(uri)
+    return mlflow, mlflow.MlflowClient(uri)
+
+
+def open_store(uri: str, artifact_root: Path) -> None:
+    """Make the embedded SQLite store ready before any client touches it: created whole if it is
+    missing, and opened now, so that a broken one fails here with its fix, not with a traceback
+    from deep inside MLflow. Other stores (a tracking server, a file store) are left to MLflow."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):].split("?")[0])  # without a query such as ?timeout=30
+    if not db.exists():
+        create_sqlite_store(db, artifact_root)
+    check_sqlite_store(uri, db)
 
 
 def create_sqlite_store(db: Path, artifact_root: Path) -> None:
@@ -106,18 +116,17 @@ def create_sqlite_store(db: Path, artifact_root: Path) -> None:
             pass
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(db.parent)  # SQLite synced the file itself; the new name needs its folder synced
 
 
-def open_sqlite_store(mlflow, uri: str, db: Path):
-    """A client of the embedded store, opened now, so that a broken store fails here with its fix,
-    not with a traceback from deep inside MLflow."""
+def check_sqlite_store(uri: str, db: Path) -> None:
+    import mlflow
+
     db_log = logging.getLogger("mlflow.store.db.utils")  # it logs the whole SQL error before raising
     level = db_log.level
     db_log.setLevel(logging.CRITICAL)
-    try:
-        client = mlflow.MlflowClient(uri)  # opens the store (MLflow creates tables it finds missing)
-        client.search_experiments(max_results=1)
-        return client
+    try:  # opening the store is what fails (MLflow creates the tables it finds missing)
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # sqlite3/SQLAlchemy errors, MLflow's "out-of-date database schema"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BarkError(
