@@ -86,6 +86,7 @@ def open_study(storage, name: str, space, cfg, pipeline: str, prune: bool):
                                 load_if_exists=True)
     attrs = study.user_attrs
     if not attrs:
+        study.set_metric_names(["val_bpb"])  # what Optuna's dashboard labels the objective
         study.set_user_attr("pipeline", pipeline)
         study.set_user_attr("space", space.describe())
         study.set_user_attr("grid", space.grid)

@@ -82,12 +82,12 @@ def run_trial(sweep, trial) -> TrialResult:
                 time.sleep(POLL_S)
                 if pruned:
                     continue
-                for step, value in sweep.tracker.history(run_id, INTERMEDIATE):
-                    if step in seen or not math.isfinite(value):
-                        continue
+                new = [(step, value) for step, value in sweep.tracker.history(run_id, INTERMEDIATE)
+                       if step not in seen and math.isfinite(value)]
+                for step, value in new:
                     seen[step] = value
                     trial.report(value, step)
-                if seen and trial.should_prune():
+                if new and trial.should_prune():
                     pruned = True
                     _interrupt(proc)
         except BaseException:  # the sweep itself was interrupted: stop the trial with it
