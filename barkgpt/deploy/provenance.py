@@ -12,6 +12,7 @@ import yaml
 
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.layout import layout
+from barkgpt.tracking import hashes
 
 
 def parity_summary(root: Path, name: str, quant: str) -> dict | None:
@@ -39,17 +40,8 @@ def git_commit(root: Path) -> dict | None:
 
 
 def dvc_data_hash(root: Path, name: str) -> dict | None:
-    """The md5s dvc.lock records for data/<name>/ outputs, and one hash over them (no DVC import)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    outs = {o["path"]: o.get("md5") for st in stages.values() for o in st.get("outs", [])
-            if str(o.get("path", "")).startswith(f"data/{name}/")}
-    if not outs:
-        return None
-    combined = hashlib.md5(json.dumps(sorted(outs.items())).encode()).hexdigest()
-    return {"hash": combined, "outs": outs}
+    """The md5s the pipeline's dvc.lock records for data/<name>/ outputs, and one hash over them."""
+    return hashes.dvc_data_hash(layout(name, root))
 
 
 def mlflow_provenance(root: Path, name: str) -> dict | None:

@@ -51,7 +51,7 @@ PIPELINE = Pipeline(
     section=lambda params: params.bark,
     stages=(
         Stage("data", generate_data, "generate the synthetic bark conversations",
-              code=("barkgpt/data/bark.py",), params=("seed", "bark.data"),
+              params=("seed", "bark.data"),
               outs=lambda lay: [lay.train_text, lay.val_text]),
         common.validate_stage(params=("bark.data", "bark.validation", "bark.model.block_size")),
         common.tokenize_stage(writes_tokenizer=True),

@@ -1,19 +1,20 @@
 """What a pipeline is: a name, its params section, and its stages in order.
 
 A stage is a plain function `(params, pipeline, layout, **options) -> dict` plus what DVC needs
-to judge it: the code it depends on, its input files, its params, its outputs. The CLI, dvc.yaml
+to judge it: its input files, its params, its outputs. The code it depends on is derived from the
+import graph (barkgpt/pipelines/code_deps.py), never listed. The CLI, dvc.yaml
 and the Prefect flow are all derived from these declarations (barkgpt/pipelines/dvcfile.py writes
 dvc.yaml; a test fails when the committed file disagrees).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from barkgpt.errors import BarkError
-from barkgpt.layout import DEFAULT_PIPELINE, Layout
+from barkgpt.layout import Layout
 
 Files = Callable[[Layout], list[Path]]
 
@@ -37,7 +38,6 @@ class Stage:
     name: str  # the sub-command (`barkgpt <name> <pipeline>`) and the DVC stage `<pipeline>-<name>`
     run: Callable[..., dict]  # (params, pipeline, layout, **options) -> summary of what it wrote
     help: str
-    code: tuple[str, ...] = ()  # library files whose change makes the outputs stale
     deps: Files = no_files  # input files (another stage's outputs)
     params: tuple[str, ...] = ()  # dotted params keys; "{p}" stands for the pipeline's section
     outs: Files = no_files  # outputs DVC caches and pushes
@@ -80,12 +80,27 @@ class Pipeline:
     @property
     def default(self) -> bool:
         """In the root dvc.yaml (what a plain `dvc repro` runs); the others in pipelines/<name>/."""
-        return self.name == DEFAULT_PIPELINE
+        return Layout(self.name).is_default
 
     @property
     def dvc_file(self) -> str:
-        """Where its DVC stages live, relative to the project root."""
-        return "dvc.yaml" if self.default else f"pipelines/{self.name}/dvc.yaml"
+        """Where its DVC stages live, relative to the project root (the layout says)."""
+        return Layout(self.name).dvc_file.as_posix()
 
     def dvc_stage(self, stage: str) -> str:
         return f"{self.name}-{stage}"
+
+    def hooks(self) -> dict[str, list]:
+        """What this pipeline lends its stages, by field name (its evaluation, tokenizer, suites,
+        params section): the functions and classes a stage reaches by asking the pipeline object."""
+        from barkgpt.pipelines.code_deps import callables_of
+
+        return {f.name: callables_of(getattr(self, f.name)) for f in fields(self) if f.name != "stages"}
+
+    def stage_code(self, stage: Stage) -> list[str]:
+        """The project files whose change makes `stage`'s outputs stale: the closure of the stage
+        function in the import graph, with the pipeline hooks it uses (code_deps.py)."""
+        from barkgpt.pipelines.code_deps import stage_code
+
+        hooks = self.hooks()
+        return stage_code(stage.run, hooks, always=hooks.pop("section"))

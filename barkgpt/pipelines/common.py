@@ -14,7 +14,7 @@ def _splits(lay):
 def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) -> Stage:
     return Stage(
         "validate", stages.validate, "check the text splits with Great Expectations suites",
-        code=("barkgpt/validation.py",), deps=_splits, params=params,
+        deps=_splits, params=params,
         outs=lambda lay: [lay.validation_docs],  # GX Data Docs: a folder of pages, cached
         reports=lambda lay: [lay.validation_report])
 
@@ -25,7 +25,6 @@ def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: 
     `writes_tokenizer`: a fixed vocabulary saved by this stage (bark) rather than trained before it."""
     return Stage(
         "tokenize", stages.tokenize, "encode the text splits into token shards (streaming, in worker processes)",
-        code=("barkgpt/tokenizer.py", "barkgpt/data/encode.py", "barkgpt/data/shards.py"),
         deps=lambda lay: [*after(lay), *_splits(lay)], params=params,
         outs=lambda lay: [lay.tokenizer, lay.tokens] if writes_tokenizer else [lay.tokens])
 
@@ -34,7 +33,7 @@ def validate_tokens_stage() -> Stage:
     return Stage(
         "validate-tokens", stages.validate_tokens,
         "check the token shards (sizes, counts, ids, tokenizer hash) with Great Expectations",
-        code=("barkgpt/validation.py", "barkgpt/data/shards.py"), deps=lambda lay: [lay.tokenizer, lay.tokens],
+        deps=lambda lay: [lay.tokenizer, lay.tokens],
         outs=lambda lay: [lay.token_validation_docs],
         reports=lambda lay: [lay.token_validation_report])
 
@@ -51,8 +50,6 @@ def _tag(text: str) -> tuple[str, str]:
 def train_stage(after=lambda lay: []) -> Stage:
     return Stage(
         "train", stages.train, "train the pipeline's model",
-        code=("barkgpt/model.py", "barkgpt/train.py", "barkgpt/optim.py", "barkgpt/device.py", "barkgpt/checkpoint.py",
-              "barkgpt/distributed.py", "barkgpt/data/shards.py", "barkgpt/loss_eval.py", "barkgpt/lm/torch_lm.py"),
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
@@ -71,15 +68,10 @@ def train_stage(after=lambda lay: []) -> Stage:
         dvc_flags=("--quiet",))
 
 
-# The model interface, the metrics and the gate: what evaluation and parity judge with.
-EVALUATION_CODE = ("barkgpt/lm", "barkgpt/checkpoint.py", "barkgpt/evaluate.py", "barkgpt/loss_eval.py",
-                   "barkgpt/gates.py")
-
-
 def evaluate_stage() -> Stage:
     return Stage(
         "evaluate", stages.evaluate, "evaluate the current model with the pipeline's metric and gate",
-        code=EVALUATION_CODE, deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
+        deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens],
         params=("{p}.eval", "{p}.gates"),
         metrics=lambda lay: [lay.summary], reports=lambda lay: [lay.metrics, lay.samples])
 
@@ -87,8 +79,6 @@ def evaluate_stage() -> Stage:
 def export_stage() -> Stage:
     return Stage(
         "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
-        code=("barkgpt/export/gguf_file.py", "barkgpt/export/vocab.py", "barkgpt/export/hf.py",
-              "barkgpt/checkpoint.py"),
         deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
         outs=lambda lay: [lay.full_exports],
         reports=lambda lay: [lay.export_report])  # each GGUF's sha256, checked before it is used
@@ -97,7 +87,7 @@ def export_stage() -> Stage:
 def quantize_stage() -> Stage:
     return Stage(
         "quantize", stages.quantize, "quantize the F32 GGUF with llama.cpp (Q8_0, Q4_0, Q4_K_M)",
-        code=("barkgpt/export/quantize.py",), deps=lambda lay: [lay.gguf("f32"), lay.export_report],
+        deps=lambda lay: [lay.gguf("f32"), lay.export_report],
         params=("export.quantizations",),
         outs=lambda lay: [lay.quantized_exports],
         reports=lambda lay: [lay.quantization_report])
@@ -107,7 +97,6 @@ def parity_stage(params: tuple[str, ...] = ()) -> Stage:
     """`params`: what the pipeline's quality measure reads besides export (bark: its eval and gates)."""
     return Stage(
         "parity", stages.parity, "compare llama.cpp with PyTorch and gate the quantizations",
-        code=("barkgpt/export/parity.py", "barkgpt/export/checksums.py", *EVALUATION_CODE),
         deps=lambda lay: [lay.checkpoint, lay.val_text, lay.tokens, lay.full_exports, lay.quantized_exports,
                           lay.export_report, lay.quantization_report],
         params=("seed", "export", *params),

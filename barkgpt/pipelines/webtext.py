@@ -78,12 +78,11 @@ def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
     source = (lambda lay: [Path(f"${{{name}.source}}")]) if local_source else (lambda lay: [])
     return (
         Stage("ingest", ingest, "read, clean and split the corpus (<pipeline>.source)",
-              code=("barkgpt/data/webtext.py",), deps=source,
+              deps=source,
               params=("{p}.source", "{p}.text_field", "{p}.clean", "{p}.split"),
               outs=lambda lay: [lay.train_text, lay.val_text], reports=lambda lay: [lay.ingest_report]),
         common.validate_stage(),
         Stage("tokenizer", train_tokenizer, "train the byte-level BPE on the training split",
-              code=("barkgpt/tokenizer.py",),
               deps=lambda lay: [lay.validation_report, lay.train_text, lay.val_text],
               params=("{p}.tokenizer.kind", "{p}.tokenizer.vocab_size", "{p}.tokenizer.min_frequency",
                       "{p}.tokenizer.name"),

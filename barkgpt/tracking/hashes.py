@@ -3,6 +3,7 @@ and our own sha256 over the token shards."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import yaml
 
@@ -10,19 +11,26 @@ from barkgpt.fileio import sha256_file
 
 
 def dvc_data_md5(paths) -> dict[str, str]:
-    """The md5 DVC recorded in the project's current dvc.lock for each output under data/<pipeline>/."""
-    # the default pipeline's lock is the root's; another pipeline's sits beside its dvc.yaml
-    lock = next((f for f in (paths.root / "dvc.lock", paths.root / "pipelines" / paths.pipeline / "dvc.lock")
-                 if f.exists()), None)
-    if lock is None:
+    """The md5 DVC recorded for each output under data/<pipeline>/, in the pipeline's own dvc.lock
+    (the layout says which: the root's, or pipelines/<p>/dvc.lock). The one reader of dvc.lock."""
+    if not paths.dvc_lock.exists():
         return {}
     try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        stages = (yaml.safe_load(paths.dvc_lock.read_text()) or {}).get("stages", {})
     except yaml.YAMLError:
         return {}
-    prefix = str(paths.data.relative_to(paths.root)) + "/"
+    # paths in a lock are relative to its stages' wdir: every pipeline's runs in the project root
+    prefix = paths.data.relative_to(paths.root).as_posix() + "/"
     return {o["path"]: o["md5"] for st in stages.values() if isinstance(st, dict) for o in st.get("outs", [])
-            if str(o.get("path", "")).startswith(prefix) and o.get("md5")}
+            if isinstance(o, dict) and str(o.get("path", "")).startswith(prefix) and o.get("md5")}
+
+
+def dvc_data_hash(paths) -> dict | None:
+    """The md5s of the pipeline's data outputs and one hash over them (what a release records)."""
+    outs = dvc_data_md5(paths)
+    if not outs:
+        return None
+    return {"hash": hashlib.md5(json.dumps(sorted(outs.items())).encode()).hexdigest(), "outs": outs}
 
 
 def tokens_sha256(paths) -> str | None:
