@@ -73,8 +73,6 @@ RULES: list[tuple[str, str, str]] = [
     (r"^barkgpt serve --model path/to/", "skip", "a placeholder for any chat GGUF"),
     (r"^barkgpt serve --model ~/.cache/gemma", "expensive", "assembles and serves a 250 MB model: tests/test_serve.py"),
     (r"^python -c \"import gemma3", "expensive", "assembles a 250 MB model: tests/test_serve.py"),
-    (r"^dvc pull$", "known-broken", "exits 1 while dvc.lock lists WebText-2 outputs nobody pushed "
-                                     "(issue 11, item 9)"),
     (r"^barkgpt serve --backend torch", "server-check", "8000"),
     (r"^mlflow server ", "server", "5000"),
     (r"^mlflow ui ", "server", "5000"),

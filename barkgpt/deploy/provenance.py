@@ -2,13 +2,10 @@
 version (with the sha256 of its files), recorded in the manifest and checked against the registry."""
 from __future__ import annotations
 
-import hashlib
-import json
 import subprocess
 import tempfile
 from pathlib import Path
 
-import yaml
 
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.layout import layout
