@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, copy_worktree
+from barkgpt.net import free_port
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
@@ -179,12 +180,6 @@ def fresh_project(tmp_path_factory) -> Path:
     if (ROOT / ".dvc/config.local").exists():  # both ignored by git: not in the commit
         shutil.copy2(ROOT / ".dvc/config.local", root / ".dvc/config.local")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Servers:

@@ -2,14 +2,13 @@
 version (with the sha256 of its files), recorded in the manifest and checked against the registry."""
 from __future__ import annotations
 
-import subprocess
 import tempfile
 from pathlib import Path
-
 
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.layout import layout
 from barkgpt.tracking import hashes
+from barkgpt.tracking.hashes import git_commit  # noqa: F401 (the release records it)
 
 
 def parity_summary(root: Path, name: str, quant: str) -> dict | None:
@@ -23,17 +22,6 @@ def parity_summary(root: Path, name: str, quant: str) -> dict | None:
     if isinstance(quants, dict) and quant in quants:  # per-tensor types stay in parity.json
         keep["deploy_quantization"] = {quant: {k: v for k, v in quants[quant].items() if k != "tensor_types"}}
     return keep
-
-
-def git_commit(root: Path) -> dict | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": dirty}
 
 
 def dvc_data_hash(root: Path, name: str) -> dict | None:

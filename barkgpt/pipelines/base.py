@@ -47,6 +47,7 @@ class Stage:
     plots: Callable[[Layout], dict[Path, dict]] = lambda lay: {}
     options: tuple[Option, ...] = ()
     dvc_flags: tuple[str, ...] = ()  # options the DVC door always passes (e.g. --quiet)
+    describe: Callable[[dict], str] | None = None  # what it wrote, for a person (the CLI prints it); else JSON
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,16 @@ class Pipeline:
     metric: str  # what evaluation reports and promotion ranks by
     higher_is_better: bool
     evaluate: Callable[..., tuple[dict, dict]]  # (params, pipeline, layout) -> (metrics, samples)
-    prompt_format: str  # "bark" (the prompt contract) or "text" (plain continuation)
+    suites: Callable[..., list]  # (params, layout) -> Great Expectations suites over the text splits
+    token_suites: Callable[..., list]  # (params, layout) -> suites over the token shards
+    greedy_prompts: Callable[..., list]  # (tokenizer, val lines, n_ctx) -> token ids parity completes greedily
+    input_example: Callable[[Any], str]  # (section) -> the prompt MLflow's model version shows as its example
+    modelfile: Callable[[Any], list[str]]  # (section) -> an Ollama Modelfile's template and parameters
     # (metric key, short name): the few numbers `dvc metrics show` lists, so a row stays readable
     summary: tuple[tuple[str, str], ...] = ()
     tokens: Callable[..., Any] | None = None  # (params, layout) -> tokenizer, for the tokenize stage
-    extra: dict = field(default_factory=dict)
+    eos_per_line: bool = True  # the tokenizer appends EOS to each line (bark lines spell their own)
+    gate_test: Callable[[Any], dict | None] = lambda gates: None  # (gates) -> the statistical test behind the gate
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:

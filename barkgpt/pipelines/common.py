@@ -11,12 +11,30 @@ def _splits(lay):
     return [lay.train_text, lay.val_text]
 
 
+def files_written(out: dict) -> str:
+    return "\n".join(f"{kind}: {path}" for kind, path in out.items())
+
+
+def expectations_passed(out: dict) -> str:
+    return f"{out['pipeline']}: all {out['expectations']} expectations passed; Data Docs: {out['data_docs']}"
+
+
+def tokens_per_split(out: dict) -> str:
+    return "\n".join(f"{split}: {m['tokens']:,} tokens" for split, m in out.items())
+
+
+def training_done(out: dict) -> str:
+    bpb = f", val bpb {out['val_bpb']:.4f}" if out.get("val_bpb") is not None else ""
+    return (f"trained {out['step']} steps, {out['tokens']:,} tokens in {out['seconds']:.1f}s "
+            f"({out['tokens_per_s']:,.0f} tok/s); val loss {out['best_val_loss']:.4f}{bpb}")
+
+
 def validate_stage(params: tuple[str, ...] = ("{p}.validation", "{p}.clean")) -> Stage:
     return Stage(
         "validate", stages.validate, "check the text splits with Great Expectations suites",
         deps=_splits, params=params,
         outs=lambda lay: [lay.validation_docs],  # GX Data Docs: a folder of pages, cached
-        reports=lambda lay: [lay.validation_report])
+        reports=lambda lay: [lay.validation_report], describe=expectations_passed)
 
 
 def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: bool = False,
@@ -26,7 +44,8 @@ def tokenize_stage(after=lambda lay: [lay.validation_report], writes_tokenizer: 
     return Stage(
         "tokenize", stages.tokenize, "encode the text splits into token shards (streaming, in worker processes)",
         deps=lambda lay: [*after(lay), *_splits(lay)], params=params,
-        outs=lambda lay: [lay.tokenizer, lay.tokens] if writes_tokenizer else [lay.tokens])
+        outs=lambda lay: [lay.tokenizer, lay.tokens] if writes_tokenizer else [lay.tokens],
+        describe=tokens_per_split)
 
 
 def validate_tokens_stage() -> Stage:
@@ -35,7 +54,7 @@ def validate_tokens_stage() -> Stage:
         "check the token shards (sizes, counts, ids, tokenizer hash) with Great Expectations",
         deps=lambda lay: [lay.tokenizer, lay.tokens],
         outs=lambda lay: [lay.token_validation_docs],
-        reports=lambda lay: [lay.token_validation_report])
+        reports=lambda lay: [lay.token_validation_report], describe=expectations_passed)
 
 
 def _tag(text: str) -> tuple[str, str]:
@@ -65,7 +84,7 @@ def train_stage(after=lambda lay: []) -> Stage:
                         "(default: <pipeline>.train.nproc)", {"type": int, "metavar": "N"}),
                  Option(("--tag",), "tags", "an extra tag on the MLflow run (repeatable)",
                         {"action": "append", "type": _tag, "metavar": "KEY=VALUE"})),
-        dvc_flags=("--quiet",))
+        dvc_flags=("--quiet",), describe=training_done)
 
 
 def evaluate_stage() -> Stage:
@@ -81,7 +100,8 @@ def export_stage() -> Stage:
         "export", stages.export, "write GGUF (F32, F16) and Hugging Face files",
         deps=lambda lay: [lay.checkpoint], params=("export.f16", "export.hf"),
         outs=lambda lay: [lay.full_exports],
-        reports=lambda lay: [lay.export_report])  # each GGUF's sha256, checked before it is used
+        reports=lambda lay: [lay.export_report],  # each GGUF's sha256, checked before it is used
+        describe=files_written)
 
 
 def quantize_stage() -> Stage:
@@ -90,7 +110,7 @@ def quantize_stage() -> Stage:
         deps=lambda lay: [lay.gguf("f32"), lay.export_report],
         params=("export.quantizations",),
         outs=lambda lay: [lay.quantized_exports],
-        reports=lambda lay: [lay.quantization_report])
+        reports=lambda lay: [lay.quantization_report], describe=files_written)
 
 
 def parity_stage(params: tuple[str, ...] = ()) -> Stage:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -41,3 +43,20 @@ def tokens_sha256(paths) -> str | None:
     for f in shards:
         digest.update(f.name.encode() + sha256_file(f).encode())
     return digest.hexdigest()
+
+
+def git_commit(root: Path) -> dict | None:
+    """The commit checked out (and whether tracked files differ from it) in the project, else in
+    the code's own checkout; None outside git."""
+    for folder in (Path(root), Path(__file__).resolve().parent):
+        try:
+            commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10)
+            if commit.returncode != 0:
+                continue
+            dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        except (OSError, subprocess.SubprocessError):
+            continue
+        return {"commit": commit.stdout.strip(), "dirty": dirty}
+    return None
