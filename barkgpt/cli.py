@@ -28,38 +28,20 @@ def cmd_stage(args) -> None:
     options = {o.dest: getattr(args, o.dest) for o in stage.options}
     lay = Layout(pipe.name)
     result = stage.run(_params(args), pipe, lay, **options)
-    if args.stage == "train" and not _prints_train_summary(result):
-        return
-    print(summarize(args.stage, result, lay))
+    if _prints_summary(result):
+        print(summarize(stage, result))
 
 
-def _prints_train_summary(result: dict) -> bool:
+def _prints_summary(result: dict) -> bool:
     """Rank 0 prints the summary; not the other ranks, nor a launcher whose rank 0 already did."""
     from barkgpt.distributed import from_env, under_torchrun
 
     return from_env().is_main and not (result.get("nproc", 1) > 1 and not under_torchrun())
 
 
-def summarize(stage: str, out: dict, lay) -> str:
-    """One readable line (or a small JSON block) per stage result."""
-    if stage == "train":
-        bpb = f", val bpb {out['val_bpb']:.4f}" if out.get("val_bpb") is not None else ""
-        return (f"trained {out['step']} steps, {out['tokens']:,} tokens in {out['seconds']:.1f}s "
-                f"({out['tokens_per_s']:,.0f} tok/s); val loss {out['best_val_loss']:.4f}{bpb}")
-    if stage == "tokenize":
-        return "\n".join(f"{split}: {m['tokens']:,} tokens" for split, m in out.items())
-    if stage in ("validate", "validate-tokens"):
-        return f"{out['pipeline']}: all {out['expectations']} expectations passed; Data Docs: {out['data_docs']}"
-    if stage == "ingest":
-        return (f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
-                f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
-                f"{out['clean_too_long']:,} over-long dropped)")
-    if stage == "tokenizer":
-        return (f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
-                f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
-    if stage in ("export", "quantize", "data"):
-        return "\n".join(f"{kind}: {path}" for kind, path in out.items())
-    return json.dumps(out, indent=2, default=str)
+def summarize(stage, out: dict) -> str:
+    """One readable line (or a few) per stage result: the stage's own words, else its JSON."""
+    return stage.describe(out) if stage.describe else json.dumps(out, indent=2, default=str)
 
 
 def cmd_report(args) -> None:

@@ -154,6 +154,19 @@ class BarkGates(Strict):
     pass_probability: float = Field(0.999, gt=0, lt=1, description="... at least this often")
     reject_accuracy: float = Field(0.97, gt=0, lt=1, description="reported: how often a model this bad passes")
 
+    def quality_checks(self, prefix: str, measured: dict) -> list:
+        """The contract test on an evaluation report or a GGUF's quality (what gates.judge asks)."""
+        from barkgpt.gates import Check, contract_test
+
+        test = contract_test(self)
+        n, failures = measured.get("contract_samples"), measured.get("contract_failures")
+        if n != test.samples or failures is None:
+            return [Check(prefix + "contract", False, f"measured on {n} samples, the test needs "
+                          f"{test.samples}; re-run the stage")]
+        ok = failures <= test.max_failures
+        return [Check(prefix + "contract", ok, f"{failures} of {n} failed "
+                      f"({'<=' if ok else '>'} {test.max_failures})")]
+
 
 class BarkValidateParams(Strict):
     """Great Expectations suite settings for the bark data (barkgpt/validation.py)."""
@@ -248,6 +261,14 @@ class WebtextEvalParams(Strict):
 
 class WebtextGates(Strict):
     max_val_bpb: float = Field(2.5, gt=0, description="evaluation gate: validation bits per byte")
+
+    def quality_checks(self, prefix: str, measured: dict) -> list:
+        """Validation bits per byte under the ceiling (what gates.judge asks)."""
+        from barkgpt.gates import Check
+
+        bpb = measured.get("val_bpb")
+        ok = bpb is not None and bpb <= self.max_val_bpb
+        return [Check(prefix + "val_bpb", ok, f"{bpb} {'<=' if ok else '>'} {self.max_val_bpb}")]
 
 
 def _webtext_model() -> ModelParams:

@@ -27,7 +27,7 @@ def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: 
     from barkgpt.pipelines.dvcfile import write_dvc_files
 
     params = resolve_params(params_file, overrides, root)
-    for path in write_dvc_files(Path(root), [pipeline]):  # a pipeline's stages join DVC on its first run
+    for path in write_dvc_files(Path(root), [pipeline]):  # a project older than its code: bring it level first
         print(f"wrote {path} from the pipeline declarations")
     results = {}
     for stage in get(pipeline).stages:  # a failure (bad data, a failed gate) stops the flow here

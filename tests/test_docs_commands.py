@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, copy_worktree
+from barkgpt.net import free_port
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
@@ -73,8 +74,6 @@ RULES: list[tuple[str, str, str]] = [
     (r"^barkgpt serve --model path/to/", "skip", "a placeholder for any chat GGUF"),
     (r"^barkgpt serve --model ~/.cache/gemma", "expensive", "assembles and serves a 250 MB model: tests/test_serve.py"),
     (r"^python -c \"import gemma3", "expensive", "assembles a 250 MB model: tests/test_serve.py"),
-    (r"^dvc pull$", "known-broken", "exits 1 while dvc.lock lists WebText-2 outputs nobody pushed "
-                                     "(issue 11, item 9)"),
     (r"^barkgpt sweep webtext", "skip", "a team's servers (placeholder hosts above) or a space file to write "
                                        "first; tests/test_sweep.py runs sweeps through the CLI and the flow"),
     (r"^barkgpt sweep \S+ --(grid|space)", "expensive", "trains several models (a minute or more): "
@@ -189,12 +188,6 @@ def fresh_project(tmp_path_factory) -> Path:
     if (ROOT / ".dvc/config.local").exists():  # both ignored by git: not in the commit
         shutil.copy2(ROOT / ".dvc/config.local", root / ".dvc/config.local")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Servers:

@@ -56,7 +56,7 @@ def find_version(client, model: str, checkpoint_sha256: str):
     return None
 
 
-def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]) -> dict:
+def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]], input_example: str) -> dict:
     """Register the run's model once (a known checkpoint only gets fresh tags), then elect the champion."""
     mlflow, client, p, params, name = run.mlflow, run.client, run.paths, run.params, run.name
     if gate_passed:  # a champion candidate must be the model its gate judged, byte for byte
@@ -67,7 +67,7 @@ def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]
     tags = version_tags(p, order, metrics, gate_passed)
     mv = find_version(client, model, tags.get(CHECKPOINT_TAG, "")) if CHECKPOINT_TAG in tags else None
     if mv is None:
-        mv = mlflow.register_model(log_model(run), model, tags=tags)
+        mv = mlflow.register_model(log_model(run, input_example), model, tags=tags)
     else:
         for key, value in tags.items():
             client.set_model_version_tag(model, mv.version, key, value)
@@ -86,15 +86,16 @@ def in_sweep(client, run_id: str) -> bool:
     return SWEEP_TAG in tags and tags.get("sweep.role") != "parent"
 
 
-def log_model(run) -> str:
+def log_model(run, prompt: str) -> str:
     """Log the MLflow model (from code: barkgpt/mlflow_model.py; nothing pickled) with an input
     example, and return its URI."""
+    from importlib import metadata
+
     from barkgpt import mlflow_model
 
     mlflow, p, params, name = run.mlflow, run.paths, run.params, run.name
     eval_cfg = getattr(params, name).eval
     artifacts = {"checkpoint": str(p.checkpoint), "tokenizer": str(p.tokenizer)}
-    prompt = "User: speak Assistant:" if name == "bark" else (getattr(eval_cfg, "prompts", None) or ["The"])[0]
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -106,7 +107,8 @@ def log_model(run) -> str:
             # given, not inferred: inferring would load the model and generate once more here
             signature=ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])),
             input_example=[prompt],
-            pip_requirements=["barkgpt", "torch==2.13.0", "numpy", "pydantic", "pyyaml"],
+            # the torch this model was trained with (the project pins it: constraints.txt)
+            pip_requirements=["barkgpt", f"torch=={metadata.version('torch')}", "numpy", "pydantic", "pyyaml"],
         )
     return info.model_uri
 

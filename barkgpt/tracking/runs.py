@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ from pathlib import Path
 from barkgpt.errors import BarkError
 from barkgpt.fileio import fsync_dir, read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
-from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
+from barkgpt.tracking.hashes import dvc_data_md5, git_commit, tokens_sha256
 
 # The experiment opens on MLflow's classic page (runs, metrics, models), not the GenAI one.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -173,16 +172,8 @@ def run_name(params: Params, name: str) -> str:
            f"seed {t.seed}"
 
 
-def git_commit(root: Path) -> str:
-    for folder in (Path(root), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
+def commit_id(root: Path) -> str:
+    return (git_commit(root) or {"commit": "unknown"})["commit"]
 
 
 def data_tags(paths) -> dict[str, str]:
@@ -294,7 +285,7 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
             return run
         except Exception:  # MlflowException: not in this store; start a new run below
             pass
-    all_tags = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths), **(tags or {})}
+    all_tags = {"pipeline": name, "git.commit": commit_id(paths.root), **data_tags(paths), **(tags or {})}
     run_id = adopted_run(client, uri)
     if run_id:
         for key, value in all_tags.items():
@@ -390,7 +381,7 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
             run_id = None
     if run_id is None:
         exp_id = experiment_id(client, params.tracking, paths.root, mlflow.get_tracking_uri())
-        base = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths),
+        base = {"pipeline": name, "git.commit": commit_id(paths.root), **data_tags(paths),
                 "note": "checkpoint's training run not in this store"}
         run_id = client.create_run(exp_id, run_name=f"{name} evaluation of a checkpoint trained elsewhere",
                                    tags=base).info.run_id
@@ -401,9 +392,10 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
 
 
 def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
-                      order: list[tuple[str, str]]) -> dict:
+                      order: list[tuple[str, str]], input_example: str) -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
-    the champion alias to the best gate-passing version."""
+    the champion alias to the best gate-passing version. `order` and `input_example` (a prompt the
+    model version shows) are the pipeline's."""
     from barkgpt.tracking import registry
 
     if run is None:
@@ -421,7 +413,7 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed, order)
+        info = registry.register(run, metrics, gate_passed, order, input_example)
     except BaseException:
         run.fail()
         raise

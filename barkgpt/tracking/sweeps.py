@@ -14,7 +14,7 @@ from pathlib import Path
 
 from barkgpt.params import Params
 from barkgpt.tracking.registry import SWEEP_TAG as STUDY_TAG
-from barkgpt.tracking.runs import client_for, experiment_id, git_commit
+from barkgpt.tracking.runs import client_for, commit_id, experiment_id
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -40,7 +40,7 @@ class SweepTracker:
 
         run = self.client.create_run(self.experiment_id, run_name=f"sweep {self.study}", tags={
             "pipeline": self.pipeline, STUDY_TAG: self.study, "sweep.role": "parent",
-            "git.commit": git_commit(self.root),
+            "git.commit": commit_id(self.root),
             "mlflow.note.content": f"Sweep `{self.study}` of the {self.pipeline} pipeline: each child run is one "
                                    "trial, a DVC experiment of the same name (`dvc exp show`). "
                                    "Artifacts: `sweep/trials.csv`, `sweep/trials.png`."})
