@@ -163,6 +163,13 @@ def run(argv: list[str]) -> int | None:
     there is no server ready (one is started for the next command) or warm mode is off."""
     if not enabled(argv):
         return None
+    from barkgpt.errors import BarkError
+
+    try:
+        idle_seconds(), max_servers()
+    except BarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     folder = runtime_dir()
     if folder is None:
         return None
@@ -222,11 +229,26 @@ def _relay(pid: int, reader) -> int:
 
 
 def idle_seconds() -> float:
-    return float(os.environ.get("BARKGPT_WARM_IDLE", DEFAULT_IDLE_S))
+    return _setting("BARKGPT_WARM_IDLE", DEFAULT_IDLE_S, float, "number of seconds")
 
 
 def max_servers() -> int:
-    return max(1, int(os.environ.get("BARKGPT_WARM_MAX", DEFAULT_MAX_SERVERS)))
+    return _setting("BARKGPT_WARM_MAX", DEFAULT_MAX_SERVERS, int, "whole number")
+
+
+def _setting(name: str, default, kind, what: str):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        if (value := kind(raw)) > 0:
+            return value
+    except ValueError:
+        pass
+    from barkgpt.errors import BarkError
+
+    raise BarkError(f"{name}={raw!r} is not a positive {what}; set it to one (the default is "
+                    f"{name}={default:g}) or unset it")
 
 
 def _start_server(folder: Path, key: str, path: list) -> None:
@@ -470,7 +492,10 @@ def status() -> int:
     import time
 
     folder = runtime_dir()
-    found = servers(folder) if folder else []
+    if folder is None:
+        print("no warm servers: no private runtime folder (XDG_RUNTIME_DIR or the temp folder) for them")
+        return 0
+    found = servers(folder)
     print(f"{len(found)} warm server(s) in {folder} (at most {max_servers()} per user; "
           f"each exits after its idle time without a command)")
     if not found:

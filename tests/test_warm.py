@@ -72,6 +72,17 @@ def test_the_warm_commands_are_the_declared_stages(monkeypatch):
     assert not warm.enabled(["train", "bark"])
 
 
+def test_a_bad_warm_setting_is_named_with_its_fix(monkeypatch, capsys):
+    monkeypatch.setenv("BARKGPT_WARM", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for name, value in (("BARKGPT_WARM_MAX", "two"), ("BARKGPT_WARM_IDLE", "-5")):
+        monkeypatch.setenv(name, value)
+        assert warm.run(["train", "bark"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {name}={value!r} is not a positive") and "unset it" in err
+        monkeypatch.delenv(name)
+
+
 def test_the_server_is_chosen_by_code_environment_and_path_not_by_dvc_stage_or_project(monkeypatch, tmp_path):
     env = dict(os.environ)
     base = warm.fingerprint(environ=env)
