@@ -102,21 +102,15 @@ def cmd_serve(args) -> None:
 
 def cmd_runs(args) -> None:
     from barkgpt.layout import Layout
-    from barkgpt.runs import list_runs, prune_runs
+    from barkgpt.runs import format_runs, human_size, prune_runs
 
     lay = Layout(args.pipeline)
     if args.prune:
         removed = prune_runs(lay)
-        print(f"removed {len(removed)} run folder(s) from {lay.runs}, {sum(r['bytes'] for r in removed) / 1e6:.1f} MB"
+        print(f"removed {len(removed)} run folder(s) from {lay.runs}, {human_size(sum(r['bytes'] for r in removed))}"
               + "".join(f"\n  {r['id']} ({r['status']})" for r in removed))
         return
-    runs = list_runs(lay)
-    if not runs:
-        print(f"no runs in {lay.runs}")
-        return
-    for r in runs:
-        note = "  <- barkgpt train --resume continues this one" if r["resumable"] else ""
-        print(f"{r['id']}  {r['status']:<10} {r['bytes'] / 1e6:8.1f} MB{note}")
+    print(format_runs(lay))
 
 
 def cmd_sweep(args) -> None:
