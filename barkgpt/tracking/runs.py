@@ -208,7 +208,9 @@ def source_name() -> str:
 
     argv = sys.argv or ["python"]
     program = Path(argv[0]).name
-    if program in ("__main__.py", "-c", ""):
+    if program == "__main__.py":  # python -m barkgpt ...
+        program = f"python -m {Path(argv[0]).parent.name}"
+    elif program in ("-c", ""):
         program = "python"
     return " ".join([program, *argv[1:3]])[:200]
 
