@@ -183,9 +183,8 @@ def fresh_project(tmp_path_factory) -> Path:
     root = copy_worktree(base / "project")
     if (ROOT.parent / "shared").exists():
         (base / "shared").symlink_to((ROOT.parent / "shared").resolve())  # ../shared as in a checkout
-    for plot in (ROOT / ".dvc").glob("offline-plots.html"):
-        shutil.copy2(plot, root / ".dvc" / plot.name)  # what scripts/install.sh writes for a checkout
-    if (ROOT / ".dvc/config.local").exists():  # both ignored by git: not in the commit
+    # .dvc/offline-plots.html is committed (a clone draws plots offline); config.local is not
+    if (ROOT / ".dvc/config.local").exists():
         shutil.copy2(ROOT / ".dvc/config.local", root / ".dvc/config.local")
     return root
 

@@ -66,14 +66,15 @@ def _tag(text: str) -> tuple[str, str]:
     return key, value
 
 
-def train_stage(after=lambda lay: []) -> Stage:
+def train_stage(after=lambda lay: [], curve: str = "val_bpb") -> Stage:
+    """`curve`: the train_log.csv column `dvc plots show` draws over steps."""
     return Stage(
         "train", stages.train, "train the pipeline's model",
         deps=lambda lay: [*after(lay), lay.tokenizer, lay.tokens],
         params=("{p}.model", "{p}.train"),
         outs=lambda lay: [lay.models], persist=True,  # a failed run must not delete the last good model
         reports=lambda lay: [lay.train_summary],
-        plots=lambda lay: {lay.train_log: {"x": "step", "y": "loss"}},
+        plots=lambda lay: {lay.train_log: {"x": "step", "y": curve}},
         options=(Option(("--resume",), "resume", "continue the interrupted run in runs/<pipeline>/, else train "
                         "models/<pipeline>/last.pt further",
                         {"action": "store_true"}),
@@ -123,7 +124,9 @@ def parity_stage(params: tuple[str, ...] = ()) -> Stage:
         metrics=lambda lay: [lay.parity_summary], reports=lambda lay: [lay.parity_report])
 
 
-def model_stages(train_after=lambda lay: [], parity_params: tuple[str, ...] = ()) -> tuple[Stage, ...]:
-    """train -> evaluate -> export -> quantize -> parity: the same for every pipeline."""
-    return (train_stage(train_after), evaluate_stage(), export_stage(), quantize_stage(),
+def model_stages(train_after=lambda lay: [], parity_params: tuple[str, ...] = (),
+                 curve: str = "val_bpb") -> tuple[Stage, ...]:
+    """train -> evaluate -> export -> quantize -> parity: the same for every pipeline. `curve` is what
+    `dvc plots show` draws: validation bits per byte for text (what compares across tokenizers)."""
+    return (train_stage(train_after, curve), evaluate_stage(), export_stage(), quantize_stage(),
             parity_stage(parity_params))

@@ -71,6 +71,7 @@ def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]
     else:
         for key, value in tags.items():
             client.set_model_version_tag(model, mv.version, key, value)
+    describe(client, run, model, mv.version, metrics, gate_passed, order)
     if in_sweep(client, run.run_id):  # a sweep elects once, when all its trials are in (barkgpt/sweep/)
         current = (client.get_registered_model(model).aliases or {}).get(params.tracking.champion_alias)
         champion = None if current is None else int(current)
@@ -84,6 +85,25 @@ def in_sweep(client, run_id: str) -> bool:
     """A sweep's trial: its run is nested under the sweep's parent run (barkgpt/tracking/sweeps.py)."""
     tags = client.get_run(run_id).data.tags or {}
     return SWEEP_TAG in tags and tags.get("sweep.role") != "parent"
+
+
+def describe(client, run, model: str, version, metrics: dict, gate_passed: bool,
+             order: list[tuple[str, str]]) -> None:
+    """Descriptions the registry page shows: what the model is and how its champion is chosen; what
+    each version is (the run name says what trained it), its metrics and gate verdict."""
+    from barkgpt.pipelines import get
+    from barkgpt.tracking.runs import run_name
+
+    pipe, alias = get(run.name), run.params.tracking.champion_alias
+    ranked = ", then ".join(f"{'highest' if d == 'max' else 'lowest'} {m}" for m, d in order)
+    client.update_registered_model(model, description=(
+        f"BarkGPT {pipe.description}. One version per trained model (a re-evaluation updates its tags). "
+        f"The `{alias}` alias is on the best version whose gates passed ({ranked}); none passes, no alias. "
+        f"Load it with `mlflow.pyfunc.load_model('models:/{model}@{alias}')`."))
+    shown = [f"{m} {metrics[m]:.4g}" for m, _ in order if isinstance(metrics.get(m), (int, float))]
+    client.update_model_version(model, str(version), description=(
+        f"{run_name(run.params, run.name)}. {', '.join(shown)}; gate {'passed' if gate_passed else 'FAILED'}. "
+        f"Files: best.pt and tokenizer.json (sha256 in the tags)."))
 
 
 def log_model(run, prompt: str) -> str:
