@@ -211,7 +211,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
             raise
         order = ranking(pipe.metric, pipe.higher_is_better)  # champion: the best by the pipeline's metric
         registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"], order,
-                                              pipe.input_example(pipe.params(params)))
+                                              pipe.input_example(pipe.params(params)), pipe.description)
     return {**metrics, "mlflow": registry}
 
 

@@ -45,7 +45,7 @@ def project(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost"]
     subprocess.run(git + ["commit", "-qam", "prune from the first trial"], cwd=root, check=True)
-    pulled = run(["dvc", "pull", "-q"], root)
+    pulled = run(["dvc", "pull", "-q", "dvc.yaml"], root)  # the bark pipeline's data and model
     assert pulled.returncode == 0, pulled.stderr
     return root
 

@@ -56,7 +56,8 @@ def find_version(client, model: str, checkpoint_sha256: str):
     return None
 
 
-def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]], input_example: str) -> dict:
+def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]], input_example: str,
+             description: str = "") -> dict:
     """Register the run's model once (a known checkpoint only gets fresh tags), then elect the champion."""
     mlflow, client, p, params, name = run.mlflow, run.client, run.paths, run.params, run.name
     if gate_passed:  # a champion candidate must be the model its gate judged, byte for byte
@@ -71,7 +72,7 @@ def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]
     else:
         for key, value in tags.items():
             client.set_model_version_tag(model, mv.version, key, value)
-    describe(client, run, model, mv.version, metrics, gate_passed, order)
+    describe(client, run, model, mv.version, metrics, gate_passed, order, description)
     if in_sweep(client, run.run_id):  # a sweep elects once, when all its trials are in (barkgpt/sweep/)
         current = (client.get_registered_model(model).aliases or {}).get(params.tracking.champion_alias)
         champion = None if current is None else int(current)
@@ -88,21 +89,19 @@ def in_sweep(client, run_id: str) -> bool:
 
 
 def describe(client, run, model: str, version, metrics: dict, gate_passed: bool,
-             order: list[tuple[str, str]]) -> None:
-    """Descriptions the registry page shows: what the model is and how its champion is chosen; what
-    each version is (the run name says what trained it), its metrics and gate verdict."""
-    from barkgpt.pipelines import get
-    from barkgpt.tracking.runs import run_name
-
-    pipe, alias = get(run.name), run.params.tracking.champion_alias
+             order: list[tuple[str, str]], description: str = "") -> None:
+    """Descriptions the registry page shows: what the model is (`description`: the pipeline's own)
+    and how its champion is chosen; what each version is (the run name says what trained it), its
+    metrics and gate verdict."""
+    alias = run.params.tracking.champion_alias
     ranked = ", then ".join(f"{'highest' if d == 'max' else 'lowest'} {m}" for m, d in order)
     client.update_registered_model(model, description=(
-        f"BarkGPT {pipe.description}. One version per trained model (a re-evaluation updates its tags). "
+        f"BarkGPT {description or run.name}. One version per trained model (a re-evaluation updates its tags). "
         f"The `{alias}` alias is on the best version whose gates passed ({ranked}); none passes, no alias. "
         f"Load it with `mlflow.pyfunc.load_model('models:/{model}@{alias}')`."))
     shown = [f"{m} {metrics[m]:.4g}" for m, _ in order if isinstance(metrics.get(m), (int, float))]
     client.update_model_version(model, str(version), description=(
-        f"{run_name(run.params, run.name)}. {', '.join(shown)}; gate {'passed' if gate_passed else 'FAILED'}. "
+        f"{client.get_run(run.run_id).info.run_name}. {', '.join(shown)}; gate {'passed' if gate_passed else 'FAILED'}. "
         f"Files: best.pt and tokenizer.json (sha256 in the tags)."))
 
 

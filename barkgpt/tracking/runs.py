@@ -443,7 +443,7 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
 
 
 def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
-                      order: list[tuple[str, str]], input_example: str) -> dict:
+                      order: list[tuple[str, str]], input_example: str, description: str = "") -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
     the champion alias to the best gate-passing version. `order` and `input_example` (a prompt the
     model version shows) are the pipeline's."""
@@ -458,7 +458,7 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed, order, input_example)
+        info = registry.register(run, metrics, gate_passed, order, input_example, description)
     except BaseException:
         run.fail()
         raise
