@@ -107,14 +107,14 @@ def _mtime(path: Path) -> dt.datetime | None:
 
 def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     from barkgpt import __version__
-    from barkgpt.tracking.runs import dvc_data_md5, git_commit
+    from barkgpt.tracking.runs import commit_id, dvc_data_md5
 
     lay = Layout(name, Path(root))
     cfg = getattr(params, name)
     now = dt.datetime.now(dt.timezone.utc)
     lines = [f"# BarkGPT run report: {name}", "",
              f"Written {now:%Y-%m-%d %H:%M:%S} UTC by barkgpt {__version__}, git commit "
-             f"`{git_commit(lay.root)[:12]}`.", ""]
+             f"`{commit_id(lay.root)[:12]}`.", ""]
     run = _read(lay.run_record)
     if run:
         from barkgpt.tracking.runs import run_link
@@ -295,7 +295,7 @@ def inline_images(markdown: str, folder: Path) -> str:
 
 def write_report(params: Params, name: str, root: Path | str = ".") -> Path:
     """reports/<name>/report.md (atomic); returns its path."""
-    path = Layout(name, Path(root)).reports / "report.md"
+    path = Layout(name, Path(root)).report_page
     write_text(path, build_report(params, name, root))
     return path
 
@@ -313,7 +313,7 @@ def log_report(params: Params, name: str, root: Path | str = ".", path: Path | N
         client.get_run(run["run_id"])
     except Exception:  # the checkpoint's run is in another store (e.g. after dvc pull)
         return None
-    client.log_artifact(run["run_id"], str(path or lay.reports / "report.md"), "reports")
+    client.log_artifact(run["run_id"], str(path or lay.report_page), "reports")
     return run["run_id"]
 
 

@@ -46,7 +46,7 @@ def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: 
 
     resolved = resolve_params(params_file, overrides, root, return_state=True)
     params = resolved.result()  # an invalid value stops the flow here, named
-    for path in write_dvc_files(Path(root), [pipeline]):  # a pipeline's stages join DVC on its first run
+    for path in write_dvc_files(Path(root), [pipeline]):  # a project older than its code: bring it level first
         print(f"wrote {path} from the pipeline declarations")
     pipe = get(pipeline)
     graph = upstream(pipe, Layout(pipeline, Path(root)))

@@ -104,5 +104,4 @@ def publish_report(params: dict, pipeline: str, root: str = ".") -> str:
     markdown = report_markdown(to_params(params), pipeline, Path(root))  # links to the MLflow run
     create_markdown_artifact(key=f"{pipeline}-report", markdown=markdown,
                              description=f"{pipeline}: data, training, evaluation, exports, deploy, timings")
-    return str(Layout(pipeline, Path(root)).reports / "report.md")
-
+    return str(Layout(pipeline, Path(root)).report_page)

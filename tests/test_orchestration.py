@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.params import BARKS, load_params
 from tests.conftest import ROOT, make_project
+from barkgpt.net import free_port
 
 BIN = Path(sys.executable).parent
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # this process loads models too; stay offline
@@ -37,12 +37,6 @@ OVERRIDES = {
     "export.quantizations": ["q8_0"],
     "export.f16": False, "export.hf": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:

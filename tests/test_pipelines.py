@@ -113,7 +113,7 @@ def test_fresh_clone_pulls_the_bark_pipeline_and_every_door_agrees(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, capture_output=True, timeout=120)
     dvc = str(BIN / "dvc")
-    pull = sh([dvc, "pull"], clone, check=False)
+    pull = sh([dvc, "pull", "dvc.yaml"], clone, check=False)  # the other pipelines' outputs are in no remote
     assert pull.returncode == 0, ("dvc pull failed in a fresh clone: after changing the bark pipeline, run "
                                   "`dvc repro && dvc push` and commit dvc.lock, reports/ and .dvc-remote/\n"
                                   + pull.stdout[-2000:] + pull.stderr[-2000:])

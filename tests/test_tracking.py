@@ -217,3 +217,27 @@ def test_deploy_names_a_broken_store_with_the_fix_too(tmp_path):
         db.execute("CREATE TABLE experiments (name TEXT)")
     with pytest.raises(BarkError, match=r"cannot be opened .*\(mv "):
         stage_model_version(load_params(root / "params.yaml"), "bark", root)
+
+
+@pytest.mark.parametrize("pipeline", ["bark", "webtext", "localtext"])
+def test_every_pipeline_reads_its_own_dvc_lock_for_lineage(tmp_path, pipeline):
+    """The layout owns each lock's path (the root's for bark, pipelines/<p>/dvc.lock for the
+    others); one reader serves the MLflow run's tags and the release manifest alike."""
+    from barkgpt.deploy.provenance import dvc_data_hash
+    from barkgpt.layout import Layout
+    from barkgpt.tracking.runs import data_tags
+
+    lay = Layout(pipeline, tmp_path)
+    decoy = {"schema": "2.0", "stages": {"other-tokenize": {"outs": [
+        {"path": f"data/{pipeline}/tokens", "md5": "f" * 32 + ".dir"}]}}}
+    for lock in {tmp_path / "dvc.lock", *(tmp_path / "pipelines" / p / "dvc.lock" for p in ("bark", "webtext", "localtext"))}:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(yaml.safe_dump(decoy))  # every other lock names the same path with another hash
+    outs = {f"data/{pipeline}/tokens": "0123456789abcdef0123456789abcdef.dir",
+            f"data/{pipeline}/train.txt": "00112233445566778899aabbccddeeff"}
+    lay.dvc_lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {f"{pipeline}-tokenize": {
+        "cmd": f"barkgpt tokenize {pipeline}", "outs": [{"path": p, "md5": m, "size": 1} for p, m in outs.items()]}}}))
+    assert lay.dvc_lock == (tmp_path / "dvc.lock" if pipeline == "bark" else tmp_path / f"pipelines/{pipeline}/dvc.lock")
+    assert data_tags(lay)["dvc.data_md5"] == outs[f"data/{pipeline}/tokens"]  # the training run's tag
+    release = dvc_data_hash(tmp_path, pipeline)  # what the deploy manifest records
+    assert release["outs"] == outs and len(release["hash"]) == 32

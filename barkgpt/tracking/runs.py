@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ from pathlib import Path
 from barkgpt.errors import BarkError
 from barkgpt.fileio import fsync_dir, read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
-from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
+from barkgpt.tracking.hashes import dvc_data_md5, git_commit, tokens_sha256
 
 # The experiment is a training one (MLflow 3.0-3.x UIs that read this tag open it on its runs;
 # newer ones follow the URL's workflowType: see ui_url).
@@ -174,16 +173,8 @@ def run_name(params: Params, name: str) -> str:
            f"seed {t.seed}"
 
 
-def git_commit(root: Path) -> str:
-    for folder in (Path(root), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
+def commit_id(root: Path) -> str:
+    return (git_commit(root) or {"commit": "unknown"})["commit"]
 
 
 def standard_tags(root: Path, tags: dict) -> dict[str, str]:
@@ -199,7 +190,7 @@ def standard_tags(root: Path, tags: dict) -> dict[str, str]:
     prefect = "prefect.flow_run_name" in tags or "prefect.flow_run_id" in tags
     return {"mlflow.source.name": tags.get("mlflow.source.name") or source_name(),
             "mlflow.source.type": "JOB" if prefect else "LOCAL",
-            "mlflow.source.git.commit": git_commit(root), "mlflow.user": user}
+            "mlflow.source.git.commit": commit_id(root), "mlflow.user": user}
 
 
 def source_name() -> str:
@@ -336,15 +327,20 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
             return run
         except Exception:  # MlflowException: not in this store; start a new run below
             pass
-    exp_id = experiment_id(client, params.tracking, paths.root, uri)
     tags = dict(tags or {})
     all_tags = {"pipeline": name, **standard_tags(paths.root, tags), **data_tags(paths), **tags}
     if note := run_note(tags):
         all_tags["mlflow.note.content"] = note
-    created = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags)
+    run_id = adopted_run(client, uri)
+    if run_id:  # a launcher's run (a sweep's trial): it keeps its name and nesting, gains the tags
+        for key, value in all_tags.items():
+            client.set_tag(run_id, key, value)
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp_id = experiment_id(client, params.tracking, paths.root, uri)
+        run_id = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags).info.run_id
     from mlflow.entities import Param
 
-    run_id = created.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in pipeline_params(params, name).items()],
                      synchronous=True)
     try:
@@ -355,6 +351,22 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
     run = TrainingRun(mlflow, client, run_id, params, name, paths)
     run.watch_system()
     return run
+
+
+def adopted_run(client, uri: str) -> str | None:
+    """The run a launcher created for this training and handed over in MLFLOW_RUN_ID, as `mlflow
+    run` does (a sweep's trial, nested under its sweep); None when there is none."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise BarkError(f"MLFLOW_RUN_ID={run_id} names no run in {uri}; unset it to start a new run") from None
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        raise BarkError(f"MLFLOW_RUN_ID={run_id} names a {run.info.status.lower()} run; a training continues "
+                        "only a run its launcher created for it (unset MLFLOW_RUN_ID)")
+    return run_id
 
 
 # The training's summary, as run metrics: only what the per-step curves do not already show (the
@@ -431,9 +443,10 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
 
 
 def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
-                      order: list[tuple[str, str]]) -> dict:
+                      order: list[tuple[str, str]], input_example: str, description: str = "") -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
-    the champion alias to the best gate-passing version."""
+    the champion alias to the best gate-passing version. `order` and `input_example` (a prompt the
+    model version shows) are the pipeline's."""
     from barkgpt.tracking import registry
 
     if run is None:
@@ -445,7 +458,7 @@ def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed, order)
+        info = registry.register(run, metrics, gate_passed, order, input_example, description)
     except BaseException:
         run.fail()
         raise
