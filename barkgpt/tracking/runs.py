@@ -318,6 +318,7 @@ def finish_training(run: TrainingRun | None, summary: dict) -> None:
     p = run.paths
     run.log_step(summary.get("step", 0), {f"train.{k}": v for k, v in summary.items()
                                           if isinstance(v, (int, float)) and v is not None})
+    log_settings(run, summary.get("settings") or {})
     if p.train_log.exists():
         run.client.log_artifact(run.run_id, str(p.train_log), "reports")
         png = loss_curve_png(p.train_log, p.loss_curve)
@@ -326,6 +327,21 @@ def finish_training(run: TrainingRun | None, summary: dict) -> None:
     if p.train_summary.exists():
         run.client.log_artifact(run.run_id, str(p.train_summary), "reports")
     run.end()
+
+
+def log_settings(run: TrainingRun, settings: dict) -> None:
+    """The dtype, compile and threads the run trained with (params say `auto` where they were
+    measured) as params `train.resolved.*`, and how they were chosen as the tag `train.settings`."""
+    from mlflow.entities import Param
+
+    resolved = [Param(f"train.resolved.{k}", str(settings[k])) for k in ("dtype", "compile", "threads") if k in settings]
+    try:
+        run.client.log_batch(run.run_id, params=resolved, synchronous=True)
+    except Exception:  # a resumed run that chose otherwise: params are immutable, so tags say it
+        for param in resolved:
+            run.client.set_tag(run.run_id, param.key, param.value)
+    if settings.get("note"):
+        run.client.set_tag(run.run_id, "train.settings", settings["note"][:5000])
 
 
 def loss_curve_png(csv_path: Path, out: Path) -> Path | None:
