@@ -146,6 +146,20 @@ def measure(settings: list[Setting], make_step: Callable[[Setting], Callable[[],
     return {label: tokens_per_step / t for label, t in best.items()}
 
 
+def load_per_core() -> float:
+    """Runnable processes per core (1-minute load average): how busy the machine was while measuring."""
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0] / usable_cores(), 2)
+    return 0.0
+
+
+def stale(entry: dict) -> bool:
+    """Figures taken on a busy machine (more runnable processes than cores) are taken again once it
+    is half as busy: under contention fewer threads win, which is no guide for a quiet machine."""
+    then = entry.get("load_per_core", 0.0)
+    return then > 1.0 and load_per_core() < then / 2
+
+
 def cache_path():
     from barkgpt.layout import machine_cache
 
@@ -203,6 +217,8 @@ def choose(*, dtype: str, compile: bool | str, threads: int | None | str, device
                  "compile": "explicit" if compile != "auto" else "measured"}
     key = cache_key(device, shape)
     entry = read_cache().get(key, {}) if use_cache else {}
+    if stale(entry):
+        entry = {}
     tps: dict[str, float] = dict(entry.get("tokens_per_s", {}))
     spent, start = 0.0, time.perf_counter()
 
@@ -232,6 +248,7 @@ def choose(*, dtype: str, compile: bool | str, threads: int | None | str, device
         if compile_s is not None and compile == "auto":
             compile_times[best.label] = round(compile_s, 2)
         write_cache(key, {"machine": machine(device), "shape": shape, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                          "load_per_core": load_per_core(),
                           "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
                           "compile_seconds": compile_times})
     choice = Choice(dtype=best.dtype, compile=compile_on, threads=best.threads, chosen_by=chosen_by,

@@ -104,3 +104,10 @@ def test_auto_settings_validate():
     p = TrainParams(dtype="auto", compile="auto", threads="auto")
     assert (p.dtype, p.compile, p.threads) == ("auto", "auto", "auto")
     assert TrainParams(compile=True, threads=2).threads == 2
+
+
+def test_figures_from_a_busy_machine_are_retaken_when_it_is_quiet(monkeypatch):
+    monkeypatch.setattr(calibrate, "load_per_core", lambda: 0.7)  # now: 0.7 runnable processes per core
+    assert calibrate.stale({"load_per_core": 8.0})  # measured on a machine 8x oversubscribed
+    assert not calibrate.stale({"load_per_core": 0.9})  # measured on a machine with a core to spare
+    assert not calibrate.stale({"load_per_core": 1.2})  # busy then, but not twice as busy as now
