@@ -135,15 +135,20 @@ def measure(settings: list[Setting], make_step: Callable[[Setting], Callable[[],
             seconds: float = SECONDS_PER_CANDIDATE, rounds: int = ROUNDS) -> dict[str, float]:
     """tokens/s of each setting: `make_step(setting)` returns a callable that runs one training
     step in it (untimed once, to warm up); the rounds alternate the settings."""
-    steps = {}
+    steps, unsupported = {}, {}
     for s in settings:
-        steps[s.label] = make_step(s)
-        steps[s.label]()  # warm-up: first-call allocations, oneDNN primitive creation
+        try:
+            steps[s.label] = make_step(s)
+            steps[s.label]()  # warm-up: first-call allocations, oneDNN primitive creation
+        except (RuntimeError, NotImplementedError) as err:  # e.g. bf16 autocast on a backend without it
+            log.info("calibration: %s does not run here (%s)", s.label, str(err).splitlines()[0][:200])
+            steps.pop(s.label, None)
+            unsupported[s.label] = 0.0
     best = {label: float("inf") for label in steps}
     for _ in range(rounds):
         for label, step in steps.items():
             best[label] = min(best[label], time_steps(step, seconds))
-    return {label: tokens_per_step / t for label, t in best.items()}
+    return {**unsupported, **{label: tokens_per_step / t for label, t in best.items()}}
 
 
 def load_per_core() -> float:

@@ -44,7 +44,7 @@ def test_calibration_picks_the_faster_dtype_whichever_it_is():
     assert slow_fp32.dtype == "bfloat16" and slow_fp32.chosen_by["dtype"] == "measured"
     assert {s.dtype for s in calls} == {"float32", "bfloat16"}
     tps = slow_fp32.tokens_per_s
-    assert tps["bfloat16, 1 threads"] > 2 * tps["float32, 1 threads"]  # 1000 tokens per 10 ms vs per 30 ms
+    assert tps["bfloat16, 1 threads"] > 1.5 * tps["float32, 1 threads"]  # 1000 tokens per 10 ms vs per 30 ms
     assert slow_fp32.note.startswith("chosen by measurement: bfloat16, 1 threads, no compile; measured")
     assert "vs" in slow_fp32.note and "(float32, 1 threads)" in slow_fp32.note
 
@@ -64,7 +64,7 @@ def test_compile_only_when_its_compile_time_is_repaid_within_the_run(monkeypatch
     cost = {("float32", False): 0.02, ("float32", True): 0.01}  # compiled: twice the speed
     # Compiling costs 0.3 s; a 200 s run gains ~100 s from it, so it compiles.
     long_run = choose(stub_steps(cost, [], compile_cost=0.3), dtype="float32", compile="auto", run_s=200.0)
-    assert long_run.compile is True and 0.3 <= long_run.compile_seconds < 2
+    assert long_run.compile is True and 0.3 <= long_run.compile_seconds < 10  # 10: a busy machine
     assert "compiled" in long_run.note and "of compiling" in long_run.note
     # A run too short to repay any compile is not even tried.
     calls = []
@@ -111,3 +111,12 @@ def test_figures_from_a_busy_machine_are_retaken_when_it_is_quiet(monkeypatch):
     assert calibrate.stale({"load_per_core": 8.0})  # measured on a machine 8x oversubscribed
     assert not calibrate.stale({"load_per_core": 0.9})  # measured on a machine with a core to spare
     assert not calibrate.stale({"load_per_core": 1.2})  # busy then, but not twice as busy as now
+
+
+def test_a_setting_that_cannot_run_here_is_skipped():
+    def make_step(setting):
+        if setting.dtype == "bfloat16":
+            raise RuntimeError("bf16 autocast is not supported on this backend")
+        return lambda: time.sleep(0.01)
+    choice = choose(make_step)
+    assert choice.dtype == "float32" and choice.tokens_per_s["bfloat16, 1 threads"] == 0
