@@ -13,6 +13,10 @@ fresh run, so at no moment does the record name a run that did not train the cur
 
 `--resume` continues the newest interrupted run (status "running": the lock proves nobody runs it);
 with none, it starts a new run from the promoted models/<p>/last.pt (to train further).
+
+A run whose status says "running" may have died without a word (kill -9, a lost machine): its
+status file cannot tell. The process it names can, so `barkgpt runs` checks that process: gone (or
+a later process that reuses its pid) means the run is interrupted, and `--resume` would continue it.
 """
 from __future__ import annotations
 
@@ -109,11 +113,14 @@ def open_run(paths: Layout, resume: bool = False, log=print) -> RunFolder:
     if resume:
         interrupted = latest_interrupted(paths)
         if interrupted is not None:
-            log(f"resuming interrupted run {interrupted.id} ({interrupted.path})")
+            log(f"resuming interrupted run {interrupted.id} from step {_step(interrupted.last)} ({interrupted.path})")
             remove_temp_files(interrupted.path)
+            write_json(interrupted.info, {**interrupted.status(), "resumed": _now(), **_this_process()})
             return interrupted
     folder = RunFolder(paths.run_folder(f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}").path)
     folder.path.mkdir(parents=True)
+    if resume:
+        log(f"no interrupted run to resume: training {_fresh_start(paths)} in a new run, {folder.id}")
     if resume and paths.last_checkpoint.exists():
         # Train the promoted model further: its state, its best model so far and its MLflow run.
         for src, dst in ((paths.last_checkpoint, folder.last), (paths.checkpoint, folder.best),
@@ -121,8 +128,13 @@ def open_run(paths: Layout, resume: bool = False, log=print) -> RunFolder:
             if src.exists():
                 copy_atomic(src, dst)
     # run.json last: a folder without it was never a started run and is never resumed.
-    write_json(folder.info, {"status": "running", "started": _now(), "pid": os.getpid()})
+    write_json(folder.info, {"status": "running", "started": _now(), **_this_process()})
     return folder
+
+
+def _this_process() -> dict:
+    """Who trains a run now: what `barkgpt runs` checks to tell a live run from a dead one."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 # From `barkgpt train --nproc N` to its torchrun workers: the run folder it opened under its lock.
@@ -165,9 +177,57 @@ def _runs_with_status(paths: Layout) -> list[tuple[RunFolder, dict]]:
     return [(f, f.status()) for f in folders]
 
 
-def _newest_interrupted(runs: list[tuple[RunFolder, dict]]) -> RunFolder | None:
-    found = [(f, s) for f, s in runs if s.get("status") == "running" and f.last.exists()]
+def _newest_interrupted(runs: list[tuple[RunFolder, dict]], locked: bool = True) -> RunFolder | None:
+    """Under the writer lock (`locked`) no "running" run is alive: the lock proves it. Without it,
+    the run's own process is asked."""
+    found = [(f, s) for f, s in runs if s.get("status") == "running" and f.last.exists() and (locked or not _alive(s))]
     return max(found, key=lambda fs: (fs[1].get("started", ""), fs[0].id), default=(None,))[0]
+
+
+def _alive(status: dict) -> bool:
+    """Whether the process a "running" status names still runs (on another host: assumed so)."""
+    pid = status.get("pid")
+    if status.get("status") != "running" or not isinstance(pid, int):
+        return False
+    if status.get("host", socket.gethostname()) != socket.gethostname():
+        return True  # its pid means nothing here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    started = _process_start(pid)
+    since = status.get("resumed") or status.get("started")
+    if started is None or not since:
+        return True
+    # A process younger than the run is another one that got the dead run's pid.
+    return started <= datetime.strptime(since, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp() + 1
+
+
+def _process_start(pid: int) -> float | None:
+    """When a process started (seconds since the epoch), from /proc; None where there is no /proc."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _step(checkpoint: Path) -> int | str:
+    try:
+        return load_checkpoint(checkpoint)["step"]
+    except (BarkError, KeyError):
+        return "?"  # train names the problem when it loads it
+
+
+def _fresh_start(paths: Layout) -> str:
+    """What `train --resume` starts from when there is no interrupted run."""
+    if paths.last_checkpoint.exists():
+        return f"from the promoted model {paths.last_checkpoint} (step {_step(paths.last_checkpoint)})"
+    return f"from scratch (there is no {paths.last_checkpoint})"
 
 
 # --- the verdict and the switch -----------------------------------------------------------------------
@@ -226,13 +286,74 @@ def promote(paths: Layout, folder: RunFolder, summary: dict) -> None:
 # --- keeping runs/ small ---------------------------------------------------------------------------
 
 def list_runs(paths: Layout) -> list[dict]:
-    """Every run folder, oldest first: id, status, when it started, bytes on disk, and whether
-    `--resume` would continue it. A folder without run.json never started (status "incomplete")."""
+    """Every run folder, oldest first: id, status, when it started, bytes on disk, the pid that
+    trains (or trained) it, and whether `--resume` would continue it. Status is "running" only
+    while its process lives; "interrupted" when that process is gone; "incomplete" for a folder
+    without run.json (it never started)."""
     runs = _runs_with_status(paths)
-    resumable = _newest_interrupted(runs)
-    return [{"id": f.id, "status": s.get("status", "incomplete"), "started": s.get("started"),
-             "bytes": sum(x.stat().st_size for x in f.path.rglob("*") if x.is_file()),
-             "resumable": resumable is not None and resumable.path == f.path} for f, s in runs]
+    resumable = _newest_interrupted(runs, locked=False)
+    listed = []
+    for f, s in runs:
+        status = s.get("status", "incomplete")
+        if status == "running" and not _alive(s):
+            status = "interrupted"
+        listed.append({"id": f.id, "status": status, "started": s.get("started"), "pid": s.get("pid"),
+                       "host": s.get("host"), "checkpoint": f.last.exists(), "bytes": _folder_bytes(f.path),
+                       "resumable": resumable is not None and resumable.path == f.path})
+    return listed
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for file in folder.rglob("*"):
+        try:
+            total += file.stat().st_size if file.is_file() else 0
+        except FileNotFoundError:
+            pass  # a temp file renamed by a training that runs now
+    return total
+
+
+def human_size(n: int) -> str:
+    """Bytes in the unit that shows them: 812 B, 14.2 kB, 3.1 MB, 1.2 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def format_runs(paths: Layout) -> str:
+    """`barkgpt runs <p>`: a table of the run folders, then what `train --resume` would do."""
+    runs = list_runs(paths)
+    if not runs:
+        return f"no runs in {paths.runs}\n`barkgpt train {paths.pipeline} --resume` starts a new run {_fresh_start(paths)}"
+    rows = [("RUN", "STATUS", "STARTED", "SIZE", "")]
+    for r in runs:
+        if r["status"] == "running":
+            note = f"pid {r['pid']}" + (f" on {r['host']}" if r["host"] and r["host"] != socket.gethostname() else "")
+        elif r["status"] == "interrupted":
+            note = (f"pid {r['pid']} is gone" if r["pid"] else "its process is gone") + (
+                "" if r["checkpoint"] else ", before its first checkpoint")
+        else:
+            note = ""
+        if r["resumable"]:
+            note += "; `--resume` continues this one"
+        rows.append((r["id"], r["status"], (r["started"] or "-")[:19].replace("T", " "), human_size(r["bytes"]), note))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join([*(c.ljust(w) if i != 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row[:4], widths))),
+                        row[4]]).rstrip() for row in rows]
+    total = human_size(sum(r["bytes"] for r in runs))
+    lines.append(f"{len(runs)} run folder(s), {total} in {paths.runs}")
+    resumable = next((r for r in runs if r["resumable"]), None)
+    command = f"`barkgpt train {paths.pipeline} --resume`"
+    running = [r for r in runs if r["status"] == "running"]
+    if running:
+        lines.append(f"{command} would stop at once: run {running[-1]['id']} is training (one writer at a time)")
+    elif resumable:
+        lines.append(f"{command} continues run {resumable['id']} from step {_step(paths.run_folder(resumable['id']).last)}")
+    else:
+        lines.append(f"{command} starts a new run {_fresh_start(paths)}")
+    return "\n".join(lines)
 
 
 def prune_runs(paths: Layout) -> list[dict]:

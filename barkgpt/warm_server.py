@@ -10,8 +10,10 @@ from pathlib import Path
 
 if __name__ == "__main__":
     socket_path, idle_s, path = sys.argv[1], float(sys.argv[2]), json.loads(sys.argv[3])
-    sys.path[:] = path  # the client's import path, so a child imports what a fresh process would
+    # The client's import path, so a child imports what a fresh process would; None stands for
+    # each command's working directory, filled in per command (barkgpt.warm.import_path).
+    sys.path[:] = [entry for entry in path if entry is not None]
     from barkgpt import warm
     from barkgpt.cli import main
 
-    sys.exit(warm.serve(Path(socket_path), idle_s, main))
+    sys.exit(warm.serve(Path(socket_path), idle_s, main, path))

@@ -8,7 +8,9 @@ times `dvc repro` there, in three setups:
     warm-hot   the default, with a server left running by an earlier `dvc repro` (same setup)
 
 Rounds alternate the setups, so drift on a busy machine hits them alike; medians are printed, with
-the CPU model. Each round checks that DVC ran all 9 stages and is clean afterwards.
+the CPU model, and what the server costs: its resident and proportional memory (MiB) once the
+warm-hot `dvc repro` is done, against the seconds it saves. Each round checks that DVC ran all 9
+stages and is clean afterwards.
 
     python benchmarks/dvc_repro.py              # 3 rounds, about 5 minutes on 2 cores
     python benchmarks/dvc_repro.py --rounds 1
@@ -26,6 +28,8 @@ import time
 from pathlib import Path
 
 from vs_reference import cpu_model
+
+from barkgpt import warm
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     times: dict[str, list[float]] = {"cold": [], "warm": [], "warm-hot": []}
+    memory: list[dict] = []  # the server's, after each warm-hot run
     with tempfile.TemporaryDirectory(prefix="repro-") as tmp:
         for r in range(args.rounds):
             runtime = Path(tempfile.mkdtemp(prefix="bw-"))  # a private runtime folder: a server from nothing
@@ -67,6 +72,8 @@ def main() -> None:
                     shutil.copytree(project / "barkgpt", Path(tmp) / "code" / "barkgpt")
                 times[setup].append(repro(project, env))
                 print(f"round {r + 1} {setup}: {times[setup][-1]:.1f} s", flush=True)
+            (server,) = warm.servers(next(runtime.glob("barkgpt-warm-*")))
+            memory.append(warm.memory_kib(server["pid"]))
             subprocess.run([sys.executable, "-m", "barkgpt.warm", "stop"], env={**base, "PYTHONPATH": str(ROOT)},
                            capture_output=True)
             shutil.rmtree(runtime, ignore_errors=True)
@@ -75,6 +82,10 @@ def main() -> None:
     for setup, values in times.items():
         m = statistics.median(values)
         print(f"  {setup:9s} {m:5.1f} s  ({cold / m:.2f}x cold)   runs: {', '.join(f'{v:.1f}' for v in values)}")
+    rss, pss = (statistics.median(m.get(k, 0) for m in memory) / 1024 for k in ("rss", "pss"))
+    print(f"  the server: {rss:.0f} MiB resident ({pss:.0f} MiB proportional) after a `dvc repro`, median of {len(memory)}; "
+          f"it saves {cold - statistics.median(times['warm']):.1f} s per `dvc repro` from nothing, "
+          f"{cold - statistics.median(times['warm-hot']):.1f} s while it runs")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 """Run the `barkgpt` command on bad inputs and print a Markdown table: input, exit code, message.
 
 Every row is a real run in a throw-away project (a small bark model trained once, ~30 s), so the
-table shows what a user sees today. A row whose output holds a Python traceback is marked: those
-are the places where a clear error (exit 2, naming the file and the fix) still has to be written.
+table shows what a user sees today, warm server included (one for every case folder, in a runtime
+folder of the script's own, stopped at the end). A row whose output holds a Python traceback is
+marked: those are the places where a clear error (exit 2, naming the file and the fix) still has to
+be written.
 
     python scripts/bad_inputs.py            # the table on stdout
     python scripts/bad_inputs.py --json out.json
@@ -28,8 +30,11 @@ SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
          "tracking": {"enabled": False}}
 
 
+RUNTIME: dict[str, str] = {}  # XDG_RUNTIME_DIR: where this script's warm server lives
+
+
 def barkgpt(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **RUNTIME}
     return subprocess.run([sys.executable, "-m", "barkgpt", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -175,11 +180,13 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="barkgpt-bad-") as tmp:
         folder = Path(tmp)
-        base = trained_project(folder)
-        cases_dir = folder / "cases"
-        cases_dir.mkdir()
+        (folder / "run").mkdir(mode=0o700)
+        RUNTIME["XDG_RUNTIME_DIR"] = str(folder / "run")
         mounts = []
         try:
+            base = trained_project(folder)
+            cases_dir = folder / "cases"
+            cases_dir.mkdir()
             for label, setup in cases(base, cases_dir):
                 prepared = setup()
                 if prepared is None:
@@ -193,6 +200,8 @@ def main() -> int:
                              "message": first_message(out)})
                 print(f"{out.returncode:>4}  {label}", file=sys.stderr)
         finally:
+            subprocess.run([sys.executable, "-m", "barkgpt.warm", "stop"], capture_output=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO), **RUNTIME})
             for mnt in mounts:
                 subprocess.run(["umount", str(mnt)], capture_output=True)
     print("| # | input | command | exit | message |\n|---|---|---|---|---|")

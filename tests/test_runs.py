@@ -3,10 +3,12 @@ time, and single-file checkpoints that survive kill -9 at any moment (barkgpt/ru
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +23,7 @@ from barkgpt.errors import BarkError
 from barkgpt.layout import layout
 from barkgpt.params import load_params
 from barkgpt.pipelines import run_stage
-from barkgpt.runs import TrainingDiverged, latest_interrupted, writer_lock
+from barkgpt.runs import TrainingDiverged, latest_interrupted, open_run, writer_lock
 
 from conftest import ROOT, make_project
 
@@ -270,34 +272,67 @@ def wait_for_checkpoints(root: Path, before: set, count: int, timeout: float = 1
         time.sleep(0.001)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_runs_lists_and_prunes_all_but_the_resumable_run(tiny):
-    """`barkgpt runs bark` lists each run with its status; `--prune` removes all but the run that
-    `train --resume` continues, which then still resumes; a running writer blocks the prune."""
+    """`barkgpt runs bark` lists each run under a header, with its status, its real size, and whether
+    its process still lives; it says what `train --resume` will continue; `--prune` removes all but
+    that run, which then still resumes; a running writer blocks the prune."""
     from barkgpt.runs import RunFolder
 
     params = load_params(tiny / "params.yaml", {"bark": {"train": {"max_steps": 5}}})
     run_stage(params, "bark", "train", tiny, progress=False)  # a promoted run
     lay = layout("bark", tiny)
     promoted = next(p for p in lay.runs.iterdir() if p.is_dir())
-    # Two interrupted runs (the newer one is the one --resume picks) and a diverged one.
-    for run_id, status, started in (("20260101T000000-aaaaaa", "running", "2026-01-01T00:00:00.000000Z"),
-                                    ("20260102T000000-bbbbbb", "running", "2026-01-02T00:00:00.000000Z"),
-                                    ("20260103T000000-cccccc", "diverged", "2026-01-03T00:00:00.000000Z")):
+    # Three runs that say "running": two whose process died (the newer one is what --resume picks),
+    # one whose process lives (this test's: it started before the run did); and a diverged one.
+    host = socket.gethostname()
+    for run_id, status, started, pid in (("20260101T000000-aaaaaa", "running", "2026-01-01T00:00:00.000000Z", dead_pid()),
+                                         ("20260102T000000-bbbbbb", "running", "2026-01-02T00:00:00.000000Z", dead_pid()),
+                                         ("20260103T000000-cccccc", "diverged", "2026-01-03T00:00:00.000000Z", None)):
         folder = RunFolder(lay.runs / run_id)
         folder.path.mkdir()
         shutil.copy(tiny / "models/bark/last.pt", folder.last)
-        (folder.path / "run.json").write_text(f'{{"status": "{status}", "started": "{started}"}}')
+        (folder.path / "run.json").write_text(json.dumps({"status": status, "started": started, "pid": pid, "host": host}))
     (lay.runs / "20260104T000000-dddddd").mkdir()  # never started: no run.json
+    checkpoint_bytes = (tiny / "models/bark/last.pt").stat().st_size
+    step = load_checkpoint(tiny / "models/bark/last.pt")["step"]
 
-    proc = cli("runs", "bark", cwd=tiny)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    lines = out.splitlines()
-    assert len(lines) == 5
-    assert "promoted" in next(line for line in lines if line.startswith(promoted.name))
-    assert "incomplete" in next(line for line in lines if line.startswith("20260104T000000-dddddd"))
-    resumable = [line for line in lines if "--resume continues" in line]
+    def listing() -> tuple[list[str], dict[str, str]]:
+        proc = cli("runs", "bark", cwd=tiny)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        lines = out.splitlines()
+        return lines, {line.split()[0]: line for line in lines[1:] if line[:8].isdigit()}
+
+    lines, rows = listing()
+    assert lines[0].split() == ["RUN", "STATUS", "STARTED", "SIZE"]
+    assert len(rows) == 5
+    assert rows[promoted.name].split()[1] == "promoted"
+    assert rows["20260104T000000-dddddd"].split()[1] == "incomplete"
+    for run_id in ("20260101T000000-aaaaaa", "20260102T000000-bbbbbb"):  # dead pids: not "running"
+        assert rows[run_id].split()[1] == "interrupted" and "is gone" in rows[run_id], rows[run_id]
+    # Sizes are the bytes on disk: a run folder holding a checkpoint shows at least its size.
+    size = rows["20260102T000000-bbbbbb"].split()[4:6]
+    assert float(size[0]) * {"B": 1, "kB": 1e3, "MB": 1e6}[size[1]] >= checkpoint_bytes * 0.99, size
+    resumable = [line for line in lines if "--resume` continues this one" in line]
     assert len(resumable) == 1 and resumable[0].startswith("20260102T000000-bbbbbb")
+    assert lines[-1] == f"`barkgpt train bark --resume` continues run 20260102T000000-bbbbbb from step {step}"
+
+    # A run whose process lives is running, and --resume (which needs the lock) would not continue it.
+    live = RunFolder(lay.runs / "20260105T000000-eeeeee")
+    live.path.mkdir()
+    (live.path / "run.json").write_text(json.dumps({"status": "running", "started": runs_now(), "pid": os.getpid(),
+                                                    "host": host}))
+    lines, rows = listing()
+    assert rows[live.id].split()[1] == "running" and f"pid {os.getpid()}" in rows[live.id]
+    assert "would stop at once" in lines[-1] and live.id in lines[-1]
+    shutil.rmtree(live.path)
 
     with writer_lock(lay, "train bark"):
         blocked = cli("runs", "bark", "--prune", cwd=tiny)
@@ -312,3 +347,14 @@ def test_runs_lists_and_prunes_all_but_the_resumable_run(tiny):
     assert sorted(p.name for p in lay.runs.iterdir() if p.is_dir()) == ["20260102T000000-bbbbbb"]
     assert (tiny / "models/bark/best.pt").exists()  # the promoted model is untouched
     assert latest_interrupted(lay).id == "20260102T000000-bbbbbb"  # --resume still finds it
+    logged = []
+    with writer_lock(lay, "train bark"):
+        assert open_run(lay, resume=True, log=logged.append).id == "20260102T000000-bbbbbb"
+    assert logged[0].startswith(f"resuming interrupted run 20260102T000000-bbbbbb from step {step}")
+    assert json.loads((lay.runs / "20260102T000000-bbbbbb/run.json").read_text())["pid"] == os.getpid()
+
+
+def runs_now() -> str:
+    from barkgpt.runs import _now
+
+    return _now()

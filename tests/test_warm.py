@@ -72,12 +72,45 @@ def test_the_warm_commands_are_the_declared_stages(monkeypatch):
     assert not warm.enabled(["train", "bark"])
 
 
-def test_the_server_is_chosen_by_code_environment_and_path_not_by_dvc_stage(monkeypatch):
+def test_a_bad_warm_setting_is_named_with_its_fix(monkeypatch, capsys):
+    monkeypatch.setenv("BARKGPT_WARM", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for name, value in (("BARKGPT_WARM_MAX", "two"), ("BARKGPT_WARM_IDLE", "-5")):
+        monkeypatch.setenv(name, value)
+        assert warm.run(["train", "bark"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {name}={value!r} is not a positive") and "unset it" in err
+        monkeypatch.delenv(name)
+
+
+def test_the_server_is_chosen_by_code_environment_and_path_not_by_dvc_stage_or_project(monkeypatch, tmp_path):
     env = dict(os.environ)
     base = warm.fingerprint(environ=env)
     assert warm.fingerprint(environ={**env, "DVC_STAGE": "bark-train", "PWD": "/elsewhere"}) == base
     assert warm.fingerprint(environ={**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}) != base
     assert warm.fingerprint(path=[*sys.path, "/extra"], environ=env) != base
+    # `python -m barkgpt` puts the working directory first on sys.path: each command fills in its
+    # own, so two project folders pick one server; a checkout's own folder names the code, and stays.
+    for project in (tmp_path / "a", tmp_path / "b"):
+        project.mkdir()
+        monkeypatch.chdir(project)
+        assert warm.import_path([str(project), *sys.path[1:]]) == [None, *sys.path[1:]]
+        assert warm.import_path(["", *sys.path[1:]]) == [None, *sys.path[1:]]
+    checkout = Path(warm.__file__).resolve().parent.parent
+    monkeypatch.chdir(checkout)
+    assert warm.import_path([str(checkout), *sys.path[1:]]) == [str(checkout), *sys.path[1:]]
+
+
+def test_a_module_in_the_project_folder_that_a_fresh_process_would_import_is_seen(tmp_path):
+    """The forked child has loaded modules a fresh `python -m barkgpt` in that folder would take from
+    the folder: then the command runs in its own process."""
+    assert "yaml" in sys.modules and warm._shadowed(str(tmp_path)) is None
+    (tmp_path / "data").mkdir()  # a plain folder (a namespace portion) shadows no regular package
+    (tmp_path / "yaml").mkdir()
+    assert warm._shadowed(str(tmp_path)) is None
+    (tmp_path / "yaml.py").write_text("")
+    assert warm._shadowed(str(tmp_path)) == "yaml"
+    assert warm._shadowed(str(Path(warm.__file__).resolve().parent.parent)) is None  # the checkout's own barkgpt
 
 
 def test_an_edited_source_file_gets_a_new_server(tmp_path):
@@ -135,12 +168,12 @@ def start_server(project: Path, env: dict) -> None:
     wait_for(lambda: sockets(Path(env["XDG_RUNTIME_DIR"])), what="the warm server's socket")
 
 
-def small_project(tmp_path: Path, overrides: dict) -> Path:
+def small_project(tmp_path: Path, overrides: dict, name: str = "project") -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["bark"]["data"].update(train_conversations=300, val_conversations=60)
     for key, value in overrides.items():
         raw["bark"]["train"][key] = value
-    project = tmp_path / "project"
+    project = tmp_path / name
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     return project
@@ -239,5 +272,54 @@ def test_an_idle_server_exits_and_removes_its_socket(tmp_path, runtime):
     project = small_project(tmp_path, {})
     env = {**warm_env(runtime, ROOT), "BARKGPT_WARM_IDLE": "1"}
     start_server(project, env)
-    wait_for(lambda: not sockets(runtime) and not serve_processes(runtime), 30, "the idle server to exit")
+    wait_for(lambda: not sockets(runtime) and not serve_processes(runtime), 90, "the idle server to exit")
     assert not any(runtime.glob("barkgpt-warm-*/*.lock"))
+
+
+def test_ten_project_folders_share_one_server_that_keeps_none_busy(tmp_path, runtime):
+    """`python -m barkgpt <stage>` in 10 project folders (each folder first on its sys.path, as
+    scripts/bad_inputs.py runs it): one server afterwards, sitting in /, its memory shown by
+    `status`, announced once. A new setup beyond BARKGPT_WARM_MAX stops the least recently used."""
+    env = warm_env(runtime, ROOT)
+    outs = []
+    for i in range(10):
+        project = small_project(tmp_path, {}, f"p{i}")
+        outs.append(subprocess.run([sys.executable, "-m", "barkgpt", "data", "bark"], cwd=project, env=env,
+                                   capture_output=True, text=True, timeout=300))
+        assert outs[-1].returncode == 0 and (project / "data/bark/train.txt").exists(), outs[-1].stderr[-2000:]
+    folder = next(runtime.glob("barkgpt-warm-*"))
+    wait_for(lambda: len(serve_processes(runtime)) == 1, 30, "the last command's child to exit")
+    (server,) = warm.servers(folder)
+    assert Path(f"/proc/{server['pid']}/cwd").resolve() == Path("/")
+    assert [i for i, out in enumerate(outs) if "started a warm server" in out.stderr] == [0]
+    status = subprocess.run([sys.executable, "-m", "barkgpt.warm", "status"], env=env, capture_output=True, text=True)
+    assert status.returncode == 0 and f"pid {server['pid']}: " in status.stdout, status.stdout + status.stderr
+    resident = int(status.stdout.split(f"pid {server['pid']}: ")[1].split(" MiB resident")[0].rsplit(" ", 1)[1])
+    assert resident * 1024 == pytest.approx(warm.memory_kib(server["pid"])["rss"], rel=0.5) and resident > 50
+
+    # A folder holding a module the server has loaded: the command runs in a fresh process, which
+    # imports the folder's module, exactly as without a server.
+    shadowing = small_project(tmp_path, {}, "shadowing")
+    (shadowing / "yaml.py").write_text("import sys\nprint('the project folder\\'s yaml.py', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-m", "barkgpt", "data", "bark"], cwd=shadowing, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert "the project folder's yaml.py" in out.stderr
+
+    # Another setup (an exported variable) with room for one server: the old one goes.
+    other = barkgpt(["data", "bark"], tmp_path / "p0", {**env, "BARKGPT_WARM_MAX": "1", "BARKGPT_TEST_SETUP": "1"})
+    assert other.returncode == 0 and "started a warm server" not in other.stderr, other.stderr[-2000:]
+    wait_for(lambda: [s["pid"] for s in warm.servers(folder)] not in ([], [server["pid"]])
+             and len(warm.servers(folder)) == 1, 60, "the new server to replace the old one")
+
+
+def test_a_server_whose_code_was_edited_exits(tmp_path, runtime):
+    """No command picks a server again once its code changed: it goes at once, not after its idle time."""
+    code = tmp_path / "code"
+    shutil.copytree(ROOT / "barkgpt", code / "barkgpt", ignore=shutil.ignore_patterns("__pycache__"))
+    project = small_project(tmp_path, {})
+    start_server(project, warm_env(runtime, code))
+    (server,) = warm.servers(next(runtime.glob("barkgpt-warm-*")))
+    with open(code / "barkgpt/errors.py", "a") as f:
+        f.write("# an edit\n")
+    wait_for(lambda: not serve_processes(runtime), 60, "the stale server to exit")
+    assert not sockets(runtime)
