@@ -74,13 +74,12 @@ UNSUPPORTED = {
 
 def refuse_unsupported(body: BaseModel) -> None:
     """A 400 for the first OpenAI field sent with a value this server cannot honour."""
-    for name in UNSUPPORTED:
-        if name in type(body).model_fields:
-            value = getattr(body, name)
-            neutral, why = UNSUPPORTED[name]
-            if value is not None and not neutral(value):
-                raise ApiError(400, f"{name}={value!r} is not supported by this server ({why}); leave it out",
-                               "unsupported_parameter", param=name)
+    for name in body.model_fields_set & UNSUPPORTED.keys():  # only what the client sent
+        value = getattr(body, name)
+        neutral, why = UNSUPPORTED[name]
+        if value is not None and not neutral(value):
+            raise ApiError(400, f"{name}={value!r} is not supported by this server ({why}); leave it out",
+                           "unsupported_parameter", param=name)
 
 
 class Sampled(BaseModel):
