@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 
