@@ -193,7 +193,7 @@ def test_agent_runs_are_traced_into_the_projects_mlflow(bark_server, bark_copy):
         state = run_agent(ChatBarkGPT(base_url=bark_server, max_tokens=8), max_turns=2, min_barks=1)
         if hasattr(mlflow, "flush_trace_async_logging"):
             mlflow.flush_trace_async_logging()
-        traces = mlflow.search_traces(experiment_ids=[exp], return_type="list")
+        traces = mlflow.search_traces(locations=[exp], return_type="list")
     finally:
         mlflow.langchain.autolog(disable=True)
     assert len(traces) == 1 and traces[0].info.state.value == "OK"
