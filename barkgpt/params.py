@@ -335,6 +335,8 @@ class ServeParams(Strict):
     max_tokens_limit: int = Field(512, ge=1)
     max_prompt_chars: int = Field(16000, ge=1)
     max_messages: int = Field(64, ge=1)
+    max_embedding_inputs: int = Field(2048, ge=1, description="inputs one /v1/embeddings request may send "
+                                      "(OpenAI's limit)")
     retry_after_s: int = Field(1, ge=1)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
     allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],
