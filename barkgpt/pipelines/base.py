@@ -106,7 +106,10 @@ class Pipeline:
     def stage_code(self, stage: Stage) -> list[str]:
         """The project files whose change makes `stage`'s outputs stale: the closure of the stage
         function in the import graph, with the pipeline hooks it uses (code_deps.py)."""
+        from barkgpt.params import Params
         from barkgpt.pipelines.code_deps import stage_code
 
         hooks = self.hooks()
-        return stage_code(stage.run, hooks, always=hooks.pop("section"))
+        # the params section's class counts always: a default changed in code changes what a stage does
+        section = Params.model_fields.get(self.name)
+        return stage_code(stage.run, hooks, always=hooks.pop("section"), data=[section.annotation] if section else [])

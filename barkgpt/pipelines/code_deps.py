@@ -99,37 +99,44 @@ def parse(module: str) -> Module:
     return Module(module)
 
 
-def closure(roots: list[tuple[str, str | None]], attributes: set[str] | None = None) -> set[Path]:
+def closure(roots: list[tuple[str, str | None]], attributes: set[str] | None = None,
+            data: list[tuple[str, str | None]] = ()) -> set[Path]:
     """The project files holding every name reachable from `roots`: (module, top-level name), or
     (module, None) for a whole module. `attributes` collects every attribute name the reached code
-    reads (`pipe.evaluate` -> "evaluate"): what it may ask of an object it was handed."""
+    reads (`pipe.evaluate` -> "evaluate"): what it may ask of an object it was handed. `data`:
+    roots followed as data (a params class: its fields, their types and defaults, not the bodies of
+    its methods, which count where they are called)."""
     files: set[Path] = set()
-    seen: set[tuple[str, str | None]] = set()
-    todo = list(roots)
+    seen: set[tuple] = set()
+    todo = [(*r, False) for r in roots] + [(*r, True) for r in data]
     while todo:
         item = todo.pop()
         if item in seen:
             continue
         seen.add(item)
-        module, name = item
+        module, name, as_data = item
         mod = parse(module)
         files.add(mod.path)
         if name is None:
             nodes = mod.tree.body  # the whole module: every statement, every function in it
         elif name in mod.imports:  # a re-export (`from barkgpt.tracking.runs import git_commit`)
-            todo.append(mod.imports[name])
+            todo.append((*mod.imports[name], as_data))
             continue
         elif name in mod.defs:
             nodes = mod.defs[name]
         elif name == "":  # the module's file only (where a lambda is written)
             continue
         elif mod.is_package and module_file(f"{module}.{name}"):
-            todo.append((f"{module}.{name}", None))
+            todo.append((f"{module}.{name}", None, as_data))
             continue
         else:
             continue  # a name set some other way (e.g. a module attribute): the file already counts
         for node in nodes:
-            todo.extend(uses(mod, node))
+            if as_data and isinstance(node, ast.ClassDef):
+                node = ast.ClassDef(name=node.name, bases=node.bases, keywords=node.keywords, body=[
+                    s for s in node.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))],
+                    decorator_list=node.decorator_list, type_params=[])
+            todo.extend((*found, as_data) for found in uses(mod, node))
             if attributes is not None:
                 attributes.update(n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute))
     return files
@@ -147,15 +154,22 @@ def uses(mod: Module, node: ast.AST) -> list[tuple[str, str | None]]:
                 if target[1] is not None:
                     out.append(target)
     inner = {id(c.value) for c in ast.walk(node) if isinstance(c, ast.Attribute)}
+    # a function's argument and return annotations run nothing (postponed: `from __future__ import
+    # annotations`); a class's annotated fields do run (pydantic reads them) and are not skipped
+    hints = [a.annotation for f in ast.walk(node) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+             for a in [*f.args.posonlyargs, *f.args.args, *f.args.kwonlyargs, f.args.vararg, f.args.kwarg]
+             if a is not None and a.annotation is not None]
+    hints += [f.returns for f in ast.walk(node) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.returns]
+    skipped = {id(n) for hint in hints for n in ast.walk(hint)}
     resolved: set[int] = set()  # names that start a module attribute chain already followed
     for child in ast.walk(node):
-        if isinstance(child, ast.Attribute) and id(child) not in inner:
+        if isinstance(child, ast.Attribute) and id(child) not in inner and id(child) not in skipped:
             chain = attribute_chain(child)
             if chain and chain[0] in bindings and bindings[chain[0]][1] is None:
                 out.append(resolve_attribute(bindings[chain[0]][0], chain[1:]))
                 resolved.add(id(chain_root(child)))
     for child in ast.walk(node):
-        if isinstance(child, ast.Name) and id(child) not in resolved:
+        if isinstance(child, ast.Name) and id(child) not in resolved and id(child) not in skipped:
             if child.id in bindings:
                 out.append(bindings[child.id])
             elif child.id in mod.defs:
@@ -207,22 +221,23 @@ def roots_of(obj) -> list[tuple[str, str | None]]:
     return [found for node in nodes for found in uses(mod, node)] + [(module, "")]
 
 
-def code_files(objects, attributes: set[str] | None = None) -> list[str]:
+def code_files(objects, attributes: set[str] | None = None, data=()) -> list[str]:
     """The project files (relative to the folder that holds barkgpt/, sorted) that the given
-    functions and classes reach; `attributes`: see closure()."""
-    files = closure([r for obj in objects for r in roots_of(obj)], attributes)
+    functions and classes reach; `attributes`, `data`: see closure()."""
+    files = closure([r for obj in objects for r in roots_of(obj)], attributes,
+                    [r for obj in data for r in roots_of(obj)])
     return sorted(f.relative_to(SOURCE_ROOT).as_posix() for f in files)
 
 
-def stage_code(run, hooks: dict[str, list], always: list) -> list[str]:
-    """A stage's code: the closure of its function `run`, of `always` (e.g. its params class), and
-    of each hook (a pipeline's field name -> the functions and classes in it) whose name the code
+def stage_code(run, hooks: dict[str, list], always: list, data: list = ()) -> list[str]:
+    """A stage's code: the closure of its function `run`, of `always`, of `data` (its params
+    class, followed as data: see closure()), and of each hook (a pipeline's field name -> the functions and classes in it) whose name the code
     reached so far reads as an attribute (`pipe.evaluate(...)` brings the pipeline's evaluation in;
     a data stage that never asks for it does not depend on it)."""
     roots, used = [run, *always], set()
     while True:
         attributes: set[str] = set()
-        files = code_files(roots, attributes)
+        files = code_files(roots, attributes, data)
         wanted = {name for name in hooks if name in attributes} - used
         if not wanted:
             return files
