@@ -73,10 +73,10 @@ class SweepTracker:
         self.client.set_tag(run_id, "sweep.state", result.state)
         if result.error:
             self.client.set_tag(run_id, "sweep.error", result.error[:500])
-        if result.state != "complete":
-            status = self.client.get_run(run_id).info.status
-            if status in ("RUNNING", "SCHEDULED"):
-                self.client.set_terminated(run_id, status="KILLED" if result.state == "pruned" else "FAILED")
+        if result.state == "pruned":  # stopped on purpose (the stage itself recorded its Ctrl-C as FAILED)
+            self.client.set_terminated(run_id, status="KILLED")
+        elif result.state == "failed" and self.client.get_run(run_id).info.status in ("RUNNING", "SCHEDULED"):
+            self.client.set_terminated(run_id, status="FAILED")
 
     def finish(self, results: list, best, champion: dict, folder: Path) -> None:
         """The comparison table and plot as the parent's artifacts; the best trial as its metrics."""
