@@ -28,38 +28,20 @@ def cmd_stage(args) -> None:
     options = {o.dest: getattr(args, o.dest) for o in stage.options}
     lay = Layout(pipe.name)
     result = stage.run(_params(args), pipe, lay, **options)
-    if args.stage == "train" and not _prints_train_summary(result):
-        return
-    print(summarize(args.stage, result, lay))
+    if _prints_summary(result):
+        print(summarize(stage, result))
 
 
-def _prints_train_summary(result: dict) -> bool:
+def _prints_summary(result: dict) -> bool:
     """Rank 0 prints the summary; not the other ranks, nor a launcher whose rank 0 already did."""
     from barkgpt.distributed import from_env, under_torchrun
 
     return from_env().is_main and not (result.get("nproc", 1) > 1 and not under_torchrun())
 
 
-def summarize(stage: str, out: dict, lay) -> str:
-    """One readable line (or a small JSON block) per stage result."""
-    if stage == "train":
-        bpb = f", val bpb {out['val_bpb']:.4f}" if out.get("val_bpb") is not None else ""
-        return (f"trained {out['step']} steps, {out['tokens']:,} tokens in {out['seconds']:.1f}s "
-                f"({out['tokens_per_s']:,.0f} tok/s); val loss {out['best_val_loss']:.4f}{bpb}")
-    if stage == "tokenize":
-        return "\n".join(f"{split}: {m['tokens']:,} tokens" for split, m in out.items())
-    if stage in ("validate", "validate-tokens"):
-        return f"{out['pipeline']}: all {out['expectations']} expectations passed; Data Docs: {out['data_docs']}"
-    if stage == "ingest":
-        return (f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
-                f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
-                f"{out['clean_too_long']:,} over-long dropped)")
-    if stage == "tokenizer":
-        return (f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
-                f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
-    if stage in ("export", "quantize", "data"):
-        return "\n".join(f"{kind}: {path}" for kind, path in out.items())
-    return json.dumps(out, indent=2, default=str)
+def summarize(stage, out: dict) -> str:
+    """One readable line (or a few) per stage result: the stage's own words, else its JSON."""
+    return stage.describe(out) if stage.describe else json.dumps(out, indent=2, default=str)
 
 
 def cmd_report(args) -> None:
@@ -129,6 +111,38 @@ def cmd_runs(args) -> None:
               + "".join(f"\n  {r['id']} ({r['status']})" for r in removed))
         return
     print(format_runs(lay))
+
+
+def cmd_sweep(args) -> None:
+    from barkgpt.params import parse_params, read_raw
+    from barkgpt.pipelines import get
+    from barkgpt.sweep import load_space, parse_grid, run_sweep, sweepable_keys
+
+    raw = read_raw(args.params)
+    if args.list_keys:
+        for key, value in sweepable_keys(raw, args.pipeline).items():
+            print(f"{key} = {value!r}")
+        return
+    if bool(args.grid) == bool(args.space):
+        raise BarkError("give the search space once: --grid KEY=V1,V2 (repeatable) or --space FILE --trials N")
+    space = parse_grid(args.grid) if args.grid else load_space(args.space)
+
+    def show(r) -> None:
+        value = "" if r.value is None else f" val_bpb {r.value:.4f}"
+        gate = f", gate {'passed' if r.gate_passed else 'failed'}" if r.state == "complete" else ""
+        print(f"trial {r.number} {r.state}{value}{gate} in {r.seconds:.0f}s: {r.experiment} "
+              f"{r.params}" + (f" ({r.error})" if r.error else ""), flush=True)
+
+    summary = run_sweep(parse_params(raw, args.params), raw, get(args.pipeline), Path("."), space, args.trials,
+                        args.jobs, args.storage, args.study, not args.no_prune, on_result=show)
+    best, champion = summary["best"], summary["champion"]
+    print(f"best trial {best['trial']}: {best['experiment']} {best['params']}")
+    if champion["trial"] == best["trial"]:
+        print(f"champion: {champion['model']} version {champion['version']} (this trial)")
+    else:
+        print(f"champion: {champion['model']} version {champion['version']} stays: it ranks above this sweep's best")
+    print(f"apply it to the workspace: dvc exp apply {best['experiment']}  (then `dvc repro` finishes export "
+          f"and parity); compare: dvc exp show --only-changed; MLflow parent run {summary['parent_run_id']}")
 
 
 def cmd_chat(args) -> None:
@@ -252,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("sweep", help="train many variants of a pipeline (an Optuna study; each trial a DVC "
+                                     "experiment and a nested MLflow run); the best gated one becomes champion",
+                       description="Sweep a pipeline's params: every combination of --grid values, or --trials "
+                                   "samples from a --space file (docs/experiments.md).")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline to train")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="try every combination of these values (repeatable)")
+    p.add_argument("--space", metavar="FILE", help="a YAML file of params keys with {low, high[, log, step]} "
+                   "or {choices: [...]}, sampled by TPE (with --trials)")
+    p.add_argument("--trials", type=int, help="how many trials (default with --grid: every combination)")
+    p.add_argument("--jobs", type=int, default=1, help="trials at once on this machine, each with its share of "
+                   "the cores (default: %(default)s)")
+    p.add_argument("--study", help="the study's name; a name that exists on the storage is joined, so several "
+                   "machines can share one study (default: <pipeline>-<UTC time>)")
+    p.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE, else sweep.storage)")
+    p.add_argument("--no-prune", action="store_true", help="let every trial finish")
+    p.add_argument("--list-keys", action="store_true", help="print the keys a sweep can vary, and exit")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("chat", help="chat with a running server in the terminal")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")

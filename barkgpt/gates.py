@@ -124,23 +124,9 @@ def deploy_quantization(params) -> str:
 
 
 def _quality_checks(prefix: str, measured: dict, gates) -> list[Check]:
-    """The pipeline's evaluation gate on `measured` (an evaluation report or a file's quality)."""
-    checks = []
-    if hasattr(gates, "contract_samples"):
-        test = contract_test(gates)
-        n, failures = measured.get("contract_samples"), measured.get("contract_failures")
-        if n != test.samples or failures is None:
-            checks.append(Check(prefix + "contract", False, f"measured on {n} samples, the test needs "
-                                f"{test.samples}; re-run the stage"))
-        else:
-            ok = failures <= test.max_failures
-            checks.append(Check(prefix + "contract", ok, f"{failures} of {n} failed "
-                                f"({'<=' if ok else '>'} {test.max_failures})"))
-    if hasattr(gates, "max_val_bpb"):
-        bpb = measured.get("val_bpb")
-        ok = bpb is not None and bpb <= gates.max_val_bpb
-        checks.append(Check(prefix + "val_bpb", ok, f"{bpb} {'<=' if ok else '>'} {gates.max_val_bpb}"))
-    return checks
+    """The pipeline's evaluation gate on `measured` (an evaluation report or a file's quality):
+    what it checks is its gates section's own (`quality_checks` of the pipeline's gates class)."""
+    return gates.quality_checks(prefix, measured)
 
 
 def _judge_parity(report: dict, gates, export, deploy_quant: str) -> Verdict:

@@ -7,6 +7,7 @@ where a model is without importing the stages (or torch). Paths are relative to 
                      tokens/{train,val}.json (shard manifests) + tokens/<split>-NNNNNN.bin (fixed-size shards)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
     runs/<p>/<id>/   one training run's own files until it is promoted (never a DVC output)
+    sweeps/<p>/<study>/  a sweep's trial logs, trials.csv, trials.png, summary.json (never a DVC output)
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
     reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
                      validation/: Great Expectations' Data Docs
@@ -125,6 +126,14 @@ class Layout:
         """flock'ed by the process writing this pipeline's model (one writer at a time)."""
         return self.runs / "writer.lock"
 
+    # --- sweeps (barkgpt/sweep/) -----------------------------------------------------------------
+    def sweep_folder(self, study: str) -> Path:
+        """One sweep's trial logs, table, plot and summary (the trials themselves are DVC experiments)."""
+        return self.root / "sweeps" / self.pipeline / study
+
+    def sweep_trial_log(self, study: str, number: int) -> Path:
+        return self.sweep_folder(study) / f"trial-{number:03d}.log"
+
     # --- exports --------------------------------------------------------------------------------
     @property
     def exports(self) -> Path:
@@ -230,6 +239,32 @@ class Layout:
     def deploy_report(self) -> Path:
         return self.report("deploy")
 
+    @property
+    def report_page(self) -> Path:
+        """The run on one page (`barkgpt report`), regenerated from the other reports."""
+        return self.reports / "report.md"
+
+    # --- DVC ------------------------------------------------------------------------------------
+    @property
+    def is_default(self) -> bool:
+        """The default pipeline's stages are the root dvc.yaml's (what a plain `dvc repro` runs)."""
+        return self.pipeline == DEFAULT_PIPELINE
+
+    @property
+    def dvc_file(self) -> Path:
+        """Where the pipeline's DVC stages are: the root dvc.yaml, or pipelines/<p>/dvc.yaml."""
+        return self.root / ("dvc.yaml" if self.is_default else f"pipelines/{self.pipeline}/dvc.yaml")
+
+    @property
+    def dvc_lock(self) -> Path:
+        """What DVC recorded of the last run of those stages (beside the dvc.yaml, as DVC puts it)."""
+        return self.dvc_file.with_name("dvc.lock")
+
+    @property
+    def repro_command(self) -> str:
+        """The DVC command that runs the pipeline's stages."""
+        return "dvc repro" if self.is_default else f"dvc repro {self.dvc_file.relative_to(self.root).as_posix()}"
+
 
 # The pipeline whose stages the root dvc.yaml holds (what a plain `dvc repro` runs); every other
 # pipeline's are in pipelines/<name>/dvc.yaml (barkgpt.pipelines.base.Pipeline.default reads this).
@@ -238,7 +273,7 @@ DEFAULT_PIPELINE = "bark"
 
 def repro_command(pipeline: str) -> str:
     """The DVC command that runs a pipeline's stages."""
-    return "dvc repro" if pipeline in (DEFAULT_PIPELINE, "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"
+    return Layout(pipeline or DEFAULT_PIPELINE).repro_command
 
 
 def layout(pipeline: str, root: str | Path = ".") -> Layout:

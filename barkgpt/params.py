@@ -154,6 +154,19 @@ class BarkGates(Strict):
     pass_probability: float = Field(0.999, gt=0, lt=1, description="... at least this often")
     reject_accuracy: float = Field(0.97, gt=0, lt=1, description="reported: how often a model this bad passes")
 
+    def quality_checks(self, prefix: str, measured: dict) -> list:
+        """The contract test on an evaluation report or a GGUF's quality (what gates.judge asks)."""
+        from barkgpt.gates import Check, contract_test
+
+        test = contract_test(self)
+        n, failures = measured.get("contract_samples"), measured.get("contract_failures")
+        if n != test.samples or failures is None:
+            return [Check(prefix + "contract", False, f"measured on {n} samples, the test needs "
+                          f"{test.samples}; re-run the stage")]
+        ok = failures <= test.max_failures
+        return [Check(prefix + "contract", ok, f"{failures} of {n} failed "
+                      f"({'<=' if ok else '>'} {test.max_failures})")]
+
 
 class BarkValidateParams(Strict):
     """Great Expectations suite settings for the bark data (barkgpt/validation.py)."""
@@ -248,6 +261,14 @@ class WebtextEvalParams(Strict):
 
 class WebtextGates(Strict):
     max_val_bpb: float = Field(2.5, gt=0, description="evaluation gate: validation bits per byte")
+
+    def quality_checks(self, prefix: str, measured: dict) -> list:
+        """Validation bits per byte under the ceiling (what gates.judge asks)."""
+        from barkgpt.gates import Check
+
+        bpb = measured.get("val_bpb")
+        ok = bpb is not None and bpb <= self.max_val_bpb
+        return [Check(prefix + "val_bpb", ok, f"{bpb} {'<=' if ok else '>'} {self.max_val_bpb}")]
 
 
 def _webtext_model() -> ModelParams:
@@ -382,6 +403,19 @@ class DeployParams(Strict):
         return env
 
 
+class SweepParams(Strict):
+    """Sweeps of many trainings (barkgpt sweep; docs/experiments.md). The study's database comes from
+    `--storage` or OPTUNA_STORAGE when set (a team's shared PostgreSQL: its password stays out of here)."""
+
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL; a relative sqlite path is the project's")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="for --space (a --grid tries every combination)")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="stop a trial whose validation bpb is worse than the median of earlier trials at that step")
+    startup_trials: int = Field(4, ge=0, description="trials before TPE models the space and before pruning starts")
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this training step")
+    seed: int = Field(1337, description="the sampler's seed: the same sweep proposes the same trials")
+
+
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
@@ -391,6 +425,7 @@ class Params(Strict):
     serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
     deploy: DeployParams = DeployParams()
+    sweep: SweepParams = SweepParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -415,16 +450,21 @@ def parse_params(raw: dict, source: str = "params") -> Params:
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Read and validate params.yaml; `overrides` is a nested dict merged on top (flow parameters)."""
+    raw = read_raw(path)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return parse_params(raw, str(path))
+
+
+def read_raw(path: str | Path = "params.yaml") -> dict:
+    """params.yaml as written, before validation and defaults."""
     path = Path(path)
     if not path.exists():
         raise BarkError(f"{path}: not found; run from the project root or pass --params PATH")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise BarkError(f"{path}: not valid YAML: {err}") from None
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    return parse_params(raw, str(path))
 
 
 def deep_merge(base: dict, extra: dict) -> dict:

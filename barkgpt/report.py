@@ -107,17 +107,19 @@ def _mtime(path: Path) -> dt.datetime | None:
 
 def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     from barkgpt import __version__
-    from barkgpt.tracking.runs import dvc_data_md5, git_commit
+    from barkgpt.tracking.runs import commit_id, dvc_data_md5
 
     lay = Layout(name, Path(root))
     cfg = getattr(params, name)
     now = dt.datetime.now(dt.timezone.utc)
     lines = [f"# BarkGPT run report: {name}", "",
              f"Written {now:%Y-%m-%d %H:%M:%S} UTC by barkgpt {__version__}, git commit "
-             f"`{git_commit(lay.root)[:12]}`.", ""]
+             f"`{commit_id(lay.root)[:12]}`.", ""]
     run = _read(lay.run_record)
     if run:
-        lines += [f"MLflow run `{run.get('run_id')}` ({run.get('tracking_uri')}).", ""]
+        from barkgpt.tracking.runs import run_link
+
+        lines += [run_link(params, lay) or f"MLflow run `{run.get('run_id')}` ({run.get('tracking_uri')}).", ""]
 
     lines += ["## Hardware", ""] + _table(["", ""], hardware())
 
@@ -136,6 +138,11 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     if val:
         lines += [f"Great Expectations: {val.get('expectations', 0) - val.get('failed', 0)} of "
                   f"{val.get('expectations')} expectations passed (Data Docs: {lay.validation_docs.name}/index.html).", ""]
+        failed = [[suite.get("suite"), c.get("expectation"), c.get("column"), c.get("unexpected_count"),
+                   ", ".join(map(str, (c.get("unexpected_rows") or [])[:10]))]
+                  for suite in val.get("suites") or [] for c in suite.get("checks") or [] if not c.get("success")]
+        if failed:
+            lines += _table(["failed suite", "expectation", "column", "unexpected", "rows"], failed)
     dvc = dvc_data_md5(lay)
     if dvc:
         lines += ["DVC data hashes (dvc.lock):", ""] + _table(["path", "md5"], sorted([k, v] for k, v in dvc.items()))
@@ -176,13 +183,7 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     lines += ["## Evaluation", ""]
     metrics = _read(lay.metrics)
     if metrics:
-        flat = []
-        for k, v in metrics.items():
-            if isinstance(v, dict):
-                flat += [[f"{k}: {kk}", vv] for kk, vv in v.items()]
-            elif not isinstance(v, (list, str)):
-                flat.append([k, v])
-        lines += _table(["metric", "value"], flat)
+        lines += evaluation_section(metrics, _read(lay.samples))
     else:
         lines += ["Not evaluated yet.", ""]
 
@@ -250,9 +251,51 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def evaluation_section(metrics: dict, samples: dict | None) -> list[str]:
+    """Numbers in one table, the gate's checks in another, a few samples: no raw dicts or lists."""
+    rows = [[k, v] for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    rows += [[f"{k}: {kk}", vv] for k, v in metrics.items() if isinstance(v, dict) and k not in ("gate", "judged")
+             for kk, vv in v.items() if isinstance(vv, (int, float))]
+    lines = _table(["metric", "value"], rows)
+    gate = metrics.get("gate") or {}
+    lines += [f"Gate: **{'passed' if metrics.get('gate_passed') else 'FAILED'}**.", ""]
+    if gate.get("checks"):
+        lines += _table(["check", "result", "detail"], [[c.get("name"), "pass" if c.get("passed") else "FAIL",
+                                                         c.get("detail")] for c in gate["checks"]])
+    test = gate.get("test")
+    if test:
+        lines += [f"The contract test: pass when at most {test['max_failures']} of {test['samples']} samples break "
+                  f"the contract; a model with accuracy {test['accuracy']:g} passes with P = "
+                  f"{test['pass_probability']:.5f}, one with {test['reject_accuracy']:g} with P = "
+                  f"{test['reject_pass_probability']:.5f}.", ""]
+    if samples and samples.get("completions"):
+        lines += [f"Samples of `{samples.get('prompt', '')}`:", ""]
+        lines += [f"- `{c}`" for c in samples["completions"][:5]] + [""]
+    elif samples and isinstance(samples, dict):
+        pairs = [(k, v) for k, v in samples.items() if isinstance(v, str)][:5]
+        if pairs:
+            lines += ["Samples:", ""] + [f"- `{k}` → `{v}`" for k, v in pairs] + [""]
+    return lines
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """Relative PNG links as data: URIs, so the page renders where its folder is not (a Prefect
+    artifact, a page copied elsewhere)."""
+    import base64
+    import re
+
+    def embed(match: re.Match) -> str:
+        path = folder / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^):/]+\.png)\)", embed, markdown)
+
+
 def write_report(params: Params, name: str, root: Path | str = ".") -> Path:
     """reports/<name>/report.md (atomic); returns its path."""
-    path = Layout(name, Path(root)).reports / "report.md"
+    path = Layout(name, Path(root)).report_page
     write_text(path, build_report(params, name, root))
     return path
 
@@ -270,15 +313,16 @@ def log_report(params: Params, name: str, root: Path | str = ".", path: Path | N
         client.get_run(run["run_id"])
     except Exception:  # the checkpoint's run is in another store (e.g. after dvc pull)
         return None
-    client.log_artifact(run["run_id"], str(path or lay.reports / "report.md"), "reports")
+    client.log_artifact(run["run_id"], str(path or lay.report_page), "reports")
     return run["run_id"]
 
 
 def report_markdown(params: Params, name: str, root: Path | str = ".") -> str:
-    """Write the report, log it to MLflow, return its Markdown (what a Prefect artifact shows)."""
+    """Write the report, log it to MLflow, return its Markdown with the loss curve inlined (what a
+    Prefect artifact shows: it cannot reach the PNG beside the file)."""
     path = write_report(params, name, root)
     log_report(params, name, root, path)
-    return path.read_text(encoding="utf-8")
+    return inline_images(path.read_text(encoding="utf-8"), path.parent)
 
 
 if __name__ == "__main__":  # python -m barkgpt.report bark

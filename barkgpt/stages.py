@@ -29,14 +29,14 @@ def validate(params: Params, pipe, lay: Layout) -> dict:
     from barkgpt.validation import validate_pipeline  # GX import (~3 s) only in this stage
 
     first = pipe.stages[0]
-    return validate_pipeline(params, lay, pipe.extra["suites"], redo=f"barkgpt {first.name} {pipe.name}")
+    return validate_pipeline(params, lay, pipe.suites, redo=f"barkgpt {first.name} {pipe.name}")
 
 
 def validate_tokens(params: Params, pipe, lay: Layout) -> dict:
     """Great Expectations suites over the token shards (ids, counts, the tokenizer's hash)."""
     from barkgpt.validation import validate_pipeline
 
-    return validate_pipeline(params, lay, pipe.extra["token_suites"], tokens=True,
+    return validate_pipeline(params, lay, pipe.token_suites, tokens=True,
                              redo=f"barkgpt tokenize {pipe.name}")
 
 
@@ -45,7 +45,7 @@ def tokenize(params: Params, pipe, lay: Layout) -> dict:
     streamed through `tokenizer.workers` encoding processes (in-process for pipelines without one)."""
     tok = pipe.tokens(params, lay)
     p = getattr(pipe.params(params), "tokenizer", None)
-    return {split: encode_split(lay, split, tok, pipe.extra.get("eos_per_line", True),
+    return {split: encode_split(lay, split, tok, pipe.eos_per_line,
                                 workers=getattr(p, "workers", 1), threads=getattr(p, "threads", 1),
                                 shard_tokens=getattr(p, "shard_tokens", SHARD_TOKENS))
             for split in ("train", "val")}
@@ -186,7 +186,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
     when the gate passes). metrics.json records the sha256 of every file it judged."""
     from barkgpt import runs, tracking
     from barkgpt.checkpoint import load_model
-    from barkgpt.gates import contract_test, judge, judged_files
+    from barkgpt.gates import judge, judged_files
     from barkgpt.tracking.registry import ranking
 
     if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
@@ -200,8 +200,8 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
             metrics |= {"gate_passed": verdict.passed, "gate": verdict.as_dict(),
                         "judged": judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
                                                           "val_text": lay.val_text, "val_tokens": lay.token_manifest("val")})}
-            if "contract_failures" in metrics:  # the test behind the verdict, with its error rates
-                metrics["gate"]["test"] = contract_test(pipe.params(params).gates).__dict__
+            if test := pipe.gate_test(pipe.params(params).gates):  # the test behind the verdict (bark)
+                metrics["gate"]["test"] = test
             write_json(lay.metrics, metrics)
             write_json(lay.samples, samples)
             write_json(lay.summary, {short: metrics[key] for key, short in pipe.summary if key in metrics})
@@ -210,7 +210,8 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
                 run.fail()
             raise
         order = ranking(pipe.metric, pipe.higher_is_better)  # champion: the best by the pipeline's metric
-        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"], order)
+        registry = tracking.finish_evaluation(run, metrics, metrics["gate_passed"], order,
+                                              pipe.input_example(pipe.params(params)), pipe.description)
     return {**metrics, "mlflow": registry}
 
 

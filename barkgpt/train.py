@@ -35,7 +35,7 @@ from barkgpt.fileio import write_text
 from barkgpt.lm.torch_lm import TorchLM
 from barkgpt.loss_eval import eval_windows, evaluate_bpb
 from barkgpt.model import GPT
-from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr  # noqa: F401 (lr_at: API)
+from barkgpt.optim import lr_at, lr_factor, make_optimizer, set_lr
 from barkgpt.params import ModelParams, TrainParams
 from barkgpt.runs import TrainingDiverged
 from barkgpt.tokenizer import Tokenizer
@@ -212,7 +212,7 @@ def train(
     while step < p.max_steps and fraction < 1.0:
         factor = lr_factor(step, fraction, p)
         set_lr(optimizer, factor)  # each param group's own peak rate times the schedule
-        lr = p.learning_rate * factor
+        lr = lr_at(step, fraction, p)  # the rate logged: the one definition of it (optim.py)
         loss_sum = torch.zeros((), device=device)
         for a in range(micro_steps):
             rng = window_rng(p.seed, step, dist.rank * micro_steps + a)

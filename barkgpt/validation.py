@@ -355,7 +355,9 @@ def run_suite(suite: Suite, context) -> dict:
 
 def _plain(value):
     """numpy scalars -> Python numbers, so the report is JSON."""
-    return value.item() if hasattr(value, "item") else value
+    import numpy as np
+
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _short(value, limit: int = 120):

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,12 +53,6 @@ def run(cmd: list[str], cwd: Path, env: dict) -> float:
     return time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop(proc: subprocess.Popen) -> None:
     """Stop a process group this script started: SIGTERM, then SIGKILL if it lingers."""
     if proc.poll() is None:
@@ -87,6 +80,7 @@ import sys, time
 t0 = time.perf_counter()
 from barkgpt.pipelines import run_stage
 from barkgpt.params import load_params
+from barkgpt.net import free_port
 p = load_params("params.yaml")
 run_stage(p, "bark", "data"); run_stage(p, "bark", "validate"); run_stage(p, "bark", "tokenize")
 run_stage(p, "bark", "train", progress=False); run_stage(p, "bark", "evaluate")

@@ -17,7 +17,7 @@ from tasks.common import resolve_params
 from tasks.deploy import redeploy
 
 
-@flow(name="bark-deploy", log_prints=True, persist_result=False)
+@flow(name="bark-deploy", log_prints=True, persist_result=True, result_serializer="json")
 def bark_deploy(model_version: int | None = None, alias: str | None = None, root: str = ".",
                 params_file: str = "params.yaml", overrides: dict | None = None) -> dict:
     params = resolve_params(params_file, overrides, root)

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 import flows  # noqa: F401  (PREFECT_HOME and result defaults before prefect loads)
-from prefect import flow
+from prefect import allow_failure, flow
+from prefect.utilities.annotations import quote
 
+from barkgpt.layout import Layout
 from barkgpt.params import parse_assignments
 from barkgpt.pipelines import REGISTRY, get
 from tasks.common import resolve_params
@@ -23,29 +25,60 @@ from tasks.deploy import deploy, deploy_blocker
 from tasks.stages import publish_report, run_stage
 
 
+def upstream(pipe, lay) -> dict[str, list[str]]:
+    """Each stage's upstream stages: those that write a file it reads (derived from the declared
+    deps and outputs, as DVC derives its DAG), so Prefect's task graph is the pipeline's own."""
+    def written(stage) -> list[Path]:
+        return [*stage.outs(lay), *stage.reports(lay), *stage.metrics(lay)]
+
+    def overlaps(a: Path, b: Path) -> bool:
+        return a == b or a in b.parents or b in a.parents
+
+    graph: dict[str, list[str]] = {}
+    for i, stage in enumerate(pipe.stages):
+        graph[stage.name] = [before.name for before in pipe.stages[:i]
+                             if any(overlaps(dep, out) for dep in stage.deps(lay) for out in written(before))]
+    return graph
+
+
 def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: str, deploy_model: bool) -> dict:
     from barkgpt.pipelines.dvcfile import write_dvc_files
 
-    params = resolve_params(params_file, overrides, root)
-    for path in write_dvc_files(Path(root), [pipeline]):  # a pipeline's stages join DVC on its first run
+    resolved = resolve_params(params_file, overrides, root, return_state=True)
+    params = resolved.result()  # an invalid value stops the flow here, named
+    for path in write_dvc_files(Path(root), [pipeline]):  # a project older than its code: bring it level first
         print(f"wrote {path} from the pipeline declarations")
-    results = {}
-    for stage in get(pipeline).stages:  # a failure (bad data, a failed gate) stops the flow here
-        results[stage.name] = run_stage.with_options(name=stage.name)(params, pipeline, stage.name, root)
-    results["report"] = publish_report(params, pipeline, root)
-    evaluation = results.get("evaluate", {})
-    print(f"{pipeline}: {get(pipeline).metric} {evaluation.get(get(pipeline).metric)}, "
-          f"gate passed: {evaluation.get('gate_passed')}")
-    blocker = deploy_blocker(params, root, pipeline) if deploy_model else "deploy_model=False"
-    if blocker:
-        print(f"deploy skipped: {blocker}")
-    else:
-        results["deploy"] = deploy(params, root, pipeline)
+    pipe = get(pipeline)
+    graph = upstream(pipe, Layout(pipeline, Path(root)))
+    results, states = {}, {}
+    try:
+        for stage in pipe.stages:  # a failure (bad data, a failed gate) stops the flow here
+            # Arguments quoted: Prefect would otherwise draw an edge from every task whose result
+            # holds an equal object (the params, the pipeline's name). The edges are the stages this
+            # one reads from (wait_for), or resolve-params for the first.
+            after = [states[name] for name in graph[stage.name]] or [resolved]
+            states[stage.name] = run_stage.with_options(name=stage.name)(
+                quote(params), quote(pipeline), quote(stage.name), quote(root), wait_for=after, return_state=True)
+            results[stage.name] = states[stage.name].result()
+        evaluation = results.get("evaluate", {})
+        print(f"{pipeline}: {pipe.metric} {evaluation.get(pipe.metric)}, gate passed: {evaluation.get('gate_passed')}")
+        blocker = deploy_blocker(params, root, pipeline) if deploy_model else "deploy_model=False"
+        if blocker:
+            print(f"deploy skipped: {blocker}")
+        else:
+            last = states[pipe.stages[-1].name]
+            states["deploy"] = deploy(quote(params), quote(root), quote(pipeline), wait_for=[last], return_state=True)
+            results["deploy"] = states["deploy"].result()
+    finally:  # the flow run's one summary artifact, also (above all) when a stage failed
+        last = list(states.values())[-1:] or [resolved]
+        results["report"] = publish_report(quote(params), quote(pipeline), quote(root),
+                                           wait_for=[allow_failure(state) for state in last])
     return results
 
 
 def pipeline_flow(pipeline: str):
-    @flow(name=f"{pipeline}-pipeline", log_prints=True, persist_result=False,
+    # The flow's result (small JSON summaries of each stage) persisted as JSON, never pickled.
+    @flow(name=f"{pipeline}-pipeline", log_prints=True, persist_result=True, result_serializer="json",
           description=get(pipeline).description)
     def run(overrides: dict | None = None, root: str = ".", params_file: str = "params.yaml",
             deploy_model: bool = True) -> dict:

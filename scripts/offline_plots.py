@@ -4,8 +4,10 @@
 DVC's own page loads vega, vega-lite and vega-embed from a CDN, so offline it shows a blank page.
 This fetches the three packages from the npm registry with npm (pinned versions, sha512 checked,
 cached in ~/.cache/barkgpt/npm), writes `.dvc/offline-plots.html` with their builds inlined in
-<script> tags, and points DVC at it in `.dvc/config.local` (plots.html_template). Run by
-scripts/install.sh; idempotent, and a second run needs no network.
+<script> tags, and points DVC at it in `.dvc/config` (plots.html_template). Both files are
+committed, so every clone draws its plots offline, installed by this script or not; run it again
+only to change the pinned versions (or, with --root, for another DVC project). Idempotent, and a
+second run needs no network.
 
     python scripts/offline_plots.py [--root PROJECT]
 """
@@ -94,18 +96,20 @@ def build_template() -> str:
 
 
 def configure_dvc(root: Path) -> None:
-    """plots.html_template in .dvc/config.local (git-ignored): without this file DVC keeps its own page."""
-    local = root / ".dvc" / "config.local"
-    text = local.read_text() if local.exists() else ""
-    if TEMPLATE_NAME in text:
-        return
+    """plots.html_template in the project's .dvc/config (committed, so every clone has it), and not
+    in the git-ignored .dvc/config.local, where older installs put it."""
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
-    if dvc:
-        out = subprocess.run([dvc, "config", "--local", "plots.html_template", TEMPLATE_NAME], cwd=root,
-                             capture_output=True, text=True, timeout=120)
-        if out.returncode == 0:
-            return
-    local.write_text(text + f"[plots]\n    html_template = {TEMPLATE_NAME}\n")
+    config = root / ".dvc" / "config"
+    if TEMPLATE_NAME not in (config.read_text() if config.exists() else ""):
+        done = dvc and subprocess.run([dvc, "config", "plots.html_template", TEMPLATE_NAME], cwd=root,
+                                      capture_output=True, text=True, timeout=120).returncode == 0
+        if not done:
+            with config.open("a") as f:
+                f.write(f"[plots]\n    html_template = {TEMPLATE_NAME}\n")
+    local = root / ".dvc" / "config.local"
+    if local.exists() and TEMPLATE_NAME in local.read_text() and dvc:
+        subprocess.run([dvc, "config", "--local", "--unset", "plots.html_template"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (root / ".dvc").is_dir():
         raise SystemExit(f"{root}: not a DVC project (no .dvc/ folder)")
     template = root / ".dvc" / TEMPLATE_NAME
-    page = build_template()
-    if not template.exists() or template.read_text() != page:
-        template.write_text(page)
+    pinned = [f"/* {name}@{version} */" for name, version, _, _ in PACKAGES]
+    if not template.exists() or not all(mark in template.read_text() for mark in pinned):
+        template.write_text(build_template())  # the committed page is kept: no npm needed in a clone
     configure_dvc(root)
     print(f"dvc plots show: offline page template {template} ({template.stat().st_size // 1024} KiB)")
     return 0

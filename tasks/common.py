@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path
@@ -13,14 +14,25 @@ from barkgpt.params import expand_dotted, load_params, parse_params
 TRANSIENT = (OSError, ConnectionError, TimeoutError)  # disk and network hiccups; worth a retry
 
 
-def write_overrides(path: Path, nested: dict) -> list[str]:
-    """Set the overridden values in params.yaml itself, comments kept (as `dvc exp run -S` does), so
-    DVC judges and records what actually ran. Returns the dotted keys whose value changed."""
+def dvc_yaml():
+    """A YAML round-tripper that writes what DVC writes (dvc/utils/serialize/_yaml.py): ruamel's
+    round trip, comments and flow lists kept, null as an empty value, no needless quotes. The
+    committed params.yaml is already in this form (tests/test_params_format.py), so a change made
+    by `dvc exp run -S`, or by a flow's overrides, is a one-line diff."""
+    from collections import OrderedDict
+
     from ruamel.yaml import YAML
 
     yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.default_flow_style = False
+    yaml.Representer.add_representer(OrderedDict, yaml.Representer.represent_dict)
+    return yaml
+
+
+def write_overrides(path: Path, nested: dict) -> list[str]:
+    """Set the overridden values in params.yaml itself, comments kept (as `dvc exp run -S` does), so
+    DVC judges and records what actually ran. Returns the dotted keys whose value changed."""
+    yaml = dvc_yaml()
     data = yaml.load(path.read_text()) or {}
     changed: list[str] = []
 
@@ -39,7 +51,7 @@ def write_overrides(path: Path, nested: dict) -> list[str]:
     return changed
 
 
-@task(name="resolve-params")
+@task(name="resolve-params", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
 def resolve_params(params_file: str = "params.yaml", overrides: dict | None = None, root: str = ".") -> dict:
     """params.yaml merged with the run's overrides, validated (an invalid key fails here, named),
     then written back to params.yaml: the one source of configuration, for every door."""
@@ -66,9 +78,14 @@ def transient_only(task, task_run, state) -> bool:
 
 
 def run_tags() -> dict[str, str]:
-    """Prefect ids for the MLflow run (barkgpt itself knows nothing of Prefect)."""
+    """Prefect ids for the MLflow run (barkgpt itself knows nothing of Prefect): the flow run's page
+    in the Prefect UI (when there is one) becomes a link in the run's description, and the flow is
+    the run's source."""
     from prefect.runtime import flow_run, task_run
 
     tags = {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_name": str(flow_run.name or ""),
-            "prefect.task_run_id": str(task_run.id or "")}
+            "prefect.task_run_id": str(task_run.id or ""),
+            # no URL under the in-process API (Prefect then spells it "None/flow-runs/...")
+            "prefect.flow_run_url": url if (url := str(flow_run.ui_url or "")).startswith("http") else "",
+            "mlflow.source.name": f"Prefect flow {flow_run.flow_name}" if flow_run.flow_name else ""}
     return {k: v for k, v in tags.items() if v}

@@ -26,17 +26,16 @@ def deploy_blocker(params: dict, root: str = ".", name: str = "bark") -> str | N
 
 # Not cached: a deploy is an effect on the world (and the local AWS API forgets it), not a file.
 # Retried once for network trouble; a failed smoke test (a BarkError) fails at once, alias rolled back.
-@task(name="deploy", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-      retry_condition_fn=transient_only)
+@task(name="deploy", cache_policy=NO_CACHE, persist_result=True, result_serializer="json", retries=1,
+      retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=transient_only)
 def deploy(params: dict, root: str = ".", name: str = "bark") -> dict:
     from barkgpt.deploy.deployer import deploy_pipeline
 
     report = deploy_pipeline(to_params(params), name, Path(root))
-    publish_deploy(report, name)
-    return summarize(report)
+    return summarize(report)  # the flow's report shows it: one summary artifact per flow run
 
 
-@task(name="redeploy-model-version", cache_policy=NO_CACHE, retries=1,
+@task(name="redeploy-model-version", cache_policy=NO_CACHE, persist_result=True, result_serializer="json", retries=1,
       retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=transient_only)
 def redeploy(params: dict, root: str = ".", name: str = "bark", version: int | None = None,
              alias: str | None = None) -> dict:

@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
 from barkgpt.errors import BarkError
@@ -40,8 +40,12 @@ def stale(repo, target: str) -> list:
     return [change for changes in repo.status(targets=[target]).values() for change in changes]
 
 
+# A stage's result is cached for its flow run only (RUN_ID): what a retry of that flow run reuses.
+WITHIN_FLOW_RUN = TASK_SOURCE + INPUTS + RUN_ID
+
+
 # Retries only for transient I/O (a BarkError, e.g. a failed gate or bad data, fails at once).
-@task(name="stage", cache_policy=NO_CACHE, persist_result=False, retries=2,
+@task(name="stage", cache_policy=WITHIN_FLOW_RUN, persist_result=True, result_serializer="json", retries=2,
       retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=transient_only)
 def run_stage(params: dict, pipeline: str, stage: str, root: str = ".") -> dict:
     pipe = get(pipeline)
@@ -57,10 +61,7 @@ def run_stage(params: dict, pipeline: str, stage: str, root: str = ".") -> dict:
         options = {"tags": run_tags()} if "tags" in inspect.signature(spec.run).parameters else {}
         if "progress" in inspect.signature(spec.run).parameters:
             options["progress"] = False  # a log line per interval instead of a progress bar
-        try:
-            result = spec.run(to_params(params), pipe, lay, **options)
-        finally:
-            publish(stage, pipe, lay)  # also (above all) when a check or a gate failed
+        result = spec.run(to_params(params), pipe, lay, **options)
         repo.commit(target, force=True)
     return {"stage": stage, "ran": True, **small(result)}
 
@@ -91,67 +92,14 @@ def small(result: dict) -> dict:
 
 # --- what a person wants to see in the Prefect UI --------------------------------------------------
 
-def publish(stage: str, pipe, lay: Layout) -> None:
-    if stage == "validate" and lay.validation_report.exists():
-        publish_validation(json.loads(lay.validation_report.read_text()), pipe.name)
-    elif stage == "validate-tokens" and lay.token_validation_report.exists():
-        publish_validation(json.loads(lay.token_validation_report.read_text()), f"{pipe.name}-tokens")
-    elif stage == "evaluate" and lay.metrics.exists():
-        publish_evaluation(json.loads(lay.metrics.read_text()), lay, pipe.name)
-    elif stage == "parity" and lay.parity_report.exists():
-        publish_parity(json.loads(lay.parity_report.read_text()), pipe.name)
-
-
-def publish_validation(report: dict, key: str) -> None:
-    rows = [f"| {s['suite']} | {c['expectation']} | {c['column']} | {'pass' if c['success'] else '**FAIL**'} | "
-            f"{c['unexpected_count']} | {', '.join(map(str, c['unexpected_rows'][:10]))} |"
-            for s in report["suites"] for c in s["checks"]]
-    status = "passed" if report["success"] else "FAILED"
-    create_markdown_artifact(
-        key=f"{key}-validation",
-        markdown="\n".join([f"# Data validation ({key}): {status}",
-                            f"{report['expectations'] - report['failed']} of {report['expectations']} "
-                            "expectations passed.", "",
-                            "| suite | expectation | column | result | unexpected | rows |",
-                            "|---|---|---|---|---|---|", *rows]),
-        description=f"Great Expectations result for the {key} data",
-    )
-
-
-def publish_evaluation(metrics: dict, lay: Layout, name: str) -> None:
-    table = [{"metric": k, "value": v} for k, v in metrics.items() if isinstance(v, (int, float, bool))]
-    table += [{"metric": f"ood: {k}", "value": v} for k, v in metrics.get("ood_contract_rate", {}).items()]
-    create_table_artifact(key=f"{name}-metrics", table=table, description=f"{name} evaluation metrics")
-    samples = json.loads(lay.samples.read_text()) if lay.samples.exists() else {}
-    lines = [f"# Sample generations ({name})", ""]
-    if "completions" in samples:
-        lines += [f"Prompt: `{samples.get('prompt', '')}`", ""] + [f"- `{c}`" for c in samples["completions"][:10]]
-        for prompt, outs in samples.get("ood", {}).items():
-            lines += ["", f"Out-of-distribution prompt `{prompt}`:"] + [f"- `{c}`" for c in outs]
-    else:
-        lines += [f"- `{prompt}` → `{text}`" for prompt, text in samples.items()]
-    create_markdown_artifact(key=f"{name}-samples", markdown="\n".join(lines),
-                             description=f"{name} completions sampled by the evaluation")
-
-
-def publish_parity(report: dict, name: str) -> None:
-    rows = [{"file": q, "status": e.get("status"), "metric": e.get("metric"), "value": e.get("value"),
-             "delta_vs_pytorch": e.get("delta"), "size_ratio_vs_f32": e.get("size_ratio_vs_f32"),
-             "reason": e.get("reason")}
-            for q, e in report.get("quantizations", {}).items()]
-    passed = (report.get("gate") or {}).get("deploy_passed")
-    create_table_artifact(key=f"{name}-parity", table=rows,
-                          description=f"{name}: llama.cpp quantizations vs PyTorch (deploy gate passed: {passed})")
-
-
-@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+@task(name="report", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
 def publish_report(params: dict, pipeline: str, root: str = ".") -> str:
     """The run report (what `barkgpt report` writes): reports/<pipeline>/report.md, attached to the
-    model's MLflow run and shown as this flow run's Markdown artifact. A view of what is on disk,
-    not a DVC output, so it runs every time."""
+    model's MLflow run and shown as this flow run's one Markdown artifact, with a link to the MLflow
+    run. A view of what is on disk, not a DVC output, so it runs every time (after a failure too)."""
     from barkgpt.report import report_markdown
 
-    markdown = report_markdown(to_params(params), pipeline, Path(root))
+    markdown = report_markdown(to_params(params), pipeline, Path(root))  # links to the MLflow run
     create_markdown_artifact(key=f"{pipeline}-report", markdown=markdown,
-                             description=f"{pipeline}: hardware, data, training, evaluation, exports, timings")
-    return str(Layout(pipeline, Path(root)).reports / "report.md")
+                             description=f"{pipeline}: data, training, evaluation, exports, deploy, timings")
+    return str(Layout(pipeline, Path(root)).report_page)

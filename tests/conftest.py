@@ -108,16 +108,10 @@ def wikitext_path() -> Path:
 import contextlib
 import tempfile
 import os
-import socket
 import subprocess
 import sys
 import time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from barkgpt.net import free_port  # noqa: F401 (also imported from here)
 
 
 @contextlib.contextmanager

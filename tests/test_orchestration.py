@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from barkgpt.pipelines import run_stage
 from barkgpt.errors import BarkError
 from barkgpt.params import BARKS, load_params
 from tests.conftest import ROOT, make_project
+from barkgpt.net import free_port
 
 BIN = Path(sys.executable).parent
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # this process loads models too; stay offline
@@ -37,12 +37,6 @@ OVERRIDES = {
     "export.quantizations": ["q8_0"],
     "export.f16": False, "export.hf": False,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
@@ -89,7 +83,7 @@ def copy_project(project: Path) -> Path:
     """The checkout's code and pipeline files in a new git + DVC project (no data, no lock)."""
     project.mkdir(parents=True, exist_ok=True)
     for item in ("barkgpt", "tasks", "flows", "docs", "params.yaml", "dvc.yaml", "prefect.yaml", ".dvc/config",
-                 ".dvcignore", ".gitignore"):
+                 ".dvc/offline-plots.html", ".dvcignore", ".gitignore"):
         src, dest = ROOT / item, project / item
         dest.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
@@ -159,9 +153,18 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     assert {"resolve-params", "data", "validate", "tokenize", "train", "evaluate", "export", "quantize", "parity",
             "report", "deploy"} <= names, names
     assert all(t["state_type"] == "COMPLETED" for t in tasks)
-    keys = {a["key"] for a in post_json(f"{api}/artifacts/filter",
-                                        {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}})}
-    assert {"bark-metrics", "bark-samples", "bark-validation", "bark-parity", "bark-report", "bark-deploy"} <= keys
+    # The task graph is the pipeline's: each stage drawn from the stages whose files it reads.
+    by_id = {t["id"]: t["name"].rsplit("-", 1)[0] for t in tasks}
+    upstream = {by_id[t["id"]]: {by_id.get(i["id"]) for inputs in t["task_inputs"].values() for i in inputs}
+                for t in tasks}
+    assert upstream["data"] == {"resolve-params"} and upstream["export"] == {"train"}, upstream
+    assert upstream["train"] == {"tokenize", "validate-tokens"} and upstream["report"] == {"deploy"}, upstream
+    # One summary artifact: the report, with the loss curve inlined and a link to the MLflow run.
+    artifacts = [a for a in post_json(f"{api}/artifacts/filter",
+                                      {"artifacts": {"flow_run_id": {"any_": [deployed_run["id"]]}}}) if a["key"]]
+    assert [a["key"] for a in artifacts] == ["bark-report"], artifacts
+    assert "data:image/png;base64," in artifacts[0]["data"] and "/#/experiments/" in artifacts[0]["data"]
+    assert "{'" not in artifacts[0]["data"]  # no raw Python dicts in its tables
     assert "## " in (project / "reports/bark/report.md").read_text()  # the report the artifact shows
     for f in ("data/bark/train.txt", "reports/bark/validation/index.html", "models/bark/best.pt",
               "reports/bark/metrics.json", "exports/bark/quantized/bark-q8_0.gguf"):
@@ -180,7 +183,10 @@ def test_deployment_run_completes_with_tasks_artifacts_and_mlflow_run(stack, dep
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert params["bark.train.max_steps"] == "200" and params["bark.model.n_embd"] == "64"
     assert tags["prefect.flow_run_id"] == deployed_run["id"]
-    assert len(tags["git.commit"]) in (40, 7) or tags["git.commit"] == "unknown"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.name"] == "Prefect flow bark-pipeline"
+    # a link (not plain text) to the flow run in the Prefect UI, in the run's description
+    note = tags["mlflow.note.content"]
+    assert f"]({stack['prefect'].removesuffix('/api')}/" in note and note.endswith(f"/{deployed_run['id']}).")
     assert "data.tokens_sha256" in tags and tags["gate_passed"] == "true"
     assert run["info"]["status"] == "FINISHED"
     assert 0 <= metrics["eval.contract_accuracy"] <= 1 and "eval.val_loss" in metrics

@@ -35,7 +35,17 @@ def test_report_page_has_every_section_and_the_run_gets_it(tmp_path):
     assert "![loss curve](loss_curve.png)" in page and "| 60 |" in page  # the curve, and its last step
     assert f"| val_loss | {metrics['val_loss']:.4g} |" in page
     assert "Not exported yet." in page and "Not deployed." in page  # stages not run say so
-    assert "http" not in page.split("## Deploy")[0]  # nothing to fetch: the page works offline
+    assert "](http" not in page.split("## Hardware")[1].split("## Deploy")[0]
+    assert "![" not in page.replace("![loss curve](loss_curve.png)", "")  # nothing to fetch: the page works offline
+    assert "/#/experiments/" in page.split("## Hardware")[0]  # a link to the run in the MLflow UI
+    evaluation = page.split("## Evaluation")[1].split("## Quantization")[0]
+    assert "{" not in evaluation and "[" not in evaluation  # readable: no raw dicts or lists
+    assert "| contract | pass |" in evaluation and "Samples of `User: speak Assistant:`" in evaluation
+    from barkgpt.report import inline_images, report_markdown
+
+    shown = report_markdown(params, "bark", root)  # what the Prefect artifact shows: the curve inlined
+    assert "![loss curve](data:image/png;base64,iVBOR" in shown and "](loss_curve.png)" not in shown
+    assert inline_images("![x](missing.png)", root) == "![x](missing.png)"
     run_id = json.loads((root / "models/bark/mlflow_run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     assert "reports/report.md" in {f.path for f in client.list_artifacts(run_id, "reports")}

@@ -83,6 +83,72 @@ def test_run_names_params_inputs_and_experiment_kind(tracked):
     assert "system/cpu_utilization_percentage" in run.data.metrics
 
 
+def test_run_has_mlflow_standard_tags_one_name_per_metric_and_every_logged_step(tracked):
+    client, root = tracked["client"], tracked["root"]
+    run = client.get_run(tracked["first"]["mlflow"]["run_id"])
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] and tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"]  # the command that ran: the UI's "Source" column
+    metrics = set(run.data.metrics)
+    assert not any(k.startswith(("train.", "eval.gate.")) for k in metrics), sorted(metrics)  # no second names
+    assert {"loss", "val_loss", "best_val_loss", "eval.gate_passed", "eval.contract_accuracy"} <= metrics
+    params = load_params(root / "params.yaml").bark.train
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps == list(range(params.log_every, params.max_steps + 1, params.log_every))
+    # the committed bark defaults draw the curve with at least 20 points
+    bark = load_params().bark.train
+    assert bark.max_steps // bark.log_every >= 20
+
+
+def test_registered_model_and_versions_are_described(tracked):
+    client = tracked["client"]
+    model = client.get_registered_model("barkgpt-bark")
+    assert "champion" in model.description and "models:/barkgpt-bark@champion" in model.description
+    v2 = client.get_model_version("barkgpt-bark", "2")
+    assert v2.description.startswith("bark 2x64 (ctx 64), 8 steps") and "gate passed" in v2.description
+
+
+def test_mlflow_ui_opens_the_experiment_on_its_training_runs(tracked, tmp_path):
+    """A fresh browser, the MLflow UI on loopback, the link BarkGPT prints: the training runs are
+    listed (MLflow 3's UI otherwise opens a fresh browser on its GenAI overview)."""
+    import shutil
+    import socket
+    import sys
+    from pathlib import Path
+
+    from barkgpt.tracking.runs import ui_url
+    from tests.test_orchestration import start, stop, wait_http
+
+    if not shutil.which("chromium"):
+        pytest.skip("Debian's chromium is not installed: apt-get install -y chromium")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python driver)")
+    port = next(p for p in range(18600, 18700) if socket.socket().connect_ex(("127.0.0.1", p)) != 0)
+    log = tmp_path / "mlflow.log"
+    server = start([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", "1", "--backend-store-uri", f"sqlite:///{tracked['root'] / 'mlflow.db'}"],
+                   {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}, tmp_path, log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", 180, server, log)
+        exp = tracked["client"].get_experiment_by_name("barkgpt")
+        names = [r.info.run_name for r in tracked["client"].search_runs([exp.experiment_id])]
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
+                                        args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(ui_url(url, exp.experiment_id))
+                for name in names:
+                    page.get_by_text(name, exact=True).first.wait_for(timeout=60000)
+                body = page.inner_text("body")
+                page.screenshot(path=str(tmp_path / "mlflow-runs.png"))  # for a person to look at
+            finally:
+                browser.close()
+        assert "/runs" in page.url and "Run Name" in body, page.url
+    finally:
+        stop(server)
+
+
 def test_registered_model_has_an_input_example(tracked):
     import mlflow
 
@@ -151,3 +217,27 @@ def test_deploy_names_a_broken_store_with_the_fix_too(tmp_path):
         db.execute("CREATE TABLE experiments (name TEXT)")
     with pytest.raises(BarkError, match=r"cannot be opened .*\(mv "):
         stage_model_version(load_params(root / "params.yaml"), "bark", root)
+
+
+@pytest.mark.parametrize("pipeline", ["bark", "webtext", "localtext"])
+def test_every_pipeline_reads_its_own_dvc_lock_for_lineage(tmp_path, pipeline):
+    """The layout owns each lock's path (the root's for bark, pipelines/<p>/dvc.lock for the
+    others); one reader serves the MLflow run's tags and the release manifest alike."""
+    from barkgpt.deploy.provenance import dvc_data_hash
+    from barkgpt.layout import Layout
+    from barkgpt.tracking.runs import data_tags
+
+    lay = Layout(pipeline, tmp_path)
+    decoy = {"schema": "2.0", "stages": {"other-tokenize": {"outs": [
+        {"path": f"data/{pipeline}/tokens", "md5": "f" * 32 + ".dir"}]}}}
+    for lock in {tmp_path / "dvc.lock", *(tmp_path / "pipelines" / p / "dvc.lock" for p in ("bark", "webtext", "localtext"))}:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_text(yaml.safe_dump(decoy))  # every other lock names the same path with another hash
+    outs = {f"data/{pipeline}/tokens": "0123456789abcdef0123456789abcdef.dir",
+            f"data/{pipeline}/train.txt": "00112233445566778899aabbccddeeff"}
+    lay.dvc_lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {f"{pipeline}-tokenize": {
+        "cmd": f"barkgpt tokenize {pipeline}", "outs": [{"path": p, "md5": m, "size": 1} for p, m in outs.items()]}}}))
+    assert lay.dvc_lock == (tmp_path / "dvc.lock" if pipeline == "bark" else tmp_path / f"pipelines/{pipeline}/dvc.lock")
+    assert data_tags(lay)["dvc.data_md5"] == outs[f"data/{pipeline}/tokens"]  # the training run's tag
+    release = dvc_data_hash(tmp_path, pipeline)  # what the deploy manifest records
+    assert release["outs"] == outs and len(release["hash"]) == 32

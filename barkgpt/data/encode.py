@@ -65,7 +65,7 @@ def line_chunks(path: Path, stats: TextStats, chunk_bytes: int = CHUNK_BYTES) ->
 
 def encode_chunk(tok, lines: list[str], eos_per_line: bool, threads: int = 1) -> np.ndarray:
     """The chunk's ids in order (each line's ids then, with eos_per_line, the EOS) as uint32."""
-    encoded = tok.encode_batch(lines, threads) if hasattr(tok, "encode_batch") else [tok.encode(x) for x in lines]
+    encoded = tok.encode_batch(lines, threads)  # WordTokenizer and BPETokenizer both batch
     flat: list[int] = []
     for ids in encoded:
         flat.extend(ids)

@@ -7,13 +7,13 @@ Credentials are checked (STS GetCallerIdentity) before anything is uploaded.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from barkgpt.errors import BarkError
+from barkgpt.net import free_port
 
 # Variables or files whose presence means "the user configured AWS"; none of them -> local server.
 AWS_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_REGION",
@@ -70,12 +70,6 @@ def aws_configured(env: dict | None = None) -> bool:
     files = [env.get("AWS_SHARED_CREDENTIALS_FILE", home / ".aws" / "credentials"),
              env.get("AWS_CONFIG_FILE", home / ".aws" / "config")]
     return any(Path(f).expanduser().exists() for f in files)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalAwsServer:

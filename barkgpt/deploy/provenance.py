@@ -2,16 +2,13 @@
 version (with the sha256 of its files), recorded in the manifest and checked against the registry."""
 from __future__ import annotations
 
-import hashlib
-import json
-import subprocess
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.layout import layout
+from barkgpt.tracking import hashes
+from barkgpt.tracking.hashes import git_commit  # noqa: F401 (the release records it)
 
 
 def parity_summary(root: Path, name: str, quant: str) -> dict | None:
@@ -27,29 +24,9 @@ def parity_summary(root: Path, name: str, quant: str) -> dict | None:
     return keep
 
 
-def git_commit(root: Path) -> dict | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit, "dirty": dirty}
-
-
 def dvc_data_hash(root: Path, name: str) -> dict | None:
-    """The md5s dvc.lock records for data/<name>/ outputs, and one hash over them (no DVC import)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
-        return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-    outs = {o["path"]: o.get("md5") for st in stages.values() for o in st.get("outs", [])
-            if str(o.get("path", "")).startswith(f"data/{name}/")}
-    if not outs:
-        return None
-    combined = hashlib.md5(json.dumps(sorted(outs.items())).encode()).hexdigest()
-    return {"hash": combined, "outs": outs}
+    """The md5s the pipeline's dvc.lock records for data/<name>/ outputs, and one hash over them."""
+    return hashes.dvc_data_hash(layout(name, root))
 
 
 def mlflow_provenance(root: Path, name: str) -> dict | None:

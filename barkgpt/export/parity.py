@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from barkgpt.errors import BarkError
-from barkgpt.evaluate import CONTRACT_PROMPT, contract_quality, multi_turn_prompts, validation_loss
+from barkgpt.evaluate import contract_quality, validation_loss
 from barkgpt.export import llama_log
 from barkgpt.export.checksums import verify_recorded
 from barkgpt.fileio import write_json
@@ -54,13 +54,10 @@ def greedy_parity(a: LM, b: LM, prompts: list[list[int]], max_new: int) -> dict:
             "examples": examples[:8]}
 
 
-def parity_prompts(tok, val_lines: list[str], n_ctx: int, prompt_format: str) -> tuple[list[list[int]], list[list[int]]]:
-    """(logit prompts, greedy prompts): fixed, derived from the validation text."""
-    if prompt_format == "bark":
-        greedy = [CONTRACT_PROMPT, "User: woof Assistant:", "Assistant:"] + multi_turn_prompts(val_lines, 5)
-        greedy_ids = [tok.encode(g) for g in greedy]
-    else:
-        greedy_ids = [ids[: n_ctx // 4] for ids in (tok.encode(line) for line in val_lines[:32]) if len(ids) > 1][:8]
+def parity_prompts(tok, val_lines: list[str], n_ctx: int, pipe) -> tuple[list[list[int]], list[list[int]]]:
+    """(logit prompts, greedy prompts): fixed, derived from the validation text; the greedy ones
+    are the pipeline's own (bark: the prompt contract; text: the start of validation lines)."""
+    greedy_ids = pipe.greedy_prompts(tok, val_lines, n_ctx)
     logit_ids = [ids[:n_ctx] for ids in (tok.encode(line) for line in val_lines[:8]) if ids] + greedy_ids
     return logit_ids, [g for g in greedy_ids if 0 < len(g) < n_ctx]
 
@@ -97,7 +94,7 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
 
         def quality(lm: LM) -> dict:
             return validation_loss(lm, val_ids[: p.bpb_tokens], token_bytes, 16, None)
-    logit_prompts, greedy_prompts = parity_prompts(tok, val_lines, ref.n_ctx, pipe.prompt_format)
+    logit_prompts, greedy_prompts = parity_prompts(tok, val_lines, ref.n_ctx, pipe)
     report: dict = {"pipeline": name, "stage": "parity", "metric": metric, "llama_cpp_python": llama_cpp.__version__,
                     "tokenizer": tok.kind, "reference": {"backend": ref.backend, **quality(ref)}, "files": {}}
     f32_size = files["f32"].stat().st_size

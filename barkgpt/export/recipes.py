@@ -13,12 +13,6 @@ from pathlib import Path
 from barkgpt.layout import Layout
 from barkgpt.params import Params
 
-BARK_TEMPLATE = (
-    '{{- range .Messages }}{{- if eq .Role "user" }}User: speak {{ else if eq .Role "assistant" }}'
-    "Assistant: {{ .Content }} <EOS> {{ end }}{{- end }}Assistant:"
-)
-
-
 def deploy_gguf(params: Params, name: str, root: Path | str = ".") -> Path:
     return Layout(name, Path(root)).gguf(params.deploy.quantization or params.export.deploy_quantization)
 
@@ -38,18 +32,9 @@ def ollama_modelfile(params: Params, name: str, root: Path | str = ".") -> str:
     lines = [f"# {name}: {gguf.name}, written by barkgpt (barkgpt/export/recipes.py)",
              f"FROM ./{os.path.relpath(gguf, lay.exports)}",
              f"PARAMETER num_ctx {context_length(params, name)}"]
-    if name == "bark":
-        lines += [f'TEMPLATE """{BARK_TEMPLATE}"""',
-                  'PARAMETER stop "<EOS>"', 'PARAMETER stop "User:"',
-                  f"PARAMETER temperature {cfg.eval.temperature:g}",
-                  # like the evaluation: sample from the model's own distribution, no extra filters
-                  "PARAMETER top_k 0", "PARAMETER top_p 1", "PARAMETER min_p 0", "PARAMETER repeat_penalty 1",
-                  f"PARAMETER num_predict {cfg.eval.max_new_tokens}"]
-    else:
-        lines += ['TEMPLATE """{{ .Prompt }}"""', 'PARAMETER stop "<|endoftext|>"',
-                  f"PARAMETER temperature {cfg.eval.temperature:g}"]
-        if cfg.eval.top_k:
-            lines.append(f"PARAMETER top_k {cfg.eval.top_k}")
+    from barkgpt.pipelines import get
+
+    lines += get(name).modelfile(cfg)  # the pipeline's prompt template and sampling
     return "\n".join(lines) + "\n"
 
 

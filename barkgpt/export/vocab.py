@@ -63,7 +63,7 @@ def add_tokenizer(writer, tok) -> None:
     kind = getattr(tok, "kind", None)
     if kind == "word":
         _add_word_vocab(writer, tok)
-    elif hasattr(tok, "mergeable_ranks"):
+    elif kind in ("bpe", "tiktoken"):  # a BPETokenizer, trained or tiktoken's
         _add_bpe_vocab(writer, tok)
     else:
         raise BarkError(f"tokenizer kind {kind!r} cannot be exported to GGUF (known: word, bpe)")

@@ -1,7 +1,8 @@
 """The pipelines, declared once each. The CLI, dvc.yaml and the Prefect flow derive from these.
 
-Adding a pipeline: a module here declaring `PIPELINE`, its params section (barkgpt/params.py and
-params.yaml), and one line in REGISTRY. Then `barkgpt dvc-yaml` writes its DVC stages.
+Adding a pipeline: a module here declaring `PIPELINE` (its stages and the typed hooks of
+base.Pipeline), its params section (barkgpt/params.py and params.yaml), and one line in REGISTRY.
+Then `barkgpt dvc-yaml` writes its DVC stages, their code dependencies derived (code_deps.py).
 """
 from __future__ import annotations
 

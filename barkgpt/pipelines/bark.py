@@ -33,16 +33,55 @@ def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
     return evaluate_bark(lm, val_ids, read_lines(lay.val_text), token_bytes, cfg.eval, cfg.gates)
 
 
-def _bark_suites(params, lay):
+def suites(params, lay):
     from barkgpt.validation import bark_suites
 
     return bark_suites(params, lay)
 
 
-def _token_suites(params, lay):
-    from barkgpt.validation import token_suites
+def token_suites(params, lay):
+    from barkgpt.validation import token_suites as shard_suites
 
-    return token_suites(params, lay)
+    return shard_suites(params, lay)
+
+
+def gate_test(gates) -> dict:
+    """The binomial test behind the gate, with its error rates, for metrics.json."""
+    from barkgpt.gates import contract_test
+
+    return contract_test(gates).__dict__
+
+
+def greedy_prompts(tok, val_lines: list[str], n_ctx: int) -> list[list[int]]:
+    """The contract prompt, an out-of-distribution one, a bare turn and multi-turn conversations."""
+    from barkgpt.evaluate import CONTRACT_PROMPT, multi_turn_prompts
+
+    prompts = [CONTRACT_PROMPT, "User: woof Assistant:", "Assistant:"] + multi_turn_prompts(val_lines, 5)
+    return [tok.encode(p) for p in prompts]
+
+
+def input_example(section) -> str:
+    from barkgpt.evaluate import CONTRACT_PROMPT
+
+    return CONTRACT_PROMPT
+
+
+# Ollama reads Go templates, not the GGUF's Jinja one: every user turn becomes `User: speak` (the
+# only user turn the model knows), every assistant turn `Assistant: <barks> <EOS>`.
+BARK_TEMPLATE = (
+    '{{- range .Messages }}{{- if eq .Role "user" }}User: speak {{ else if eq .Role "assistant" }}'
+    "Assistant: {{ .Content }} <EOS> {{ end }}{{- end }}Assistant:"
+)
+
+
+def modelfile(section) -> list[str]:
+    """Ollama's Go template spells the prompt contract; sampling as the evaluation samples."""
+    return [f'TEMPLATE """{BARK_TEMPLATE}"""',
+            'PARAMETER stop "<EOS>"', 'PARAMETER stop "User:"',
+            f"PARAMETER temperature {section.eval.temperature:g}",
+            # like the evaluation: sample from the model's own distribution, no extra filters
+            "PARAMETER top_k 0", "PARAMETER top_p 1", "PARAMETER min_p 0", "PARAMETER repeat_penalty 1",
+            f"PARAMETER num_predict {section.eval.max_new_tokens}"]
 
 
 PIPELINE = Pipeline(
@@ -51,20 +90,21 @@ PIPELINE = Pipeline(
     section=lambda params: params.bark,
     stages=(
         Stage("data", generate_data, "generate the synthetic bark conversations",
-              code=("barkgpt/data/bark.py",), params=("seed", "bark.data"),
-              outs=lambda lay: [lay.train_text, lay.val_text]),
+              params=("seed", "bark.data"),
+              outs=lambda lay: [lay.train_text, lay.val_text], describe=common.files_written),
         common.validate_stage(params=("bark.data", "bark.validation", "bark.model.block_size")),
         common.tokenize_stage(writes_tokenizer=True),
         common.validate_tokens_stage(),
         *common.model_stages(train_after=lambda lay: [lay.token_validation_report],
-                             parity_params=("bark.eval", "bark.gates")),  # parity runs the contract test
+                             parity_params=("bark.eval", "bark.gates"),  # parity runs the contract test
+                             curve="loss"),  # bpb says little on a 9-word language; the loss falls visibly
     ),
     metric="contract_accuracy",
     higher_is_better=True,
     summary=(("contract_accuracy", "contract_accuracy"), ("contract_accuracy_multi_turn", "multi_turn"),
              ("val_bpb", "val_bpb"), ("gate_passed", "gate_passed")),
-    evaluate=evaluate,
-    prompt_format="bark",
+    evaluate=evaluate, suites=suites, token_suites=token_suites, gate_test=gate_test,
+    greedy_prompts=greedy_prompts, input_example=input_example, modelfile=modelfile,
     tokens=word_tokenizer,
-    extra={"suites": _bark_suites, "token_suites": _token_suites, "eos_per_line": False},  # bark lines spell their own <EOS>
+    eos_per_line=False,  # bark lines spell their own <EOS>
 )

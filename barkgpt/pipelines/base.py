@@ -1,19 +1,20 @@
 """What a pipeline is: a name, its params section, and its stages in order.
 
 A stage is a plain function `(params, pipeline, layout, **options) -> dict` plus what DVC needs
-to judge it: the code it depends on, its input files, its params, its outputs. The CLI, dvc.yaml
+to judge it: its input files, its params, its outputs. The code it depends on is derived from the
+import graph (barkgpt/pipelines/code_deps.py), never listed. The CLI, dvc.yaml
 and the Prefect flow are all derived from these declarations (barkgpt/pipelines/dvcfile.py writes
 dvc.yaml; a test fails when the committed file disagrees).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from barkgpt.errors import BarkError
-from barkgpt.layout import DEFAULT_PIPELINE, Layout
+from barkgpt.layout import Layout
 
 Files = Callable[[Layout], list[Path]]
 
@@ -37,7 +38,6 @@ class Stage:
     name: str  # the sub-command (`barkgpt <name> <pipeline>`) and the DVC stage `<pipeline>-<name>`
     run: Callable[..., dict]  # (params, pipeline, layout, **options) -> summary of what it wrote
     help: str
-    code: tuple[str, ...] = ()  # library files whose change makes the outputs stale
     deps: Files = no_files  # input files (another stage's outputs)
     params: tuple[str, ...] = ()  # dotted params keys; "{p}" stands for the pipeline's section
     outs: Files = no_files  # outputs DVC caches and pushes
@@ -47,6 +47,7 @@ class Stage:
     plots: Callable[[Layout], dict[Path, dict]] = lambda lay: {}
     options: tuple[Option, ...] = ()
     dvc_flags: tuple[str, ...] = ()  # options the DVC door always passes (e.g. --quiet)
+    describe: Callable[[dict], str] | None = None  # what it wrote, for a person (the CLI prints it); else JSON
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,16 @@ class Pipeline:
     metric: str  # what evaluation reports and promotion ranks by
     higher_is_better: bool
     evaluate: Callable[..., tuple[dict, dict]]  # (params, pipeline, layout) -> (metrics, samples)
-    prompt_format: str  # "bark" (the prompt contract) or "text" (plain continuation)
+    suites: Callable[..., list]  # (params, layout) -> Great Expectations suites over the text splits
+    token_suites: Callable[..., list]  # (params, layout) -> suites over the token shards
+    greedy_prompts: Callable[..., list]  # (tokenizer, val lines, n_ctx) -> token ids parity completes greedily
+    input_example: Callable[[Any], str]  # (section) -> the prompt MLflow's model version shows as its example
+    modelfile: Callable[[Any], list[str]]  # (section) -> an Ollama Modelfile's template and parameters
     # (metric key, short name): the few numbers `dvc metrics show` lists, so a row stays readable
     summary: tuple[tuple[str, str], ...] = ()
     tokens: Callable[..., Any] | None = None  # (params, layout) -> tokenizer, for the tokenize stage
-    extra: dict = field(default_factory=dict)
+    eos_per_line: bool = True  # the tokenizer appends EOS to each line (bark lines spell their own)
+    gate_test: Callable[[Any], dict | None] = lambda gates: None  # (gates) -> the statistical test behind the gate
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -80,12 +86,27 @@ class Pipeline:
     @property
     def default(self) -> bool:
         """In the root dvc.yaml (what a plain `dvc repro` runs); the others in pipelines/<name>/."""
-        return self.name == DEFAULT_PIPELINE
+        return Layout(self.name).is_default
 
     @property
     def dvc_file(self) -> str:
-        """Where its DVC stages live, relative to the project root."""
-        return "dvc.yaml" if self.default else f"pipelines/{self.name}/dvc.yaml"
+        """Where its DVC stages live, relative to the project root (the layout says)."""
+        return Layout(self.name).dvc_file.as_posix()
 
     def dvc_stage(self, stage: str) -> str:
         return f"{self.name}-{stage}"
+
+    def hooks(self) -> dict[str, list]:
+        """What this pipeline lends its stages, by field name (its evaluation, tokenizer, suites,
+        params section): the functions and classes a stage reaches by asking the pipeline object."""
+        from barkgpt.pipelines.code_deps import callables_of
+
+        return {f.name: callables_of(getattr(self, f.name)) for f in fields(self) if f.name != "stages"}
+
+    def stage_code(self, stage: Stage) -> list[str]:
+        """The project files whose change makes `stage`'s outputs stale: the closure of the stage
+        function in the import graph, with the pipeline hooks it uses (code_deps.py)."""
+        from barkgpt.pipelines.code_deps import stage_code
+
+        hooks = self.hooks()
+        return stage_code(stage.run, hooks, always=hooks.pop("section"))

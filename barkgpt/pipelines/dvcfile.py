@@ -28,7 +28,7 @@ def stage_entry(pipe: Pipeline, stage: Stage) -> dict:
     if not pipe.default:
         out["wdir"] = "../.."  # paths below are relative to the project root
     out["cmd"] = " ".join(["barkgpt", stage.name, pipe.name, *stage.dvc_flags])
-    deps = [*stage.code, *map(str, stage.deps(lay))]
+    deps = [*pipe.stage_code(stage), *map(str, stage.deps(lay))]
     if deps:
         out["deps"] = deps
     params = [p.replace("{p}", pipe.name) for p in stage.params]
@@ -57,18 +57,15 @@ def render(pipe: Pipeline) -> str:
     return HEADER.format(what=what, name=pipe.name, target=target) + text
 
 
-def wanted(root: Path, names: list[str] | None = None) -> list[Pipeline]:
-    """The default pipeline, the named ones, and every other whose dvc.yaml is already there.
-
-    Another pipeline's stages join the project when first asked for (`barkgpt dvc-yaml webtext`,
-    or its flow): until then a fresh clone's `dvc status` and `dvc pull` see only what it has."""
-    names = set(names or [])
-    return [p for p in REGISTRY.values() if p.default or p.name in names or (Path(root) / p.dvc_file).exists()]
+def selected(names: list[str] | None = None) -> list[Pipeline]:
+    """The named pipelines, or every declared one: each has its dvc.yaml in the repository, so every
+    documented `dvc` command works on a fresh clone."""
+    return [REGISTRY[n] for n in names] if names else list(REGISTRY.values())
 
 
 def write_dvc_files(root: Path, names: list[str] | None = None) -> list[Path]:
     written = []
-    for pipe in wanted(root, names):
+    for pipe in selected(names):
         path, text = Path(root) / pipe.dvc_file, render(pipe)
         if not path.exists() or path.read_text() != text:
             write_text(path, text)
@@ -78,5 +75,5 @@ def write_dvc_files(root: Path, names: list[str] | None = None) -> list[Path]:
 
 def check_dvc_files(root: Path) -> list[str]:
     """The dvc.yaml files that are missing or differ from what the declarations say."""
-    return [p.dvc_file for p in wanted(root) if not (Path(root) / p.dvc_file).exists()
+    return [p.dvc_file for p in selected() if not (Path(root) / p.dvc_file).exists()
             or (Path(root) / p.dvc_file).read_text() != render(p)]

@@ -44,6 +44,17 @@ def train_tokenizer(params, pipe, lay: Layout) -> dict:
     return report
 
 
+def corpus_read(out: dict) -> str:
+    return (f"{out['source']}: {out['train_lines']:,} train lines, {out['val_lines']:,} val lines "
+            f"({out['clean_duplicates']:,} duplicates, {out['clean_empty_or_short']:,} empty/short, "
+            f"{out['clean_too_long']:,} over-long dropped)")
+
+
+def tokenizer_trained(out: dict) -> str:
+    return (f"tokenizer {out['kind']} vocab {out['vocab_size']:,} hash {out['tokenizer_hash']}: "
+            f"{out['val_bytes_per_token']:.3f} bytes/token on the validation split")
+
+
 def saved_tokenizer(params, lay: Layout):
     from barkgpt.tokenizer import load_tokenizer
 
@@ -59,16 +70,31 @@ def evaluate(params, pipe, lay: Layout) -> tuple[dict, dict]:
     return evaluate_text(lm, val_ids, token_bytes, cfg.eval)
 
 
-def _text_suites(params, lay):
+def suites(params, lay):
     from barkgpt.validation import webtext_suites
 
     return webtext_suites(params, lay)
 
 
-def _token_suites(params, lay):
-    from barkgpt.validation import token_suites
+def token_suites(params, lay):
+    from barkgpt.validation import token_suites as shard_suites
 
-    return token_suites(params, lay)
+    return shard_suites(params, lay)
+
+
+def greedy_prompts(tok, val_lines: list[str], n_ctx: int) -> list[list[int]]:
+    """The first quarter-context of up to 8 validation lines: plain continuation."""
+    return [ids[: n_ctx // 4] for ids in (tok.encode(line) for line in val_lines[:32]) if len(ids) > 1][:8]
+
+
+def input_example(section) -> str:
+    return (section.eval.prompts or ["The"])[0]
+
+
+def modelfile(section) -> list[str]:
+    lines = ['TEMPLATE """{{ .Prompt }}"""', 'PARAMETER stop "<|endoftext|>"',
+             f"PARAMETER temperature {section.eval.temperature:g}"]
+    return lines + ([f"PARAMETER top_k {section.eval.top_k}"] if section.eval.top_k else [])
 
 
 def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
@@ -78,16 +104,17 @@ def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
     source = (lambda lay: [Path(f"${{{name}.source}}")]) if local_source else (lambda lay: [])
     return (
         Stage("ingest", ingest, "read, clean and split the corpus (<pipeline>.source)",
-              code=("barkgpt/data/webtext.py",), deps=source,
+              deps=source,
               params=("{p}.source", "{p}.text_field", "{p}.clean", "{p}.split"),
-              outs=lambda lay: [lay.train_text, lay.val_text], reports=lambda lay: [lay.ingest_report]),
+              outs=lambda lay: [lay.train_text, lay.val_text], reports=lambda lay: [lay.ingest_report],
+              describe=corpus_read),
         common.validate_stage(),
         Stage("tokenizer", train_tokenizer, "train the byte-level BPE on the training split",
-              code=("barkgpt/tokenizer.py",),
               deps=lambda lay: [lay.validation_report, lay.train_text, lay.val_text],
               params=("{p}.tokenizer.kind", "{p}.tokenizer.vocab_size", "{p}.tokenizer.min_frequency",
                       "{p}.tokenizer.name"),
-              outs=lambda lay: [lay.tokenizer], reports=lambda lay: [lay.tokenizer_report]),
+              outs=lambda lay: [lay.tokenizer], reports=lambda lay: [lay.tokenizer_report],
+              describe=tokenizer_trained),
         common.tokenize_stage(after=lambda lay: [lay.tokenizer], params=("{p}.tokenizer.shard_tokens",)),
         common.validate_tokens_stage(),
         *common.model_stages(train_after=lambda lay: [lay.token_validation_report]),
@@ -100,8 +127,8 @@ def text_pipeline(name: str, description: str, local_source: bool = False, **fie
         stages=text_stages(name, local_source), metric="val_bpb", higher_is_better=False, evaluate=evaluate,
         summary=(("val_bpb", "val_bpb"), ("val_loss", "val_loss"), ("val_perplexity", "perplexity"),
                  ("gate_passed", "gate_passed")),
-        prompt_format="text", tokens=saved_tokenizer,
-        extra={"suites": _text_suites, "token_suites": _token_suites, "eos_per_line": True}, **fields)
+        suites=suites, token_suites=token_suites, greedy_prompts=greedy_prompts,
+        input_example=input_example, modelfile=modelfile, tokens=saved_tokenizer, **fields)
 
 
 PIPELINE = text_pipeline("webtext", "WebText-2: real text, a byte-level BPE, bits per byte")

@@ -16,6 +16,7 @@ from barkgpt.fileio import sha256_file
 from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
 CHECKPOINT_TAG = "sha256.best.pt"
+SWEEP_TAG = "sweep.study"  # on a sweep's parent run and its trials' runs (barkgpt/tracking/sweeps.py)
 
 
 def ranking(metric: str, higher_is_better: bool) -> list[tuple[str, str]]:
@@ -55,7 +56,8 @@ def find_version(client, model: str, checkpoint_sha256: str):
     return None
 
 
-def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]) -> dict:
+def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]], input_example: str,
+             description: str = "") -> dict:
     """Register the run's model once (a known checkpoint only gets fresh tags), then elect the champion."""
     mlflow, client, p, params, name = run.mlflow, run.client, run.paths, run.params, run.name
     if gate_passed:  # a champion candidate must be the model its gate judged, byte for byte
@@ -66,24 +68,53 @@ def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]
     tags = version_tags(p, order, metrics, gate_passed)
     mv = find_version(client, model, tags.get(CHECKPOINT_TAG, "")) if CHECKPOINT_TAG in tags else None
     if mv is None:
-        mv = mlflow.register_model(log_model(run), model, tags=tags)
+        mv = mlflow.register_model(log_model(run, input_example), model, tags=tags)
     else:
         for key, value in tags.items():
             client.set_model_version_tag(model, mv.version, key, value)
-    champion = elect_champion(client, model, order, params.tracking.champion_alias)
+    describe(client, run, model, mv.version, metrics, gate_passed, order, description)
+    if in_sweep(client, run.run_id):  # a sweep elects once, when all its trials are in (barkgpt/sweep/)
+        current = (client.get_registered_model(model).aliases or {}).get(params.tracking.champion_alias)
+        champion = None if current is None else int(current)
+    else:
+        champion = elect_champion(client, model, order, params.tracking.champion_alias)
     return {"run_id": run.run_id, "registered_model": model, "version": int(mv.version),
             "champion": champion == int(mv.version), "champion_version": champion}
 
 
-def log_model(run) -> str:
+def in_sweep(client, run_id: str) -> bool:
+    """A sweep's trial: its run is nested under the sweep's parent run (barkgpt/tracking/sweeps.py)."""
+    tags = client.get_run(run_id).data.tags or {}
+    return SWEEP_TAG in tags and tags.get("sweep.role") != "parent"
+
+
+def describe(client, run, model: str, version, metrics: dict, gate_passed: bool,
+             order: list[tuple[str, str]], description: str = "") -> None:
+    """Descriptions the registry page shows: what the model is (`description`: the pipeline's own)
+    and how its champion is chosen; what each version is (the run name says what trained it), its
+    metrics and gate verdict."""
+    alias = run.params.tracking.champion_alias
+    ranked = ", then ".join(f"{'highest' if d == 'max' else 'lowest'} {m}" for m, d in order)
+    client.update_registered_model(model, description=(
+        f"BarkGPT {description or run.name}. One version per trained model (a re-evaluation updates its tags). "
+        f"The `{alias}` alias is on the best version whose gates passed ({ranked}); none passes, no alias. "
+        f"Load it with `mlflow.pyfunc.load_model('models:/{model}@{alias}')`."))
+    shown = [f"{m} {metrics[m]:.4g}" for m, _ in order if isinstance(metrics.get(m), (int, float))]
+    client.update_model_version(model, str(version), description=(
+        f"{client.get_run(run.run_id).info.run_name}. {', '.join(shown)}; gate {'passed' if gate_passed else 'FAILED'}. "
+        f"Files: best.pt and tokenizer.json (sha256 in the tags)."))
+
+
+def log_model(run, prompt: str) -> str:
     """Log the MLflow model (from code: barkgpt/mlflow_model.py; nothing pickled) with an input
     example, and return its URI."""
+    from importlib import metadata
+
     from barkgpt import mlflow_model
 
     mlflow, p, params, name = run.mlflow, run.paths, run.params, run.name
     eval_cfg = getattr(params, name).eval
     artifacts = {"checkpoint": str(p.checkpoint), "tokenizer": str(p.tokenizer)}
-    prompt = "User: speak Assistant:" if name == "bark" else (getattr(eval_cfg, "prompts", None) or ["The"])[0]
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
@@ -95,7 +126,8 @@ def log_model(run) -> str:
             # given, not inferred: inferring would load the model and generate once more here
             signature=ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")])),
             input_example=[prompt],
-            pip_requirements=["barkgpt", "torch==2.13.0", "numpy", "pydantic", "pyyaml"],
+            # the torch this model was trained with (the project pins it: constraints.txt)
+            pip_requirements=["barkgpt", f"torch=={metadata.version('torch')}", "numpy", "pydantic", "pyyaml"],
         )
     return info.model_uri
 

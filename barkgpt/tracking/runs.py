@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +24,10 @@ from pathlib import Path
 from barkgpt.errors import BarkError
 from barkgpt.fileio import fsync_dir, read_json, sha256_file, write_json
 from barkgpt.params import Params, TrackingParams, flatten
-from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
+from barkgpt.tracking.hashes import dvc_data_md5, git_commit, tokens_sha256
 
-# The experiment opens on MLflow's classic page (runs, metrics, models), not the GenAI one.
+# The experiment is a training one (MLflow 3.0-3.x UIs that read this tag open it on its runs;
+# newer ones follow the URL's workflowType: see ui_url).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 SYSTEM_METRICS_INTERVAL_S = 5.0  # CPU, memory, disk, network: one psutil sample every 5 s
 
@@ -173,16 +173,49 @@ def run_name(params: Params, name: str) -> str:
            f"seed {t.seed}"
 
 
-def git_commit(root: Path) -> str:
-    for folder in (Path(root), Path(__file__).resolve().parent):
-        try:
-            out = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0:
-            return out.stdout.strip()
-    return "unknown"
+def commit_id(root: Path) -> str:
+    return (git_commit(root) or {"commit": "unknown"})["commit"]
+
+
+def standard_tags(root: Path, tags: dict) -> dict[str, str]:
+    """MLflow's own tags, so the UI's "Source", "Version" and "Created by" columns are filled: the
+    entry point (the door that ran the stage), the git commit, the user. The fluent API adds these
+    from the calling script; runs created through the client get them here."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    prefect = "prefect.flow_run_name" in tags or "prefect.flow_run_id" in tags
+    return {"mlflow.source.name": tags.get("mlflow.source.name") or source_name(),
+            "mlflow.source.type": "JOB" if prefect else "LOCAL",
+            "mlflow.source.git.commit": commit_id(root), "mlflow.user": user}
+
+
+def source_name() -> str:
+    """The command that ran, as a person would type it: `barkgpt train bark`, `dvc repro`, ..."""
+    import sys
+
+    argv = sys.argv or ["python"]
+    program = Path(argv[0]).name
+    if program == "__main__.py":  # python -m barkgpt ...
+        program = f"python -m {Path(argv[0]).parent.name}"
+    elif program in ("-c", ""):
+        program = "python"
+    return " ".join([program, *argv[1:3]])[:200]
+
+
+def run_note(tags: dict) -> str | None:
+    """The run's description (mlflow.note.content, Markdown): a link to the Prefect flow run that
+    trained it, when a Prefect door did and its UI is known."""
+    url, name = tags.get("prefect.flow_run_url"), tags.get("prefect.flow_run_name")
+    if not (url or name):
+        return None
+    label = f"Prefect flow run `{name}`" if name else "Prefect flow run"
+    target = f"[{label}]({url})" if url else f"{label} (id `{tags.get('prefect.flow_run_id', '?')}`; run in-process, " \
+                                              "no Prefect UI to link to)"
+    return f"Trained by {target}."
 
 
 def data_tags(paths) -> dict[str, str]:
@@ -294,12 +327,20 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
             return run
         except Exception:  # MlflowException: not in this store; start a new run below
             pass
-    exp_id = experiment_id(client, params.tracking, paths.root, uri)
-    all_tags = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths), **(tags or {})}
-    created = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags)
+    tags = dict(tags or {})
+    all_tags = {"pipeline": name, **standard_tags(paths.root, tags), **data_tags(paths), **tags}
+    if note := run_note(tags):
+        all_tags["mlflow.note.content"] = note
+    run_id = adopted_run(client, uri)
+    if run_id:  # a launcher's run (a sweep's trial): it keeps its name and nesting, gains the tags
+        for key, value in all_tags.items():
+            client.set_tag(run_id, key, value)
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp_id = experiment_id(client, params.tracking, paths.root, uri)
+        run_id = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags).info.run_id
     from mlflow.entities import Param
 
-    run_id = created.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in pipeline_params(params, name).items()],
                      synchronous=True)
     try:
@@ -312,12 +353,33 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
     return run
 
 
+def adopted_run(client, uri: str) -> str | None:
+    """The run a launcher created for this training and handed over in MLFLOW_RUN_ID, as `mlflow
+    run` does (a sweep's trial, nested under its sweep); None when there is none."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise BarkError(f"MLFLOW_RUN_ID={run_id} names no run in {uri}; unset it to start a new run") from None
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        raise BarkError(f"MLFLOW_RUN_ID={run_id} names a {run.info.status.lower()} run; a training continues "
+                        "only a run its launcher created for it (unset MLFLOW_RUN_ID)")
+    return run_id
+
+
+# The training's summary, as run metrics: only what the per-step curves do not already show (the
+# last loss, val_loss, tokens and seconds are the curves' last points; one name per metric).
+SUMMARY_METRICS = {"best_val_loss": "best_val_loss", "tokens_per_s": "mean_tokens_per_s"}
+
+
 def finish_training(run: TrainingRun | None, summary: dict) -> None:
     if run is None:
         return
     p = run.paths
-    run.log_step(summary.get("step", 0), {f"train.{k}": v for k, v in summary.items()
-                                          if isinstance(v, (int, float)) and v is not None})
+    run.log_step(summary.get("step", 0), {name: summary[k] for k, name in SUMMARY_METRICS.items()
+                                          if isinstance(summary.get(k), (int, float))})
     if p.train_log.exists():
         run.client.log_artifact(run.run_id, str(p.train_log), "reports")
         png = loss_curve_png(p.train_log, p.loss_curve)
@@ -369,8 +431,9 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
             run_id = None
     if run_id is None:
         exp_id = experiment_id(client, params.tracking, paths.root, mlflow.get_tracking_uri())
-        base = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths),
-                "note": "checkpoint's training run not in this store"}
+        base = {"pipeline": name, **standard_tags(paths.root, tags or {}), **data_tags(paths),
+                "mlflow.note.content": "Evaluation of a checkpoint whose training run is not in this store "
+                                       "(e.g. fetched with `dvc pull`)."}
         run_id = client.create_run(exp_id, run_name=f"{name} evaluation of a checkpoint trained elsewhere",
                                    tags=base).info.run_id
     for k, v in (tags or {}).items():
@@ -380,32 +443,75 @@ def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> Tr
 
 
 def finish_evaluation(run: TrainingRun | None, metrics: dict, gate_passed: bool,
-                      order: list[tuple[str, str]]) -> dict:
+                      order: list[tuple[str, str]], input_example: str, description: str = "") -> dict:
     """Log final metrics and samples, register the model (one version per trained model) and move
-    the champion alias to the best gate-passing version."""
+    the champion alias to the best gate-passing version. `order` and `input_example` (a prompt the
+    model version shows) are the pipeline's."""
     from barkgpt.tracking import registry
 
     if run is None:
         return {}
     p = run.paths
-    flat = {}
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            flat.update({f"eval.{k}.{kk}": vv for kk, vv in v.items()})
-        elif isinstance(v, (int, float)):
-            flat[f"eval.{k}"] = v
-    run.log_step(0, {k.replace(":", "").replace(" ", "_"): v for k, v in flat.items()})
+    run.log_step(0, evaluation_metrics(metrics))
     for f in (p.metrics, p.samples):
         if f.exists():
             run.client.log_artifact(run.run_id, str(f), "reports")
     run.client.set_tag(run.run_id, "gate_passed", str(gate_passed).lower())
     try:
-        info = registry.register(run, metrics, gate_passed, order)
+        info = registry.register(run, metrics, gate_passed, order, input_example, description)
     except BaseException:
         run.fail()
         raise
     run.end()
     return info
+
+
+# Sizes of what was measured, not measurements: in metrics.json (a run artifact), not charts.
+NOT_METRICS = {"contract_samples", "val_bytes", "val_tokens"}
+
+
+def evaluation_metrics(metrics: dict) -> dict[str, float]:
+    """The evaluation's measurements as `eval.*` run metrics, one name each: the gate verdict once
+    (`eval.gate_passed`, not again from the gate's details), per-prompt rates as
+    `eval.ood_contract_rate.<prompt>`; sample sizes and file hashes stay in metrics.json."""
+    flat = {}
+    for k, v in metrics.items():
+        if k in NOT_METRICS or k in ("gate", "judged"):
+            continue
+        if isinstance(v, dict):
+            flat.update({f"eval.{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+        elif isinstance(v, (int, float)):
+            flat[f"eval.{k}"] = v
+    return {k.replace(":", "").replace(" ", "_"): float(v) for k, v in flat.items()}
+
+
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves the embedded store
+
+
+def run_link(params: Params, paths) -> str | None:
+    """A Markdown link to the model's MLflow run page (a tracking server's own UI, else where
+    `mlflow ui` serves the embedded store); None when untracked or the run is not in this store."""
+    record = run_summary(paths)
+    if not params.tracking.enabled or not record:
+        return None
+    mlflow, client = client_for(params, paths.root)
+    try:
+        run = client.get_run(record["run_id"])
+    except Exception:  # MlflowException: the checkpoint came from another store (dvc pull)
+        return None
+    uri = mlflow.get_tracking_uri()
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI_DEFAULT
+    page = ui_url(server, run.info.experiment_id, run.info.run_id)
+    how = "" if server != MLFLOW_UI_DEFAULT else " (with `mlflow ui --backend-store-uri sqlite:///mlflow.db` running)"
+    return f"MLflow run: [{run.info.run_name}]({page}){how}."
+
+
+def ui_url(server: str, experiment_id: str, run_id: str | None = None) -> str:
+    """An MLflow UI page of the experiment's runs (or of one run) in its "Model training" view. MLflow
+    3's UI picks its view from the URL's workflowType, else from the browser's last choice, and a
+    fresh browser gets the GenAI overview, whatever the experiment's mlflow.experimentKind says."""
+    page = f"runs/{run_id}" if run_id else "runs"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/{page}?workflowType=machine_learning"
 
 
 def run_summary(paths) -> dict | None:
