@@ -318,6 +318,7 @@ def serve(sock_path: Path, idle_s: float, entry: Callable[[list[str]], int], pat
             children = {pid for pid in children if _running(pid)}
             if children:
                 record["used"] = time.time()
+                _write_record(lock, record)  # `status` counts idle time from the last command's end
             left = record["used"] + idle_s - time.time()
             listener.settimeout(0 if pending else max(0.0, min(left, CHECK_S)))
             try:
