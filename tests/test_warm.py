@@ -243,7 +243,8 @@ def test_ctrl_c_and_ctrl_z_reach_the_stage_and_a_killed_client_takes_its_stage_d
             assert proc.poll() is None, f"train exited {proc.returncode}: {proc.communicate()[1][-3000:]}"
             return len(serve_processes(runtime)) == 2 and any((run / "last.pt").exists() for run in set(runs()) - before)
 
-        wait_for(training, what="the forked stage to train (a checkpoint in a new run folder)")
+        # Minutes on a busy 2-core machine (MLflow's store, then 10 steps): the wait ends when it trains.
+        wait_for(training, 300, "the forked stage to train (a checkpoint in a new run folder)")
         (child,) = set(serve_processes(runtime)) - set(server)
         return proc, child
 
