@@ -67,10 +67,10 @@ def autocast(dtype: str, device_type: str = "cpu"):
 
 
 def compute_dtype(dtype: str, device_type: str = "cpu") -> str:
-    """`train.dtype: auto`: bfloat16 where the hardware multiplies bf16 faster than fp32 (CUDA GPUs
-    with bf16, CPUs with AMX), else float32. On an AVX-512 CPU without AMX, oneDNN's bf16 GEMM ran
-    at 0.67x MKL's fp32 SGEMM and bf16 autocast trained the WebText-2 model 0.65x as fast as fp32
-    (benchmarks/webtext_throughput.py, issue 14), so auto means float32 there."""
+    """A guess for `auto` where nothing was measured (benchmarks that time one dtype): bfloat16 on
+    CUDA GPUs with bf16 and CPUs with AMX, else float32. Training never uses it: its `auto` is
+    measured on the machine (barkgpt/calibrate.py), because the flags mislead: without AMX, bf16
+    trained at 0.67x fp32 on one AVX512_BF16 CPU (issue 14) and about 2x on another (issue 23)."""
     if dtype != "auto":
         return dtype
     if device_type == "cuda":

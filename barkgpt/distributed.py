@@ -90,6 +90,17 @@ def from_main(value: float, dist: Dist, device: torch.device) -> float:
     return float(t)
 
 
+def object_from_main(obj, dist: Dist):
+    """Rank 0's object (picklable, small) on every process: e.g. the measured training settings."""
+    if not dist.enabled:
+        return obj
+    import torch.distributed as td
+
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # --- the launcher -------------------------------------------------------------------------------
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -28,13 +28,13 @@ def sampling(p) -> Sampling:
                     seed=p.seed)
 
 
-def open_for_evaluation(lay, threads: int | None = None):
+def open_for_evaluation(lay, threads: int | str | None = None):
     """(the checkpoint as a TorchLM, the validation tokens, byte lengths per id), the tokens checked
     against the checkpoint's tokenizer."""
     from barkgpt.data.shards import load_tokens
     from barkgpt.lm.torch_lm import TorchLM
 
-    lm = TorchLM.load(lay.checkpoint, threads)
+    lm = TorchLM.load(lay.checkpoint, threads if isinstance(threads, int) else None)  # train.threads may be auto
     val_ids, _ = load_tokens(lay.token_manifest("val"), lm.tokenizer, f"the model {lay.checkpoint} and the shards "
                              f"disagree: re-run the tokenize and train stages (barkgpt tokenize {lay.pipeline}; "
                              f"barkgpt train {lay.pipeline})")

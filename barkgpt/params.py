@@ -6,7 +6,7 @@ work starts, with the dotted key, what was given and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,15 +108,18 @@ class TrainParams(Strict):
         "cosine", description="after warm-up: cosine to min_lr_ratio, or wsd: constant, then linear decay")
     decay_fraction: float = Field(0.4, gt=0, le=1, description="wsd: the final share of the run that decays")
     dtype: Literal["float32", "bfloat16", "auto"] = Field(
-        "float32", description="bfloat16: autocast, fp32 master weights; auto: bfloat16 where bf16 matmuls are "
-                               "faster (CUDA, CPUs with AMX), else float32")
+        "float32", description="bfloat16: autocast, fp32 master weights; auto: whichever trains faster here, "
+                               "measured once per machine and model shape (barkgpt/calibrate.py)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="auto: cuda, then mps, then cpu; cuda or mps where there is none is an error")
     nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes (DDP under torchrun); "
                                                      "one per GPU on CUDA")
-    compile: bool = Field(False, description="torch.compile the model (compiled code cached per machine)")
-    threads: int | None = Field(None, ge=1, le=256,
-                                description="torch threads per process, at most 256 (more than the cores only slows); None = all cores")
+    compile: bool | Literal["auto"] = Field(
+        False, description="torch.compile the model (compiled code cached per machine); auto: only when the "
+                           "measured speed-up repays the measured compile time within the run's budget")
+    threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] | None = Field(
+        None, description="torch threads per process, at most 256 (more than the cores only slows); "
+                                        "None = all cores; auto: the fastest measured")
     seed: int = 1337
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
@@ -332,6 +335,8 @@ class ServeParams(Strict):
     max_tokens_limit: int = Field(512, ge=1)
     max_prompt_chars: int = Field(16000, ge=1)
     max_messages: int = Field(64, ge=1)
+    max_embedding_inputs: int = Field(2048, ge=1, description="inputs one /v1/embeddings request may send "
+                                      "(OpenAI's limit)")
     retry_after_s: int = Field(1, ge=1)
     cors_origins: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:8000", "http://localhost:8000"])
     allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "[::1]"],

@@ -41,6 +41,16 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def numerics(t, summary: dict) -> str:
+    """dtype, compile and threads as trained (the summary's resolved settings, measured where params
+    say auto), else as params set them."""
+    got = summary.get("settings") or {}
+    dtype, compile_, threads = (got.get(k, getattr(t, k)) for k in ("dtype", "compile", "threads"))
+    text = f"{dtype}, compile {str(compile_).lower()}, threads {threads or 'all'}"
+    note = got.get("note", "")
+    return text + (f" ({note})" if note.startswith("chosen by measurement") else "")
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -161,7 +171,7 @@ def build_report(params: Params, name: str, root: Path | str = ".") -> str:
         ["batch", f"{t.batch_size} x {m.block_size} tokens x grad_accum {t.grad_accum}"],
         ["optimizer", f"AdamW lr {t.learning_rate:g} (warm-up {t.warmup_steps}, cosine to {t.min_lr_ratio:g}x), "
                       f"weight decay {t.weight_decay:g}, betas ({t.beta1:g}, {t.beta2:g}), clip {t.grad_clip:g}"],
-        ["numerics", f"{t.dtype}, compile {str(t.compile).lower()}, threads {t.threads or 'all'}, dropout {m.dropout:g}"],
+        ["numerics", numerics(t, _read(lay.train_summary) or {}) + f", dropout {m.dropout:g}"],
         ["seeds", f"project {params.seed}, training {t.seed}"],
     ])
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from barkgpt import calibrate
 from barkgpt.checkpoint import load_checkpoint, save_checkpoint
 from barkgpt.data.shards import random_windows, window_rng
-from barkgpt.device import autocast, prepare, to_device
-from barkgpt.distributed import SINGLE, Dist, from_main, mean_across
+from barkgpt.device import autocast, prepare, synchronize, to_device
+from barkgpt.distributed import SINGLE, Dist, from_main, mean_across, object_from_main
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
 from barkgpt.lm.torch_lm import TorchLM
@@ -58,6 +59,12 @@ class TrainResult:
     best_val_loss: float | None
     val_bpb: float | None = None  # on the last evaluation's windows, when token byte lengths are known
     history: list[dict] = field(default_factory=list)
+    # What trained and where the time went: the resolved dtype/compile/threads and why (calibrate.py);
+    # seconds compiling and calibrating (before the budget's clock starts) and inside training steps.
+    settings: dict = field(default_factory=dict)
+    compile_seconds: float = 0.0
+    calibration_seconds: float = 0.0
+    step_seconds: float = 0.0
 
 
 def require_finite(what: str, value: float, step: int) -> None:
@@ -66,8 +73,8 @@ def require_finite(what: str, value: float, step: int) -> None:
                                "(lower learning_rate, add warmup_steps or grad_clip)")
 
 
-def set_threads(threads: int | None) -> None:
-    if threads:
+def set_threads(threads: int | str | None) -> None:
+    if isinstance(threads, int):
         torch.set_num_threads(threads)
 
 
@@ -77,18 +84,24 @@ class Progress:
 
     def __init__(self, p: TrainParams, step: int, fraction: float, active: bool, bar: bool):
         self.p, self.active, self.first_step, self.first_fraction = p, active, step, fraction
-        self.bar = tqdm(total=p.max_steps, initial=step, unit="step", dynamic_ncols=True) \
+        # With a time or token budget the bar counts percent of whichever budget ends the run first.
+        self.steps_only = not (p.max_seconds or p.max_tokens)
+        total, initial = (p.max_steps, step) if self.steps_only else (100, int(100 * fraction))
+        self.bar = tqdm(total=total, initial=initial, unit="step" if self.steps_only else "%", dynamic_ncols=True) \
             if active and bar and sys.stderr.isatty() else None
         self.start = self.last = time.perf_counter()
         self.last_tokens = None
 
-    def update(self, step: int, loss: float, tokens: int, fraction: float, done: bool) -> None:
+    def update(self, step: int, loss: float, tokens: int, fraction: float, done: bool, budget: str = "") -> None:
         if not self.active:
             return
         if self.bar is not None:
-            self.bar.update(1)
+            if self.steps_only:
+                self.bar.update(1)
+            else:
+                self.bar.update(min(100, int(100 * fraction)) - self.bar.n)
             if step % self.p.log_every == 0 or done:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
+                self.bar.set_postfix_str(f"{budget}, loss {loss:.4f}" if budget else f"loss {loss:.4f}")
             return
         now = time.perf_counter()
         if not (step == self.first_step + 1 or done or now - self.last >= PROGRESS_EVERY_S):
@@ -97,12 +110,23 @@ class Progress:
         self.last, self.last_tokens = now, tokens
         spent, gained = now - self.start, fraction - self.first_fraction
         eta = spent * (1 - fraction) / gained if gained > 0 and not done else 0.0
-        log.info("step %d/%d (%.0f%%) loss %.4f | %s tok/s | elapsed %s | ETA %s", step, self.p.max_steps,
+        log.info("%s (%.0f%%) loss %.4f | %s tok/s | elapsed %s | ETA %s", budget or f"step {step}/{self.p.max_steps}",
                  100 * min(fraction, 1.0), loss, tps, _clock(spent), _clock(eta))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def budget_text(p: TrainParams, step: int, seconds: float, tokens: int) -> str:
+    """Progress against the budget nearest its end, which is the one that will stop the run:
+    'step 40/100', 'step 40 | 0:42 of 1:00 time budget' or 'step 40 | 1.2M of 4.0M tokens'."""
+    parts = [(step / p.max_steps, f"step {step}/{p.max_steps}")]
+    if p.max_seconds:
+        parts.append((seconds / p.max_seconds, f"step {step} | {_clock(seconds)} of {_clock(p.max_seconds)} time budget"))
+    if p.max_tokens:
+        parts.append((tokens / p.max_tokens, f"step {step} | {tokens / 1e6:.1f}M of {p.max_tokens / 1e6:.1f}M tokens"))
+    return max(parts, key=lambda part: part[0])[1]
 
 
 def _clock(seconds: float) -> str:
@@ -132,6 +156,11 @@ def train(
     device = torch.device(device)
     out_dir = Path(out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    # `auto` settings measured before the seed is set: calibration leaves the run's numbers untouched.
+    choice = resolve_settings(model_params, p, tokenizer.vocab_size, train_ids, device, dist)
+    p = p.model_copy(update={"dtype": choice.dtype, "compile": choice.compile, "threads": choice.threads})
+    if dist.is_main and choice.chosen_by and "measured" in choice.chosen_by.values():
+        log.info("%s", choice.note)
     set_threads(p.threads)
     prepare(device, p.compile)
     torch.manual_seed(p.seed)
@@ -165,6 +194,20 @@ def train(
     last_bpb = [None]
     block, micro_steps = model_params.block_size, p.grad_accum
     tokens_per_step = p.batch_size * micro_steps * block * dist.world_size
+    compile_seconds = 0.0
+    if p.compile and step < p.max_steps:
+        # Compile before the clock starts, so a time budget buys training steps and the compile time
+        # is reported apart: a forward and backward on the first batch, gradients then dropped.
+        t0 = time.perf_counter()
+        x, y = random_windows(train_ids, p.batch_size, block, window_rng(p.seed, step, dist.rank * micro_steps))
+        with autocast(p.dtype, device.type):
+            _, loss = step_fn(to_device(x, device), to_device(y, device))
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        compile_seconds = time.perf_counter() - t0
+        if dist.is_main:
+            log.info("compiled the model in %.1f s (not counted in the training budget)", compile_seconds)
+    step_seconds = 0.0
     start = time.perf_counter()
 
     def elapsed() -> float:
@@ -210,6 +253,7 @@ def train(
     fraction = progress_fraction(elapsed())
     report = Progress(p, step, fraction, active=dist.is_main, bar=progress)
     while step < p.max_steps and fraction < 1.0:
+        step_start = time.perf_counter()
         factor = lr_factor(step, fraction, p)
         set_lr(optimizer, factor)  # each param group's own peak rate times the schedule
         lr = lr_at(step, fraction, p)  # the rate logged: the one definition of it (optim.py)
@@ -230,14 +274,16 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds += time.perf_counter() - step_start
         step += 1
         tokens += tokens_per_step
         window_tokens += tokens_per_step
         loss_value = float(loss_sum) / micro_steps
         require_finite("train loss", loss_value, step)  # before this step's checkpoint: no NaN is saved
-        fraction = progress_fraction(elapsed())
+        now_s = elapsed()
+        fraction = progress_fraction(now_s)
         last_step = step >= p.max_steps or fraction >= 1.0
-        report.update(step, loss_value, tokens, fraction, last_step)
+        report.update(step, loss_value, tokens, fraction, last_step, budget_text(p, step, now_s, tokens))
 
         row = None
         if step % p.log_every == 0 or last_step:
@@ -269,7 +315,66 @@ def train(
     return TrainResult(
         step=step, tokens=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
         train_loss=loss_value, val_loss=val, best_val_loss=best_val, val_bpb=last_bpb[0], history=history,
+        settings={"dtype": p.dtype, "compile": p.compile, "threads": p.threads, "chosen_by": choice.chosen_by,
+                  "measured_tokens_per_s": choice.tokens_per_s, "note": choice.note},
+        compile_seconds=round(compile_seconds, 2), calibration_seconds=choice.calibration_seconds,
+        step_seconds=round(step_seconds, 3),
     )
+
+
+def resolve_settings(model_params: ModelParams, p: TrainParams, vocab_size: int, train_ids: np.ndarray,
+                     device: torch.device, dist: Dist = SINGLE) -> calibrate.Choice:
+    """dtype, compile and threads for this run: explicit ones as set, `auto` ones measured on this
+    machine (barkgpt/calibrate.py). Under DDP rank 0 measures and every process takes its choice."""
+    if "auto" not in (p.dtype, p.compile, p.threads):
+        return calibrate.Choice(dtype=p.dtype, compile=p.compile, threads=p.threads,
+                                chosen_by=dict.fromkeys(("dtype", "compile", "threads"), "explicit"))
+    block = model_params.block_size
+    micro_tokens = p.batch_size * block
+
+    def run_seconds(tokens_per_s: float) -> float:
+        """How long this run trains at that speed (per process): the budget that ends it first."""
+        limits = [p.max_steps * p.grad_accum * micro_tokens / tokens_per_s]
+        if p.max_seconds:
+            limits.append(p.max_seconds)
+        if p.max_tokens:
+            limits.append(p.max_tokens / (tokens_per_s * dist.world_size))
+        return min(limits)
+
+    def make_step(setting: calibrate.Setting):
+        """One micro-batch's forward, backward and optimizer step of a fresh copy of the model."""
+        threads = setting.threads or calibrate.usable_cores()
+        torch.set_num_threads(threads)
+        if setting.compile:
+            prepare(device, True)
+        model = GPT(model_params, vocab_size).to(device)
+        fn = torch.compile(model) if setting.compile else model
+        optimizer = make_optimizer(model, p)
+        x, y = random_windows(train_ids, p.batch_size, block, np.random.default_rng(0))
+        x, y = to_device(x, device), to_device(y, device)
+
+        def step() -> None:
+            torch.set_num_threads(threads)
+            with autocast(setting.dtype, device.type):
+                _, loss = fn(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+        return step
+
+    choice = None
+    if dist.is_main:
+        before = torch.get_num_threads()
+        shape = {"model": model_params.model_dump(), "vocab": vocab_size, "batch_size": p.batch_size,
+                 "optimizer": p.optimizer}
+        choice = calibrate.choose(dtype=p.dtype, compile=p.compile, threads=p.threads, device=device, shape=shape,
+                                  tokens_per_step=micro_tokens, run_seconds=run_seconds, make_step=make_step,
+                                  world_size=dist.world_size)
+        torch.set_num_threads(before)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return object_from_main(choice, dist)
 
 
 def write_history(path: Path, history: list[dict]) -> None:

@@ -10,10 +10,15 @@ and each configuration's requests/s is printed as a ratio to the first one's:
 - `ref:REF`: the code of git revision REF (checked out into a temporary worktree) with its own
   defaults, e.g. `ref:main` or the commit before a change: the server as it was;
 - `single`: this code as one process generating in a model thread (serve.workers 1, inline never);
-- `params`: this code with the project's params.yaml serve section (serve.workers, serve.inline).
+- `params`: this code with the project's params.yaml serve section (serve.workers, serve.inline);
+- `llama-server`: llama.cpp's own C++ server on the same GGUF, built from the llama.cpp that the
+  pinned llama-cpp-python vendors (scripts/build_llama_server.sh; cached after the first build),
+  one decode thread, its chat template from the GGUF (--jinja), as many slots as the most clients;
+- `llama_cpp.server`: llama-cpp-python's own OpenAI-compatible server (`python -m llama_cpp.server`).
 
     python benchmarks/serve_load.py                        # single, then params: 8 and 32 clients, 2000 requests
     python benchmarks/serve_load.py --configs ref:HEAD~3 params   # an older revision against today
+    python benchmarks/serve_load.py --configs params llama-server llama_cpp.server   # against llama.cpp's servers
     python benchmarks/serve_load.py --requests 200         # short check
     python benchmarks/serve_load.py --url http://HOST:PORT --model-id NAME   # an already running server
 """
@@ -69,18 +74,8 @@ def start_server(model: Path, port: int, threads: int, code: Path = ROOT, params
            "--model", str(model), "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning",
            "--threads", str(threads)]
     proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; run `{' '.join(cmd)}` to see why")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready in 120 s")
+    wait_ready(proc, f"http://127.0.0.1:{port}/ready", cmd)
+    return proc
 
 
 SINGLE = {"workers": 1, "inline": "never"}  # one process, generation in a model thread
@@ -96,6 +91,8 @@ def configuration(name: str, work: Path):
             yield tree, None
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    elif name in EXTERNAL:
+        yield None, None
     elif name in ("single", "params"):
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
         if name == "single":
@@ -104,7 +101,52 @@ def configuration(name: str, work: Path):
         path.write_text(yaml.safe_dump(raw))
         yield ROOT, path
     else:
-        raise SystemExit(f"unknown configuration {name!r}: use ref:REV, single or params")
+        raise SystemExit(f"unknown configuration {name!r}: use ref:REV, single, params, llama-server or "
+                         "llama_cpp.server")
+
+
+EXTERNAL = ("llama-server", "llama_cpp.server")
+
+
+def start_external(name: str, model: Path, port: int, threads: int, slots: int) -> subprocess.Popen:
+    """llama.cpp's C++ server or llama-cpp-python's, on `model`, answering as the model's stem."""
+    n_ctx = gguf_context(model)
+    if name == "llama-server":
+        binary = subprocess.run([str(ROOT / "scripts" / "build_llama_server.sh")], check=True, capture_output=True,
+                                text=True).stdout.strip()
+        cmd = [binary, "-m", str(model), "--jinja", "-a", model.stem, "--host", "127.0.0.1", "--port", str(port),
+               "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(n_ctx * slots), "--kv-unified",
+               "--no-webui", "-lv", "0"]
+    else:
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", model.stem,
+               "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--host", "127.0.0.1", "--port", str(port),
+               "--verbose", "false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", cmd)
+    return proc
+
+
+def gguf_context(model: Path) -> int:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(model))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    return int(reader.fields[f"{arch}.context_length"].parts[-1][0])
+
+
+def wait_ready(proc: subprocess.Popen, url: str, cmd: list[str]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; run `{' '.join(cmd)}` to see why")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server did not become ready in 120 s: {' '.join(cmd)}")
 
 
 class Connection:
@@ -199,7 +241,8 @@ def main() -> None:
     ap.add_argument("--quant", default=None, help="default: export.deploy_quantization")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", nargs="+", default=["single", "params"],
-                    help="server configurations, in turn: ref:REV, single, params (the first is the baseline)")
+                    help="server configurations, in turn: ref:REV, single, params, llama-server, llama_cpp.server "
+                         "(the first is the baseline)")
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
     ap.add_argument("--model-id", help="with --url: the model name to send")
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -213,7 +256,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
             for name in args.configs:
                 with configuration(name, Path(tmp)) as (code, params):
-                    proc, url = serve(model, args.threads, code, params)
+                    if name in EXTERNAL:
+                        port = free_port()
+                        proc, url = start_external(name, model, port, args.threads, max(args.clients)), \
+                            f"http://127.0.0.1:{port}"
+                    else:
+                        proc, url = serve(model, args.threads, code, params)
                     try:
                         model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
                         print(f"{name}: serving {model} as {model_id!r} on {url}", flush=True)
@@ -232,12 +280,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
 
 
-def serve(model: Path, threads: int, code: Path, params: Path | None) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def serve(model: Path, threads: int, code: Path, params: Path | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     return start_server(model, port, threads, code, params), f"http://127.0.0.1:{port}"
 
 
@@ -257,7 +309,8 @@ def report(results: list[dict]) -> None:
         within = r["contract_ok"] == r["requests"] or r["contract_ok"] >= first["contract_ok"] > 0
         line = f"{r['config']}, {r['clients']} clients: {r['req_per_s']:.0f} req/s"
         if r["clients"] in base:
-            line += f" = {r['req_per_s'] / base[r['clients']]['req_per_s']:.2f}x the first configuration"
+            line += (f" = {r['req_per_s'] / base[r['clients']]['req_per_s']:.2f}x the first configuration, p99 "
+                     f"{r['p99_ms']:.1f} ms = {r['p99_ms'] / base[r['clients']]['p99_ms']:.2f}x its p99")
         if r["clients"] == 8:
             line += f"; p50 {r['p50_ms']:.1f} ms (target <= 5)"
         if r["clients"] == 32:

@@ -63,6 +63,12 @@ def main() -> None:
         "val_bpb": round(metrics["val_bpb"], 4), "val_perplexity": round(metrics["val_perplexity"], 2),
         "train_seconds": round(train_s, 1), "steps": summary["step"], "tokens": summary["tokens"],
         "tokens_per_s": round(summary["tokens_per_s"]),
+        # Where the budget went: training steps, the rest (evaluations, checkpoints) within it, and
+        # before its clock started, calibration and compile (train.json's figures).
+        "step_seconds": summary.get("step_seconds"), "budget_seconds": round(summary["seconds"], 1),
+        "not_training_share_of_budget": round(1 - summary.get("step_seconds", 0) / summary["seconds"], 3),
+        "calibration_seconds": summary.get("calibration_seconds"), "compile_seconds": summary.get("compile_seconds"),
+        "settings": (summary.get("settings") or {}).get("note"),
         "model": f"{m.n_layer}L {m.n_embd}d {m.n_head}h ctx {m.block_size}", "vocab": metrics["vocab_size"],
         "root": str(root),
     }, indent=2))

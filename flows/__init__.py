@@ -9,8 +9,8 @@ os.environ.setdefault("PREFECT_HOME", str(Path(__file__).resolve().parent.parent
 # Offline by default: the local (ephemeral) Prefect server sends no usage analytics.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-# Nothing pickled is ever loaded: whatever Prefect persists (flow or task results, if a user turns
-# persistence on) is JSON. The stage tasks persist nothing; DVC is the record of what ran.
+# Nothing pickled is ever loaded: whatever Prefect persists (the flows' and tasks' results, so a
+# failed flow run can be retried from its failed task) is JSON.
 os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
 # The temporary local API starts in seconds on an idle laptop, slower on a loaded 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -4,8 +4,10 @@ One task for every stage of every pipeline. `dvc status` judges the stage (its c
 params and outputs as dvc.yaml declares them); a stale stage runs here, in this process, through
 the same function its `barkgpt <stage> <pipeline>` command calls (so its logs and errors reach
 Prefect), and `dvc commit` records it in dvc.lock. A second run does nothing, through any door,
-and `dvc status` is clean after a flow. Results are small JSON summaries, never pickles, and are
-not persisted: DVC, not Prefect's result cache, is the record of what ran.
+and `dvc status` is clean after a flow. Results are small JSON summaries, persisted as JSON (never
+pickled) and cached for their flow run only: a failed flow run retried reuses the stages that
+completed and starts again at the failed one, while across flow runs DVC, not Prefect's cache,
+judges what needs to run. The flow run's one artifact is the report (publish_report).
 """
 from __future__ import annotations
 

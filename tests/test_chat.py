@@ -179,3 +179,27 @@ def test_terminal_chat_function_and_cli(bark_server):
     r = subprocess.run([sys.executable, "-m", "barkgpt", "chat", "--url", f"http://127.0.0.1:{free_port()}"],
                        input="", capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "cannot reach the server" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_agent_runs_are_traced_into_the_projects_mlflow(bark_server, bark_copy):
+    """One trace per agent run in the project's store, its chat model calls as spans, read back
+    through MLflow's API."""
+    import mlflow
+
+    from barkgpt.chat.tracing import trace_to_mlflow
+
+    exp = trace_to_mlflow(bark_copy)
+    try:
+        state = run_agent(ChatBarkGPT(base_url=bark_server, max_tokens=8), max_turns=2, min_barks=1)
+        if hasattr(mlflow, "flush_trace_async_logging"):
+            mlflow.flush_trace_async_logging()
+        traces = mlflow.search_traces(locations=[exp], return_type="list")
+    finally:
+        mlflow.langchain.autolog(disable=True)
+    assert len(traces) == 1 and traces[0].info.state.value == "OK"
+    spans = traces[0].data.spans
+    calls = [s for s in spans if s.span_type == "CHAT_MODEL"]
+    assert len(calls) == state["turns"] == 2
+    replies = [m.content for m in state["messages"] if isinstance(m, AIMessage)]
+    assert all(r in str(s.outputs) for r, s in zip(replies, calls))
+    assert (bark_copy / "mlflow.db").exists()

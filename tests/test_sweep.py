@@ -121,8 +121,9 @@ def test_a_hopeless_trial_is_pruned_on_the_bpb_training_logs(project):
     out = barkgpt(["sweep", "bark", "--grid", "bark.train.learning_rate=0.01,0.00001", "--grid",
                    "bark.train.max_steps=30", "--grid", "bark.train.eval_every=10", "--grid",
                    "bark.train.log_every=10", "--study", "prune2"], project)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "trial 1 pruned" in out.stdout, out.stdout
+    assert "trial 1 pruned" in out.stdout, out.stdout + out.stderr[-3000:]
+    # 30 steps are too few for the gate: a sweep with no passing trial fails and moves nothing
+    assert_clear(out, "no trial passed the bark gate")
     _, trials = sweep_runs(mlflow_client(project), "prune2")
     pruned = [t for t in trials if t.data.tags["sweep.state"] == "pruned"]
     assert len(pruned) == 1 and pruned[0].info.status == "KILLED"

@@ -8,7 +8,8 @@ that maps ggml's log levels with an out-of-date table (ggml's WARN, 3, is taken 
 
 - inside `captured()`, warnings and errors are collected (whole lines; llama.cpp sends some lines
   in pieces) and errors still go to stderr, so a failure's cause stays visible;
-- outside, warnings and errors go to stderr as before, info and debug chatter nowhere.
+- outside, warnings and errors go to stderr as before, info and debug chatter nowhere (unless
+  `set_verbose(True)`: `load_lm(..., verbose=True)` asks for llama.cpp's whole log).
 
 `summary(lines)` counts them by kind for a report, `one_line(...)` is the single log line.
 """
@@ -22,17 +23,28 @@ from collections import Counter
 from contextlib import contextmanager
 
 # ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line)
-WARN, ERROR, CONT = 3, 4, 5
+INFO, WARN, ERROR, CONT = 2, 3, 4, 5
 
 _lock = threading.Lock()
 _collectors: list[list[str]] = []
 _pending = {"level": 0, "text": ""}
 _callback = None  # the ctypes callback must outlive every call llama.cpp makes to it
+_verbose = [False]
+
+
+def set_verbose(on: bool) -> None:
+    """Also print llama.cpp's info lines (its whole load log); for debugging a model that will not load."""
+    install()
+    _verbose[0] = on
 
 
 def _emit(level: int, line: str) -> None:
     line = line.rstrip()
-    if level < WARN or not line:
+    if not line:
+        return
+    if level < WARN:
+        if _verbose[0] and level >= INFO:  # asked for: llama.cpp's whole log, as llama.cpp prints it
+            print(line, file=sys.stderr, flush=True)
         return
     if _collectors:
         _collectors[-1].append(line)

@@ -9,8 +9,10 @@ Evaluation, parity, `barkgpt generate` and the server all talk to an `LM`:
     lm.is_end(id)            does this token end generation (<EOS>, or a chat model's end of turn)?
     lm.logits(ids)           (T, V) float32 next-token logits of one sequence
     lm.token_losses(x, y)    (B, T) -ln p(y | x) in nats (float64), for rows of token ids
-    lm.generate(ids, s, should_stop)   iterator of new ids; stops after an end token (yielded),
-                                       max_new_tokens, the context, or when should_stop() says so
+    lm.generate(ids, s, should_stop, scores)   iterator of new ids; stops after an end token (yielded),
+                                       max_new_tokens, the context, or when should_stop() says so;
+                                       given a list `scores`, appends each step's log-probabilities
+                                       (the model's own distribution, before sampling's temperature)
     lm.generate_batch(prompts, s)      one id list per prompt (PyTorch decodes them together)
 
 Importing this package imports neither torch nor llama_cpp: `load_lm` picks the implementation by
@@ -71,8 +73,16 @@ class LM(Protocol):
     def is_end(self, token: int) -> bool: ...
     def logits(self, ids: list[int]) -> np.ndarray: ...
     def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray: ...
-    def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None) -> Iterator[int]: ...
+    def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None,
+                 scores: list | None = None) -> Iterator[int]: ...
     def generate_batch(self, prompts: list[list[int]], s: Sampling) -> list[list[int]]: ...
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """ln p over the vocabulary from one row of logits, in float64 (logprobs sum to 1 exactly enough)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
 
 
 def new_tokens_budget(prompt_tokens: int, max_new: int, n_ctx: int) -> int:
@@ -140,8 +150,9 @@ def model_name(path: str | Path) -> str:
 
 
 def load_lm(path: str | Path, threads: int | None = None, n_ctx: int = 0, chat_format: str | None = None,
-            all_logits: bool = False, flash_attn: bool = False) -> LM:
-    """A .pt checkpoint through PyTorch, or a .gguf through llama.cpp (torch is never imported)."""
+            all_logits: bool = False, flash_attn: bool = False, verbose: bool = False) -> LM:
+    """A .pt checkpoint through PyTorch, or a .gguf through llama.cpp (torch is never imported).
+    llama.cpp's log stays quiet (its warnings are kept in `lm.warnings`) unless verbose."""
     path = Path(path)
     if path.suffix == ".pt":
         from barkgpt.lm.torch_lm import TorchLM
@@ -151,5 +162,5 @@ def load_lm(path: str | Path, threads: int | None = None, n_ctx: int = 0, chat_f
         from barkgpt.lm.llama_lm import LlamaLM
 
         return LlamaLM(path, n_ctx=n_ctx, threads=threads or 1, chat_format=chat_format, all_logits=all_logits,
-                       flash_attn=flash_attn)
+                       flash_attn=flash_attn, verbose=verbose)
     raise BarkError(f"{path}: not a .pt checkpoint or a .gguf file; pass a model written by barkgpt train/export")

@@ -7,6 +7,7 @@ bounds checks) before llama.cpp reads it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import random
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from barkgpt.errors import BarkError
-from barkgpt.lm import Sampling, StopFn, model_name, new_tokens_budget
+from barkgpt.lm import Sampling, StopFn, log_softmax, model_name, new_tokens_budget
 
 SPACE = "\u2581"  # how a word vocabulary (llama.cpp's UGM/"t5" tokenizer) writes the space before a word
 SMALL_FILE = 256 << 20
@@ -74,10 +75,12 @@ class LlamaLM:
     backend = "llama.cpp"
 
     def __init__(self, path: str | Path, n_ctx: int = 0, threads: int = 1, chat_format: str | None = None,
-                 all_logits: bool = False, flash_attn: bool = False):
+                 all_logits: bool = False, flash_attn: bool = False, verbose: bool = False):
         """n_ctx 0: the context the model was trained with (at most 4096). all_logits: keep every
         position's logits (for `logits` and `token_losses`; judging, not serving). flash_attn:
-        llama.cpp's fused attention, faster decoding (serving; parity keeps the exact path)."""
+        llama.cpp's fused attention, faster decoding (serving; parity keeps the exact path). verbose:
+        llama.cpp's whole load log on stderr (~300 lines); by default its warnings are collected in
+        `self.warnings` (reports list them) and nothing is printed."""
         import llama_cpp
 
         from barkgpt.export import llama_log
@@ -85,8 +88,10 @@ class LlamaLM:
 
         path = Path(path)
         size = preflight(path).file_size
+        if verbose:
+            llama_log.set_verbose(True)
         # llama.cpp's warnings while loading go here (a report lists them), not to stderr
-        with llama_log.captured() as self.warnings:
+        with (contextlib.nullcontext([]) if verbose else llama_log.captured()) as self.warnings:
             try:
                 if not n_ctx:  # the trained context, read from the file's metadata
                     probe = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
@@ -105,6 +110,7 @@ class LlamaLM:
                 raise BarkError(f"{path}: llama.cpp could not load it ({err}); re-export it or pass another "
                                 "GGUF") from None
         self.n_ctx, self._lib, self.all_logits = n_ctx, llama_cpp, all_logits
+        self.path, self.threads, self._embedder = path, threads, None
         self.tokenizer = LlamaTokenizer(self.llm)
         self.vocab_size = self.tokenizer.vocab_size
         self.name = model_name(path)
@@ -112,6 +118,31 @@ class LlamaLM:
 
     def close(self) -> None:
         self.llm.close()  # free now, not in __del__ at interpreter exit (where llama-cpp-python can fail)
+        if self._embedder is not None:
+            self._embedder.close()
+
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """llama.cpp's mean-pooled embedding (the last hidden state after the output norm, averaged
+        over the sequence), from a second context in embedding mode, opened on first use."""
+        lib = self._lib
+        if self._embedder is None:
+            from barkgpt.export import llama_log
+
+            with llama_log.captured() as lines:
+                self._embedder = lib.Llama(model_path=str(self.path), n_ctx=self.n_ctx, n_batch=self.n_ctx,
+                                           n_ubatch=self.n_ctx, embedding=True,
+                                           pooling_type=lib.LLAMA_POOLING_TYPE_MEAN, n_threads=self.threads,
+                                           n_threads_batch=self.threads, verbose=False)
+            self.warnings += [line for line in lines if line not in self.warnings]
+        e = self._embedder
+        new_tokens_budget(len(ids), 1, self.n_ctx)  # empty or longer than the context: a clear error
+        e._batch.reset()
+        e._batch.add_sequence(list(ids), 0, True)  # every position is an output: mean pooling reads them all
+        e._ctx.kv_cache_clear()
+        e._ctx.decode(e._batch)
+        e._batch.reset()
+        row = lib.llama_get_embeddings_seq(e._ctx.ctx, 0)
+        return np.ctypeslib.as_array(row, shape=(e.n_embd(),)).astype(np.float64)
 
     def is_end(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.llm._model.vocab, token))
@@ -132,11 +163,12 @@ class LlamaLM:
             out[r] = log_norm - z[np.arange(len(y)), y]
         return out
 
-    def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None) -> Iterator[int]:
+    def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None,
+                 scores: list | None = None) -> Iterator[int]:
         steps = new_tokens_budget(len(ids), s.max_new_tokens, self.n_ctx)
         sampler = self._sampler(s)
         try:
-            yield from self._decode(list(ids), steps, sampler, should_stop)
+            yield from self._decode(list(ids), steps, sampler, should_stop, scores)
         finally:
             self._lib.llama_sampler_free(sampler)
 
@@ -149,7 +181,8 @@ class LlamaLM:
         finally:
             self._lib.llama_sampler_free(sampler)
 
-    def _decode(self, ids: list[int], steps: int, sampler, should_stop: StopFn | None) -> Iterator[int]:
+    def _decode(self, ids: list[int], steps: int, sampler, should_stop: StopFn | None,
+                scores: list | None = None) -> Iterator[int]:
         llm = self.llm
         # Keep the cached prefix this prompt shares with the last sequence (a thousand samples of
         # one prompt evaluate it once); at least the last prompt token runs, to get fresh logits.
@@ -161,6 +194,9 @@ class LlamaLM:
         llm.n_tokens = keep
         llm.eval(ids[keep:])
         for i in range(steps):
+            if scores is not None:  # the last position's logits, before the sampler changes them
+                row = self._lib.llama_get_logits_ith(llm._ctx.ctx, -1)
+                scores.append(log_softmax(np.ctypeslib.as_array(row, shape=(self.vocab_size,))))
             token = int(self._lib.llama_sampler_sample(sampler, llm._ctx.ctx, -1))
             yield token
             if self.is_end(token) or i == steps - 1 or (should_stop and should_stop()):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from barkgpt.lm import Sampling, StopFn, model_name, new_tokens_budget
+from barkgpt.lm import Sampling, StopFn, log_softmax, model_name, new_tokens_budget
 from barkgpt.model import GPT, KVCache
 
 
@@ -83,17 +83,34 @@ class TorchLM:
         return losses.view(y.shape).double().cpu().numpy()
 
     @torch.inference_mode()
-    def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None) -> Iterator[int]:
+    def generate(self, ids: list[int], s: Sampling, should_stop: StopFn | None = None,
+                 scores: list | None = None) -> Iterator[int]:
         steps = new_tokens_budget(len(ids), s.max_new_tokens, self.n_ctx)
         gen = _generator(s.seed)
         cache = KVCache(self.model.cfg, batch=1)
         logits = self.model(torch.tensor([list(ids)]), cache=cache, last_only=True)
         for i in range(steps):
+            if scores is not None:
+                scores.append(log_softmax(logits[0, -1].float().numpy()))
             token = int(sample_next(logits[:, -1], s, gen))
             yield token
             if self.is_end(token) or i == steps - 1 or (should_stop and should_stop()):
                 return
             logits = self.model(torch.tensor([[token]]), cache=cache)
+
+    @torch.inference_mode()
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """The mean over positions of the last hidden state (after the final norm): llama.cpp's
+        mean-pooled embedding of the same model."""
+        model = self.model
+        with _float32(model):
+            hidden = {}
+            handle = model.norm.register_forward_hook(lambda m, i, out: hidden.setdefault("x", out))
+            try:
+                model(torch.tensor([list(ids)], device=self.device), last_only=True)
+            finally:
+                handle.remove()
+        return hidden["x"][0].float().mean(dim=0).cpu().numpy().astype(np.float64)
 
     def generate_batch(self, prompts: list[list[int]], s: Sampling) -> list[list[int]]:
         """Each result ends at its first end token (kept). Prompts of one length decode together."""

@@ -18,6 +18,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from barkgpt.serve.backends import load_backend
 from barkgpt.serve.limits import RequestLimits
+from barkgpt.serve.metrics import CountRequests
 from barkgpt.serve.routes import router
 from barkgpt.serve.schemas import ApiError, describe, error_response
 from barkgpt.serve.settings import Settings, load_settings
@@ -58,11 +59,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        body_timeout_s=serve.request_body_timeout_s)
     app.add_middleware(CORSMiddleware, allow_origins=serve.cors_origins, allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])  # errors get CORS headers too
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(serve), www_redirect=False)  # outermost
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(serve), www_redirect=False)
+    app.add_middleware(CountRequests)  # outermost: every answer is counted, refused ones too
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError):
-        return error_response(err.status, err.message, err.code, err.headers)
+        return error_response(err.status, err.message, err.code, err.headers, err.param)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, err: RequestValidationError):

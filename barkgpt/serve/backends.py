@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from barkgpt.errors import BarkError
 from barkgpt.lm import Sampling, StopFn, TextStream, load_lm
 from barkgpt.serve.contract import bark_prompt
@@ -28,6 +30,8 @@ class GenParams:
     top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: not asked; N: each token's log probability and the N most likely
+    grammar: object | None = None  # a llama_cpp.LlamaGrammar the reply must follow (structured output)
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Done:
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict] | None = None  # OpenAI's chat shape: [{token, logprob, bytes, top_logprobs}]
 
 
 Piece = str | Done
@@ -86,6 +91,8 @@ class Backend:
     def __init__(self, lm, model_id: str):
         self.lm, self.model_id = lm, model_id
         self.kind, self.n_ctx = model_kind(lm), lm.n_ctx
+        template = lm.llm.metadata.get("tokenizer.chat_template", "") if hasattr(lm, "llm") else ""
+        self.template_has_tools = "tools" in template  # Jinja templates that render tools name the variable
 
     def info(self) -> dict:
         """What the chat page and /v1/models say about the model."""
@@ -97,11 +104,14 @@ class Backend:
         ids = self.lm.tokenizer.encode(prompt)
         s = Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_tokens, seed=g.seed)
         text, stopper, n, finish, hit = TextStream(self.lm.tokenizer, ids), StopText(g.stop), 0, "length", False
-        for token in self.lm.generate(ids, s, should_stop):
+        scores, tokens = ([], []) if g.logprobs is not None else (None, None)
+        for token in self.lm.generate(ids, s, should_stop, scores):
             n += 1
             if self.lm.is_end(token):
                 finish = "stop"
                 break
+            if tokens is not None:
+                tokens.append(token)
             out, hit = stopper.feed(text.push(token))
             if out:
                 yield out
@@ -115,7 +125,44 @@ class Backend:
             finish = "stop"
         elif rest := stopper.flush():
             yield rest
-        yield Done(finish, len(ids), n)
+        yield Done(finish, len(ids), n, self.logprobs(tokens, scores, g.logprobs) if tokens is not None else None)
+
+    def token_text(self, token: int) -> str:
+        return self.lm.tokenizer.decode([token])
+
+    def logprobs(self, tokens: list[int], scores: list, top: int) -> list[dict]:
+        """Each generated token's log probability under the model, and the `top` most likely tokens
+        at its position (OpenAI's chat logprobs.content)."""
+        out = []
+        for token, row in zip(tokens, scores):
+            best = np.argsort(-row, kind="stable")[:top] if top else []
+            out.append({**self._entry(token, row), "top_logprobs": [self._entry(int(t), row) for t in best]})
+        return out
+
+    def _entry(self, token: int, row) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": float(row[token]), "bytes": list(text.encode("utf-8"))}
+
+    def embed_all(self, inputs: list[str | list[int]], should_stop: StopFn) -> Iterator[tuple[list, int]]:
+        """One item: every input's embedding, and the tokens read."""
+        vectors, n = [], 0
+        for item in inputs:
+            ids = self.lm.tokenizer.encode(item) if isinstance(item, str) else item
+            if not ids:
+                raise BarkError("input: an empty string has no embedding; send text with at least one token")
+            if len(ids) > self.n_ctx:
+                raise BarkError(f"input: {len(ids)} tokens; this model reads at most {self.n_ctx}; shorten it")
+            vectors.append(self.embed(ids))
+            n += len(ids)
+            if should_stop():
+                break
+        yield vectors, n
+
+    def embed(self, ids: list[int]) -> list[float]:
+        """The model's embedding of one input, L2-normalized as OpenAI's are."""
+        vec = self.lm.embed(ids)
+        norm = float(np.linalg.norm(vec))
+        return (vec / norm if norm > 0 else vec).tolist()
 
     def chat(self, messages: list[dict], g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
         if self.kind == "bark":  # the prompt contract, for bark models only
@@ -135,7 +182,8 @@ class Backend:
         try:
             chunks = llm.create_chat_completion(
                 messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p or 1.0,
-                top_k=0, min_p=0.0, repeat_penalty=1.0, stop=g.stop or None, seed=seed, stream=True)
+                top_k=0, min_p=0.0, repeat_penalty=1.0, stop=g.stop or None, seed=seed, stream=True,
+                grammar=g.grammar)
             n, finish = 0, "length"
             for chunk in chunks:
                 choice = chunk["choices"][0]

@@ -18,15 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 import uvicorn
 
 from barkgpt.errors import BarkError
+from barkgpt.serve.metrics import MULTIPROC_ENV
 from barkgpt.serve.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
@@ -65,6 +68,11 @@ def supervise(settings: Settings, workers: int, common: dict) -> None:
     common = {**common, "port": probe.getsockname()[1]}
     settings_json = json.dumps({"serve": settings.serve.model_dump(), "root": str(Path(settings.root).resolve())})
     spawn = multiprocessing.get_context("spawn")
+    # one metrics folder for this server's workers (prometheus_client's multiprocess mode); the
+    # spawned workers inherit the variable and read it when they import prometheus_client
+    metrics_dir = tempfile.TemporaryDirectory(prefix="barkgpt-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir.name
+    from prometheus_client.multiprocess import mark_process_dead
 
     def start() -> multiprocessing.Process:
         process = spawn.Process(target=serve_worker, args=(settings_json, common), name="barkgpt-serve-worker")
@@ -86,6 +94,7 @@ def supervise(settings: Settings, workers: int, common: dict) -> None:
                 stopping.set()
                 break
             log.warning("worker [%d] died (exit code %s); starting another", process.pid, process.exitcode)
+            mark_process_dead(process.pid)  # its live gauges (queue depth) no longer count
             processes[i] = start()
     for process in processes:
         if process.is_alive():
@@ -95,6 +104,7 @@ def supervise(settings: Settings, workers: int, common: dict) -> None:
         if process.is_alive():
             process.kill()
     probe.close()
+    metrics_dir.cleanup()
     if code:
         sys.exit(code)
 

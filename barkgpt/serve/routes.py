@@ -2,21 +2,24 @@
 chat page, health and readiness. What a route needs arrives through FastAPI dependencies."""
 from __future__ import annotations
 
+import base64
 import hmac
 import time
 import uuid
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from barkgpt.params import ServeParams
 from barkgpt.serve.backends import Done, GenParams
 from barkgpt.serve.contract import message_text
 from barkgpt.serve.generation import Generation, usage
-from barkgpt.serve.schemas import (ApiError, ChatMessage, ChatRequest, CompletionRequest, GenerateRequest, Sampled,
-                                   error_response)
+from barkgpt.serve.schemas import (ApiError, ChatMessage, ChatRequest, CompletionRequest, EmbeddingRequest,
+                                   GenerateRequest, Sampled, error_response, refuse_unsupported)
+from barkgpt.serve.structured import grammar_for
 from barkgpt.serve.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -60,7 +63,8 @@ def served(backend, model: str | None):
     return backend
 
 
-def gen_params(body: Sampled, serve: ServeParams) -> GenParams:
+def gen_params(body: Sampled, serve: ServeParams, logprobs: int | None = None, grammar=None) -> GenParams:
+    refuse_unsupported(body)
     requested = body.max_completion_tokens or body.max_tokens
     if requested is not None and requested > serve.max_tokens_limit:
         raise ApiError(400, f"max_tokens {requested} is over this server's limit of {serve.max_tokens_limit}",
@@ -69,7 +73,52 @@ def gen_params(body: Sampled, serve: ServeParams) -> GenParams:
     if len(stops) > 4:
         raise ApiError(400, "stop: at most 4 stop strings", "invalid_request")
     return GenParams(max_tokens=requested or serve.default_max_tokens, temperature=body.temperature,
-                     top_p=body.top_p, stop=stops, seed=body.seed)
+                     top_p=body.top_p, stop=stops, seed=body.seed, logprobs=logprobs, grammar=grammar)
+
+
+def chat_logprobs(body: ChatRequest, backend) -> int | None:
+    """How many alternatives per token the reply's logprobs list (None: no logprobs asked)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request", param="top_logprobs")
+    if not body.logprobs:
+        return None
+    if backend.kind == "chat":
+        raise ApiError(400, "logprobs: not available for a chat-template GGUF here (llama-cpp-python computes "
+                            "them only with every position's logits kept, n_ctx x vocabulary floats); leave "
+                            "logprobs out", "unsupported_parameter", param="logprobs")
+    return body.top_logprobs or 0
+
+
+def chat_grammar(body: ChatRequest, backend):
+    """The grammar a response_format asks for, or a 400 naming why this model cannot follow one."""
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if backend.kind == "bark":
+        raise ApiError(400, f"response_format {fmt.type}: the bark model cannot write JSON (its vocabulary is "
+                            f"{len(backend.lm.tokenizer.vocab)} words, no braces or quotes); leave "
+                            "response_format out", "unsupported_parameter", param="response_format")
+    if backend.kind != "chat" or backend.lm.backend != "llama.cpp":
+        raise ApiError(400, f"response_format {fmt.type}: structured output is served for chat GGUFs (through "
+                            "llama.cpp's grammar); this model is a plain text model", "unsupported_parameter",
+                       param="response_format")
+    return grammar_for(fmt)
+
+
+def check_tools(body: ChatRequest, backend) -> None:
+    """Tools are only offered to a model whose chat template can present them; none is implemented
+    yet, so a request that names tools gets a 400 instead of a reply that ignores them."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, f"tool_choice {choice!r} needs tools", "invalid_request", param="tool_choice")
+        return
+    if backend.kind != "chat" or not backend.template_has_tools:
+        raise ApiError(400, f"tools: the model {backend.model_id!r} has no chat template that presents tools "
+                            "(its template does not mention them); leave tools out", "unsupported_parameter",
+                       param="tools")
+    raise ApiError(400, "tools: this server does not parse tool calls from this template's replies yet; leave "
+                        "tools out", "unsupported_parameter", param="tools")
 
 
 def check_chars(n: int, serve: ServeParams) -> None:
@@ -93,9 +142,28 @@ def chat_messages(body: ChatRequest, serve: ServeParams) -> list[dict]:
 
 def start_chat(request: Request, backend, serve: ServeParams, body: ChatRequest) -> Generation:
     served(backend, body.model)
-    messages, g = chat_messages(body, serve), gen_params(body, serve)
+    check_tools(body, backend)
+    messages = chat_messages(body, serve)
+    g = gen_params(body, serve, chat_logprobs(body, backend), chat_grammar(body, backend))
     return Generation(request.app.state.worker, serve, lambda stop: backend.chat(messages, g, stop),
                       whole=not body.stream)
+
+
+def chat_logprobs_of(done: Done) -> dict | None:
+    return None if done.logprobs is None else {"content": done.logprobs, "refusal": None}
+
+
+def completion_logprobs(entries: list[dict] | None) -> dict | None:
+    """The completions API's older shape of the same numbers."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 def include_usage(body: Sampled) -> bool:
@@ -122,6 +190,15 @@ async def ready(request: Request):
             "queue_waiting": request.app.state.worker.waiting}
 
 
+@router.get("/metrics", include_in_schema=False)
+async def metrics_page():
+    """Prometheus text format, every worker process's counts summed (barkgpt/serve/metrics.py)."""
+    from barkgpt.serve.metrics import exposition
+
+    body, content_type = exposition()
+    return Response(body, media_type=content_type)
+
+
 @router.get("/", include_in_schema=False)
 async def chat_page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -142,23 +219,23 @@ async def completions(body: CompletionRequest, request: Request, backend: Backen
         raise ApiError(400, "prompt: send exactly one prompt string", "invalid_request")
     prompt = prompts[0]
     check_chars(len(prompt), serve)
-    g = gen_params(body, serve)
+    g = gen_params(body, serve, body.logprobs)
     gen = Generation(request.app.state.worker, serve, lambda stop: backend.complete(prompt, g, stop),
                      whole=not body.stream)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def chunk(text: str, finish: str | None) -> dict:
+    def chunk(text: str, finish: str | None, logprobs=None) -> dict:
         return {"id": cid, "object": "text_completion", "created": created, "model": backend.model_id,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
 
     if not body.stream:
         text, done = await gen.text()
-        return {**chunk(text, done.finish_reason), "usage": usage(done)}
+        return {**chunk(text, done.finish_reason, completion_logprobs(done.logprobs)), "usage": usage(done)}
 
     def final(done: Done, usage_only: bool = False) -> dict:
         if usage_only:
             return {**chunk("", None), "choices": [], "usage": usage(done)}
-        return chunk("", done.finish_reason)
+        return chunk("", done.finish_reason, completion_logprobs(done.logprobs))
 
     return await gen.stream(lambda t: chunk(t, None), final, include_usage(body), [])
 
@@ -171,12 +248,12 @@ async def chat_completions(body: ChatRequest, request: Request, backend: Backend
         text, done = await gen.text()
         return {**base, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                             "logprobs": None, "finish_reason": done.finish_reason}],
+                             "logprobs": chat_logprobs_of(done), "finish_reason": done.finish_reason}],
                 "usage": usage(done)}
 
-    def chunk(delta: dict, finish: str | None) -> dict:
+    def chunk(delta: dict, finish: str | None, logprobs=None) -> dict:
         return {**base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
     started = [False]
 
@@ -188,10 +265,44 @@ async def chat_completions(body: ChatRequest, request: Request, backend: Backend
     def final(done: Done, usage_only: bool = False) -> dict:
         if usage_only:
             return {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(done)}
-        return chunk({}, done.finish_reason)
+        return chunk({}, done.finish_reason, chat_logprobs_of(done))  # a stream's logprobs come at its end
 
     head = [chunk({"role": "assistant", "content": ""}, None)]
     return await gen.stream(piece, final, include_usage(body), head)
+
+
+@api.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request, backend: Backend, serve: Serve):
+    served(backend, body.model)
+    refuse_unsupported(body)
+    raw = body.input
+    inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    if not inputs:
+        raise ApiError(400, "input: the list is empty; send a string or a list of strings", "invalid_request",
+                       param="input")
+    if len(inputs) > serve.max_embedding_inputs:
+        raise ApiError(400, f"input: {len(inputs)} inputs; this server embeds at most {serve.max_embedding_inputs} "
+                            "per request; split them", "too_many_inputs", param="input")
+    check_chars(sum(len(i) for i in inputs if isinstance(i, str)), serve)
+    vocab = backend.lm.vocab_size
+    if any(not 0 <= t < vocab for i in inputs if not isinstance(i, str) for t in i):
+        raise ApiError(400, f"input: token ids must be in 0..{vocab - 1} (this model's vocabulary)", "invalid_request",
+                       param="input")
+    gen = Generation(request.app.state.worker, serve, lambda stop: backend.embed_all(inputs, stop), whole=True)
+    kind, value = await gen.next_event()
+    gen.job.cancelled.set()
+    vectors, n = value[0]
+    if len(vectors) < len(inputs):  # the deadline passed between inputs
+        raise ApiError(504, f"embedding took longer than {serve.request_timeout_s} s", "timeout")
+
+    def encode(v: list[float]):
+        if body.encoding_format == "base64":
+            return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+        return v
+
+    return {"object": "list", "model": backend.model_id,
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
 @api.post("/model/generate")

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from barkgpt.errors import BarkError
+from barkgpt.serve import metrics
 
 log = logging.getLogger("barkgpt.serve")
 
@@ -37,7 +38,8 @@ class Job:
         self.run = run
         self.whole = whole  # deliver all items in one event (non-streaming: one cross-thread wake-up)
         self.loop = loop
-        self.deadline = time.monotonic() + timeout_s
+        self.queued_at = time.monotonic()
+        self.deadline = self.queued_at + timeout_s
         self.cancelled = threading.Event()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -57,15 +59,25 @@ class Job:
 
 def run_job(job: Job, emit: Callable) -> None:
     """Run one job, sending its items, then how it ended, through `emit(kind, value)`."""
+    metrics.QUEUE.dec()
     if job.should_stop():  # gave up while waiting in the queue
         emit("timeout" if job.timed_out() else "cancelled")
         return
     try:
-        if job.whole:
-            emit("items", list(job.run(job.should_stop)))
-        else:
-            for item in job.run(job.should_stop):
+        first, items, last = None, [], None
+        for item in job.run(job.should_stop):
+            if first is None and isinstance(item, str) and item:
+                first = time.monotonic()
+            if job.whole:
+                items.append(item)
+            else:
                 emit("item", item)
+            last = item
+        if job.whole:
+            emit("items", items)
+        if hasattr(last, "completion_tokens"):  # a generation's Done
+            metrics.observe_generation(job.queued_at, first, time.monotonic(), last.prompt_tokens,
+                                       last.completion_tokens)
         emit("timeout" if job.timed_out() else "end")
     except BarkError as err:
         emit("bad", str(err))
@@ -96,6 +108,7 @@ class ModelWorker:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise Busy from None
+        metrics.QUEUE.inc()
 
     @property
     def waiting(self) -> int:
@@ -136,6 +149,7 @@ class InlineWorker:
             self.jobs.put_nowait(job)
         except asyncio.QueueFull:
             raise Busy from None
+        metrics.QUEUE.inc()
 
     @property
     def waiting(self) -> int:

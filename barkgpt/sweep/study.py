@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from pathlib import Path
 
 from barkgpt.errors import BarkError
@@ -86,7 +87,9 @@ def open_study(storage, name: str, space, cfg, pipeline: str, prune: bool):
                                 load_if_exists=True)
     attrs = study.user_attrs
     if not attrs:
-        study.set_metric_names(["val_bpb"])  # what Optuna's dashboard labels the objective
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what the dashboard shows
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_bpb"])
         study.set_user_attr("pipeline", pipeline)
         study.set_user_attr("space", space.describe())
         study.set_user_attr("grid", space.grid)

@@ -371,7 +371,10 @@ def adopted_run(client, uri: str) -> str | None:
 
 # The training's summary, as run metrics: only what the per-step curves do not already show (the
 # last loss, val_loss, tokens and seconds are the curves' last points; one name per metric).
-SUMMARY_METRICS = {"best_val_loss": "best_val_loss", "tokens_per_s": "mean_tokens_per_s"}
+SUMMARY_METRICS = {"best_val_loss": "best_val_loss", "tokens_per_s": "mean_tokens_per_s",
+                   # where the time went: before the budget's clock (measuring, compiling) and in steps
+                   "calibration_seconds": "calibration_seconds", "compile_seconds": "compile_seconds",
+                   "step_seconds": "training_step_seconds"}
 
 
 def finish_training(run: TrainingRun | None, summary: dict) -> None:
@@ -380,6 +383,7 @@ def finish_training(run: TrainingRun | None, summary: dict) -> None:
     p = run.paths
     run.log_step(summary.get("step", 0), {name: summary[k] for k, name in SUMMARY_METRICS.items()
                                           if isinstance(summary.get(k), (int, float))})
+    log_settings(run, summary.get("settings") or {})
     if p.train_log.exists():
         run.client.log_artifact(run.run_id, str(p.train_log), "reports")
         png = loss_curve_png(p.train_log, p.loss_curve)
@@ -388,6 +392,21 @@ def finish_training(run: TrainingRun | None, summary: dict) -> None:
     if p.train_summary.exists():
         run.client.log_artifact(run.run_id, str(p.train_summary), "reports")
     run.end()
+
+
+def log_settings(run: TrainingRun, settings: dict) -> None:
+    """The dtype, compile and threads the run trained with (params say `auto` where they were
+    measured) as params `train.resolved.*`, and how they were chosen as the tag `train.settings`."""
+    from mlflow.entities import Param
+
+    resolved = [Param(f"train.resolved.{k}", str(settings[k])) for k in ("dtype", "compile", "threads") if k in settings]
+    try:
+        run.client.log_batch(run.run_id, params=resolved, synchronous=True)
+    except Exception:  # a resumed run that chose otherwise: params are immutable, so tags say it
+        for param in resolved:
+            run.client.set_tag(run.run_id, param.key, param.value)
+    if settings.get("note"):
+        run.client.set_tag(run.run_id, "train.settings", settings["note"][:5000])
 
 
 def loss_curve_png(csv_path: Path, out: Path) -> Path | None:
