@@ -17,7 +17,7 @@ any of them (edit the code, install a package, export a variable) and the next c
 new server. The project folder is not part of the setup: it travels with each command, so one
 server serves every project (a `sys.path` entry that is only the working directory, as
 `python -m` adds, is re-pointed per command). A server sits in `/`, so no project folder stays busy
-while it waits, and exits after `BARKGPT_WARM_IDLE` seconds (default 300) without a command, or
+while it waits, and exits after `BARKGPT_WARM_IDLE` seconds (default 300) with no command running, or
 within 10 s of its code being edited (no command would pick it again). At
 most `BARKGPT_WARM_MAX` servers (default 2) live per user: a new one stops the least recently used.
 The first server a user starts says so on stderr, once.
@@ -310,10 +310,15 @@ def serve(sock_path: Path, idle_s: float, entry: Callable[[list[str]], int], pat
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     pending = list(PRELOAD)
     stamp = code_stamp(path or sys.path)
+    children: set[int] = set()  # the commands running now: while one runs, the server is not idle
     try:
         while True:
             # A waiting command first; else the next import; else wait for a command until idle.
             # Imports and forks take turns in this one thread, so no fork happens mid-import.
+            children = {pid for pid in children if _running(pid)}
+            if children:
+                record["used"] = time.time()
+                _write_record(lock, record)  # `status` counts idle time from the last command's end
             left = record["used"] + idle_s - time.time()
             listener.settimeout(0 if pending else max(0.0, min(left, CHECK_S)))
             try:
@@ -335,10 +340,12 @@ def serve(sock_path: Path, idle_s: float, entry: Callable[[list[str]], int], pat
             conn.setblocking(True)
             record["used"] = time.time()
             _write_record(lock, record)
-            if os.fork() == 0:
+            pid = os.fork()
+            if pid == 0:
                 listener.close()
                 os.close(lock)
                 os._exit(_child(conn, entry, path))
+            children.add(pid)
             conn.close()
     finally:
         try:
@@ -355,6 +362,14 @@ def _write_record(fd: int, record: dict) -> None:
     data = json.dumps(record).encode()
     os.pwrite(fd, data.ljust(256), 0)  # one short write, padded: a reader never sees a mix of two
     os.ftruncate(fd, max(256, len(data)))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # children are reaped by the kernel (SIGCHLD ignored): an ended one is gone
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _still_ours(sock_path: Path, ino: int) -> bool:

@@ -161,11 +161,17 @@ def test_dvc_repro_forks_every_stage_from_one_server_with_the_results_of_fresh_p
     assert all(torch.equal(warm_state[k], cold_state[k]) for k in warm_state)
 
 
-def start_server(project: Path, env: dict) -> None:
-    """The first stage command starts the server (and runs in-process); wait until it listens."""
+def start_server(project: Path, env: dict, ready: bool = True) -> None:
+    """The first stage command starts the server (and runs in-process); wait until it listens and,
+    if `ready`, has imported everything (on a busy machine a command's own imports would otherwise
+    race the server's)."""
     first = barkgpt(["data", "bark"], project, env)
     assert first.returncode == 0, first.stderr
-    wait_for(lambda: sockets(Path(env["XDG_RUNTIME_DIR"])), what="the warm server's socket")
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    wait_for(lambda: sockets(runtime), what="the warm server's socket")
+    if ready:
+        wait_for(lambda: any(s["preloaded"] == s["of"] for s in warm.servers(next(runtime.glob("barkgpt-warm-*")))),
+                 300, "the server's imports")
 
 
 def small_project(tmp_path: Path, overrides: dict, name: str = "project") -> Path:
@@ -237,7 +243,8 @@ def test_ctrl_c_and_ctrl_z_reach_the_stage_and_a_killed_client_takes_its_stage_d
             assert proc.poll() is None, f"train exited {proc.returncode}: {proc.communicate()[1][-3000:]}"
             return len(serve_processes(runtime)) == 2 and any((run / "last.pt").exists() for run in set(runs()) - before)
 
-        wait_for(training, what="the forked stage to train (a checkpoint in a new run folder)")
+        # Minutes on a busy 2-core machine (MLflow's store, then 10 steps): the wait ends when it trains.
+        wait_for(training, 300, "the forked stage to train (a checkpoint in a new run folder)")
         (child,) = set(serve_processes(runtime)) - set(server)
         return proc, child
 
@@ -271,7 +278,7 @@ def test_ctrl_c_and_ctrl_z_reach_the_stage_and_a_killed_client_takes_its_stage_d
 def test_an_idle_server_exits_and_removes_its_socket(tmp_path, runtime):
     project = small_project(tmp_path, {})
     env = {**warm_env(runtime, ROOT), "BARKGPT_WARM_IDLE": "1"}
-    start_server(project, env)
+    start_server(project, env, ready=False)
     wait_for(lambda: not sockets(runtime) and not serve_processes(runtime), 90, "the idle server to exit")
     assert not any(runtime.glob("barkgpt-warm-*/*.lock"))
 
@@ -317,7 +324,7 @@ def test_a_server_whose_code_was_edited_exits(tmp_path, runtime):
     code = tmp_path / "code"
     shutil.copytree(ROOT / "barkgpt", code / "barkgpt", ignore=shutil.ignore_patterns("__pycache__"))
     project = small_project(tmp_path, {})
-    start_server(project, warm_env(runtime, code))
+    start_server(project, warm_env(runtime, code), ready=False)
     (server,) = warm.servers(next(runtime.glob("barkgpt-warm-*")))
     with open(code / "barkgpt/errors.py", "a") as f:
         f.write("# an edit\n")
