@@ -47,7 +47,7 @@ def repro(project: Path, env: dict) -> float:
     seconds = time.perf_counter() - start
     if out.returncode != 0 or out.stdout.count("Running stage") != 9:
         sys.exit(f"dvc repro failed in {project}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=env, capture_output=True, text=True)
+    status = subprocess.run([str(BIN / "dvc"), "status", "dvc.yaml"], cwd=project, env=env, capture_output=True, text=True)
     if "changed" in status.stdout:
         sys.exit(f"dvc status is not clean after dvc repro in {project}:\n{status.stdout}")
     return seconds

@@ -140,7 +140,7 @@ def test_dvc_repro_forks_every_stage_from_one_server_with_the_results_of_fresh_p
     # neither picks another server.
     assert len(sockets(runtime)) == 1
     wait_for(lambda: len(serve_processes(runtime)) == 1, 10, "the last stage's child to exit")  # it reported first
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=project, env=env, capture_output=True, text=True)
+    status = subprocess.run([str(BIN / "dvc"), "status", "dvc.yaml"], cwd=project, env=env, capture_output=True, text=True)
     assert "changed" not in status.stdout, status.stdout
 
     # The client of a warm command imports neither torch nor MLflow: the forked child had them.
@@ -148,7 +148,9 @@ def test_dvc_repro_forks_every_stage_from_one_server_with_the_results_of_fresh_p
                             cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert client.returncode == 0 and "train:" in client.stdout, client.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in client.stderr.splitlines() if "import time:" in line}
-    assert "barkgpt.warm" in imported and not imported & {"torch", "mlflow", "great_expectations"}
+    assert "barkgpt.warm" in imported and not imported & {"torch", "mlflow", "great_expectations"}, (
+        [line for line in client.stderr.splitlines() if "import time:" not in line][-5:],
+        warm.servers(next(runtime.glob("barkgpt-warm-*"))), os.listdir(next(runtime.glob("barkgpt-warm-*"))))
 
     # The same training in a fresh process (warm off) gives the same weights, bit for bit.
     cold = tmp_path / "cold"
