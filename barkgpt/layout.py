@@ -125,6 +125,11 @@ class Layout:
         """flock'ed by the process writing this pipeline's model (one writer at a time)."""
         return self.runs / "writer.lock"
 
+    @property
+    def release_snapshots(self) -> Path:
+        """Deploy copies the judged files here (a temporary folder each) and uploads the copies."""
+        return self.root / ".deploy-staging" / "snapshots"
+
     # --- exports --------------------------------------------------------------------------------
     @property
     def exports(self) -> Path:

@@ -20,13 +20,14 @@ from barkgpt.params import parse_assignments
 from barkgpt.pipelines import REGISTRY, get
 from tasks.common import resolve_params
 from tasks.deploy import deploy, deploy_blocker
-from tasks.stages import publish_report, run_stage
+from tasks.stages import publish_report, restore_interrupted_lock, run_stage
 
 
 def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: str, deploy_model: bool) -> dict:
     from barkgpt.pipelines.dvcfile import write_dvc_files
 
-    params = resolve_params(params_file, overrides, root)
+    restore_interrupted_lock(Path(root))  # before DVC reads it: a killed commit's lock put back, a broken one named
+    params = resolve_params(params_file, overrides, root, pipeline)
     for path in write_dvc_files(Path(root), [pipeline]):  # a pipeline's stages join DVC on its first run
         print(f"wrote {path} from the pipeline declarations")
     results = {}

@@ -8,7 +8,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import yaml
 
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.layout import layout
@@ -40,10 +39,12 @@ def git_commit(root: Path) -> dict | None:
 
 def dvc_data_hash(root: Path, name: str) -> dict | None:
     """The md5s dvc.lock records for data/<name>/ outputs, and one hash over them (no DVC import)."""
-    lock = root / "dvc.lock"
-    if not lock.exists():
+    from barkgpt.pipelines.dvcfile import read_lock
+
+    lock = read_lock(root)  # an empty or corrupt dvc.lock stops the deploy, named with its fix
+    if lock is None:
         return None
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    stages = lock["stages"]
     outs = {o["path"]: o.get("md5") for st in stages.values() for o in st.get("outs", [])
             if str(o.get("path", "")).startswith(f"data/{name}/")}
     if not outs:
