@@ -16,7 +16,7 @@ from barkgpt.layout import Layout
 from barkgpt.params import load_params
 from barkgpt.pipelines import run_stage
 from conftest import make_project
-from test_deploy import deploy_params, moto_endpoint, names, target  # noqa: F401 (fixtures)
+from test_deploy import deploy_params, moto_endpoint, names, released, target  # noqa: F401 (fixtures)
 
 
 def quiet(*_):
@@ -158,3 +158,63 @@ def test_the_flow_refuses_a_params_file_that_differs_in_a_tracked_key(tmp_path):
     make_project(tmp_path / "bigger", {"deploy": {"memory_mb": 2048}})
     shutil.copy(tmp_path / "bigger" / "params.yaml", root / "bigger.yaml")
     assert resolve_params.fn("bigger.yaml", None, str(root), "bark")["deploy"]["memory_mb"] == 2048
+
+
+# --- bad inputs that used to end in a traceback (point 7): one clear error each -----------------------
+
+@pytest.mark.parametrize("content, message", [
+    (b"bark:\n  train: \xff\n", "not UTF-8 text"),
+    (b"seed: " + b"9" * 4301 + b"\n", "a value cannot be read"),
+    (b"a: &a [1, 2]\nb: &b [*a, *a]\nc: [*b, *b]\n", r"aliases \(\*name\) are not allowed"),
+    (b"seed: 1\nseed: 2\n", "duplicate key 'seed'"),
+    (b"", "is empty; every setting would be a built-in default"),
+    (b"- bark\n", "must be a mapping of sections"),
+])
+def test_bad_params_files_are_named(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(BarkError, match=message) as err:
+        load_params(path)
+    assert len(str(err.value)) < 1000  # an alias bomb must not become a 254 MB message
+
+
+def test_params_folder_and_bad_set_value_are_named(tmp_path):
+    from barkgpt.params import parse_assignments
+
+    with pytest.raises(BarkError, match="is a folder, not a params file"):
+        load_params(tmp_path)
+    with pytest.raises(BarkError, match=r"--set bark.train.max_steps=\[: the value is not valid YAML"):
+        parse_assignments(["bark.train.max_steps=["])
+
+
+def test_a_sealed_checkpoint_with_the_wrong_shapes_is_named(bark_project, tmp_path):
+    import torch
+
+    from barkgpt.checkpoint import load_checkpoint, load_model, seal
+
+    state = load_checkpoint(bark_project / "models/bark/best.pt")
+    state["model_params"] = {**state["model_params"], "n_embd": state["model_params"]["n_embd"] * 2}
+    path = tmp_path / "best.pt"
+    torch.save(state, path)
+    seal(path)  # a valid trailer: the bytes are intact, the contents are wrong
+    with pytest.raises(BarkError, match="best.pt: its weights do not fit the model it describes"):
+        load_model(path)
+
+
+def test_the_lambda_handler_answers_malformed_events_with_400(released, tmp_path):
+    from barkgpt.deploy.events import function_url_event
+    from barkgpt.deploy.lambda_handler import ENV_MODEL_DIR, LambdaApp
+
+    s3, _, env = released
+    app = LambdaApp({**env, ENV_MODEL_DIR: str(tmp_path)}, s3=s3)
+    good = function_url_event("GET", "/ready")
+    no_method = {**good, "requestContext": {k: v for k, v in good["requestContext"].items() if k != "http"}}
+    bad_base64 = {**function_url_event("POST", "/v1/model/generate", {"prompt": "x"}), "isBase64Encoded": True,
+                  "body": "!!not base64"}
+    try:
+        for event in ({}, None, [1], no_method, bad_base64):
+            response = app(event)
+            assert response["statusCode"] == 400 and "bad_event" in response["body"], (event, response)
+        assert app(good)["statusCode"] == 200  # the container still serves
+    finally:
+        app.close()
