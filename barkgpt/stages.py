@@ -223,6 +223,7 @@ def export(params: Params, pipe, lay: Layout) -> dict:
     from barkgpt.export.pipeline import export_files
 
     with runs.writer_lock(lay, f"export {pipe.name}"):  # not while a deploy copies what parity judged
+        drop_leftovers(lay.full_exports)
         return export_files(lay, params.export)
 
 
@@ -232,7 +233,17 @@ def quantize(params: Params, pipe, lay: Layout) -> dict:
     from barkgpt.export.pipeline import quantize_files
 
     with runs.writer_lock(lay, f"quantize {pipe.name}"):
+        drop_leftovers(lay.quantized_exports)
         return quantize_files(lay, params.export)
+
+
+def drop_leftovers(folder: Path) -> None:
+    """Remove the temp files (fileio.atomic_path's `.*.tmp`) a killed writer left in an output
+    folder, so DVC never records them as part of it. The caller holds the writer lock: no live
+    writer of this pipeline owns one."""
+    if folder.is_dir():
+        for leftover in folder.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def parity(params: Params, pipe, lay: Layout) -> dict:

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -239,10 +240,16 @@ def main() -> int:
                              "message": first_message(out)})
                 print(f"{out.returncode:>4}  {label}", file=sys.stderr)
         finally:
-            for mnt in mounts:
-                subprocess.run(["umount", str(mnt)], capture_output=True)
+            # The warm server first: a stage it forked in the tmpfs keeps that mount busy until it stops.
             subprocess.run([sys.executable, "-m", "barkgpt.warm", "stop"], capture_output=True,
                            env={**os.environ, "PYTHONPATH": str(REPO), "XDG_RUNTIME_DIR": str(RUNTIME)})
+            for mnt in mounts:
+                for _ in range(50):  # the servers exit on SIGTERM within moments
+                    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                        break
+                    time.sleep(0.1)
+                else:
+                    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
             shutil.rmtree(RUNTIME, ignore_errors=True)
     print("| # | input | command | exit | message |\n|---|---|---|---|---|")
     for i, r in enumerate(rows, 1):
