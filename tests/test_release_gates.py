@@ -68,6 +68,12 @@ def test_the_release_ships_the_judged_bytes_under_the_pipeline_lock(target, bark
         deploy_pipeline(params, "bark", bark_copy, target=target, log=quiet)
     with writer_lock(lay, "deploy bark"), pytest.raises(BarkError, match="deploy bark"):
         run_stage(params, "bark", "export", bark_copy)
+    # A killed export's temp file is not left in the output folder DVC records.
+    leftover = lay.full_exports / ".bark-f32.gguf.killed.tmp"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a file")
+    run_stage(params, "bark", "export", bark_copy)
+    assert not list(lay.full_exports.glob(".*.tmp")) and lay.gguf("f32").exists()
 
 
 def test_report_numbers_edited_by_hand_are_refused(target, bark_copy, names):
@@ -218,3 +224,31 @@ def test_the_lambda_handler_answers_malformed_events_with_400(released, tmp_path
         assert app(good)["statusCode"] == 200  # the container still serves
     finally:
         app.close()
+
+
+def test_deploy_refuses_a_pipeline_that_dvc_judges_changed(tmp_path):
+    """In a DVC project, `dvc status` of the gating stages (with what is upstream) must be clean: a
+    report rewritten outside DVC (another door, another params file) is refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from barkgpt.deploy.gates import check_dvc_fresh
+    from barkgpt.gates import GateError
+
+    root = make_project(tmp_path / "project")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=root, check=True)
+    metrics = root / "reports/bark/metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text('{"contract_failures": 3}')
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"bark-evaluate": {
+        "cmd": "barkgpt evaluate bark", "outs": [{"reports/bark/metrics.json": {"cache": False}}]}}}))
+    subprocess.run([dvc, "commit", "-f", "-q", "bark-evaluate"], cwd=root, check=True)
+    params = load_params(root / "params.yaml", {"deploy": {"artifact": "checkpoint"}})
+    check_dvc_fresh(params, "bark", root)  # as dvc.lock records it: nothing to say
+    metrics.write_text('{"contract_failures": 0}')
+    with pytest.raises(GateError, match="DVC says the pipeline is not what dvc.lock records .bark-evaluate"):
+        check_dvc_fresh(params, "bark", root)

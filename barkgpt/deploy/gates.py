@@ -19,6 +19,7 @@ def check_gates(params: Params, name: str, root: Path) -> dict:
         return {}
     summary = check_release(params, name, Path(root), params.deploy.artifact)
     check_registry_agrees(params, name, Path(root))
+    check_dvc_fresh(params, name, Path(root))
     return summary
 
 
@@ -31,15 +32,14 @@ def check_registry_agrees(params: Params, name: str, root: Path) -> None:
     record = read_json(lay.run_record) if lay.run_record.exists() else {}
     if not (params.tracking.enabled or record.get("tracking_uri")):
         return
-    if record.get("tracking_uri"):
-        import mlflow
+    from barkgpt.tracking.runs import resolve_uri
 
-        uri = record["tracking_uri"]
-        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    else:
-        from barkgpt.tracking.runs import client_for
+    uri = record.get("tracking_uri") or resolve_uri(params.tracking, root)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].split("?")[0]).exists():
+        return  # no store, so no version to disagree with (and deploy creates none)
+    import mlflow
 
-        client = client_for(params, root)[1]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     reports = [(lay.metrics, "evaluate")]
     if params.deploy.artifact == "gguf":
         reports.append((lay.parity_report, "parity"))
@@ -70,3 +70,40 @@ def judged_sha256(params: Params, name: str, root: Path) -> dict[Path, str]:
             path = Path(entry["path"])
             out[(path if path.is_absolute() else Path(root) / path).resolve()] = entry["sha256"]
     return out
+
+
+def check_dvc_fresh(params: Params, name: str, root: Path) -> None:
+    """In a DVC project: GateError unless `dvc status` (DVC's own judgement, run as a command: the
+    library never imports DVC) finds the gating stages and everything upstream of them unchanged
+    since dvc.lock recorded them. A report produced outside DVC, or under another params file,
+    shows up here as a changed output or param."""
+    import shutil
+    import subprocess
+    import sys
+
+    from barkgpt.pipelines import get
+
+    root = Path(root)
+    if not (root / ".dvc").is_dir() or not (root / "dvc.lock").exists():
+        return  # not a DVC project (a staged registry version, a test folder): the reports' hashes bind it
+    pipe = get(name)
+    stages = ["evaluate"] + (["parity"] if params.deploy.artifact == "gguf" and pipe.has("parity") else [])
+    targets = [f"{pipe.dvc_file}:{pipe.dvc_stage(s)}" for s in stages]
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+    if dvc is None:
+        raise BarkError("cannot check the pipeline with `dvc status`: the dvc command is not installed; "
+                        "install barkgpt[all], or set deploy.require_gates: false to override")
+    import json
+
+    done = subprocess.run([dvc, "status", "--json", "--with-deps", *targets], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or ["no message"])[-1][:300]
+        raise BarkError(f"`dvc status` failed ({first}); fix what it names before deploying")
+    try:
+        changed = json.loads(done.stdout or "{}")
+    except ValueError:
+        changed = {"?": done.stdout[:200]}
+    if changed:
+        shown = "; ".join(f"{stage}: {json.dumps(what)[:160]}" for stage, what in list(changed.items())[:5])
+        raise GateError(f"not releasing this model: DVC says the pipeline is not what dvc.lock records ({shown}); "
+                        "run `dvc repro` (or the flow) so the gates judge what DVC tracks")
