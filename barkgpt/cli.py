@@ -137,6 +137,38 @@ def cmd_runs(args) -> None:
         print(f"{r['id']}  {r['status']:<10} {r['bytes'] / 1e6:8.1f} MB{note}")
 
 
+def cmd_sweep(args) -> None:
+    from barkgpt.params import parse_params, read_raw
+    from barkgpt.pipelines import get
+    from barkgpt.sweep import load_space, parse_grid, run_sweep, sweepable_keys
+
+    raw = read_raw(args.params)
+    if args.list_keys:
+        for key, value in sweepable_keys(raw, args.pipeline).items():
+            print(f"{key} = {value!r}")
+        return
+    if bool(args.grid) == bool(args.space):
+        raise BarkError("give the search space once: --grid KEY=V1,V2 (repeatable) or --space FILE --trials N")
+    space = parse_grid(args.grid) if args.grid else load_space(args.space)
+
+    def show(r) -> None:
+        value = "" if r.value is None else f" val_bpb {r.value:.4f}"
+        gate = f", gate {'passed' if r.gate_passed else 'failed'}" if r.state == "complete" else ""
+        print(f"trial {r.number} {r.state}{value}{gate} in {r.seconds:.0f}s: {r.experiment} "
+              f"{r.params}" + (f" ({r.error})" if r.error else ""), flush=True)
+
+    summary = run_sweep(parse_params(raw, args.params), raw, get(args.pipeline), Path("."), space, args.trials,
+                        args.jobs, args.storage, args.study, not args.no_prune, on_result=show)
+    best, champion = summary["best"], summary["champion"]
+    print(f"best trial {best['trial']}: {best['experiment']} {best['params']}")
+    if champion["trial"] == best["trial"]:
+        print(f"champion: {champion['model']} version {champion['version']} (this trial)")
+    else:
+        print(f"champion: {champion['model']} version {champion['version']} stays: it ranks above this sweep's best")
+    print(f"apply it to the workspace: dvc exp apply {best['experiment']}  (then `dvc repro` finishes export "
+          f"and parity); compare: dvc exp show --only-changed; MLflow parent run {summary['parent_run_id']}")
+
+
 def cmd_chat(args) -> None:
     from barkgpt.chat.terminal import run_chat
 
@@ -258,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default: %(default)s)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("sweep", help="train many variants of a pipeline (an Optuna study; each trial a DVC "
+                                     "experiment and a nested MLflow run); the best gated one becomes champion",
+                       description="Sweep a pipeline's params: every combination of --grid values, or --trials "
+                                   "samples from a --space file (docs/experiments.md).")
+    p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline to train")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="try every combination of these values (repeatable)")
+    p.add_argument("--space", metavar="FILE", help="a YAML file of params keys with {low, high[, log, step]} "
+                   "or {choices: [...]}, sampled by TPE (with --trials)")
+    p.add_argument("--trials", type=int, help="how many trials (default with --grid: every combination)")
+    p.add_argument("--jobs", type=int, default=1, help="trials at once on this machine, each with its share of "
+                   "the cores (default: %(default)s)")
+    p.add_argument("--study", help="the study's name; a name that exists on the storage is joined, so several "
+                   "machines can share one study (default: <pipeline>-<UTC time>)")
+    p.add_argument("--storage", help="Optuna storage URL (default: OPTUNA_STORAGE, else sweep.storage)")
+    p.add_argument("--no-prune", action="store_true", help="let every trial finish")
+    p.add_argument("--list-keys", action="store_true", help="print the keys a sweep can vary, and exit")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("chat", help="chat with a running server in the terminal")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")

@@ -7,6 +7,7 @@ where a model is without importing the stages (or torch). Paths are relative to 
                      tokens/{train,val}.json (shard manifests) + tokens/<split>-NNNNNN.bin (fixed-size shards)
     models/<p>/      best.pt (the pipeline's current model), last.pt (resume), mlflow_run.json
     runs/<p>/<id>/   one training run's own files until it is promoted (never a DVC output)
+    sweeps/<p>/<study>/  a sweep's trial logs, trials.csv, trials.png, summary.json (never a DVC output)
     exports/<p>/     full/ (<p>-f32.gguf, <p>-f16.gguf, hf/), quantized/ (<p>-<quant>.gguf)
     reports/<p>/     one JSON per stage (validation, train, metrics, export, quantization, parity, deploy);
                      validation/: Great Expectations' Data Docs
@@ -129,6 +130,14 @@ class Layout:
     def release_snapshots(self) -> Path:
         """Deploy copies the judged files here (a temporary folder each) and uploads the copies."""
         return self.root / ".deploy-staging" / "snapshots"
+
+    # --- sweeps (barkgpt/sweep/) -----------------------------------------------------------------
+    def sweep_folder(self, study: str) -> Path:
+        """One sweep's trial logs, table, plot and summary (the trials themselves are DVC experiments)."""
+        return self.root / "sweeps" / self.pipeline / study
+
+    def sweep_trial_log(self, study: str, number: int) -> Path:
+        return self.sweep_folder(study) / f"trial-{number:03d}.log"
 
     # --- exports --------------------------------------------------------------------------------
     @property

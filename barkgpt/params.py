@@ -382,6 +382,19 @@ class DeployParams(Strict):
         return env
 
 
+class SweepParams(Strict):
+    """Sweeps of many trainings (barkgpt sweep; docs/experiments.md). The study's database comes from
+    `--storage` or OPTUNA_STORAGE when set (a team's shared PostgreSQL: its password stays out of here)."""
+
+    storage: str = Field("sqlite:///optuna.db", description="Optuna storage URL; a relative sqlite path is the project's")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="for --space (a --grid tries every combination)")
+    pruner: Literal["median", "none"] = Field(
+        "median", description="stop a trial whose validation bpb is worse than the median of earlier trials at that step")
+    startup_trials: int = Field(4, ge=0, description="trials before TPE models the space and before pruning starts")
+    warmup_steps: int = Field(0, ge=0, description="no pruning before this training step")
+    seed: int = Field(1337, description="the sampler's seed: the same sweep proposes the same trials")
+
+
 class Params(Strict):
     seed: int = 1337
     bark: BarkPipeline = BarkPipeline()
@@ -391,6 +404,7 @@ class Params(Strict):
     serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
     deploy: DeployParams = DeployParams()
+    sweep: SweepParams = SweepParams()
 
 
 def _format_error(err: ValidationError, source: str) -> str:
@@ -415,13 +429,18 @@ def parse_params(raw: dict, source: str = "params") -> Params:
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
     """Read and validate params.yaml; `overrides` is a nested dict merged on top (flow parameters)."""
-    path = Path(path)
-    if not path.exists():
-        raise BarkError(f"{path}: not found; run from the project root or pass --params PATH")
-    raw = read_config_yaml(path)
+    raw = read_raw(path)
     if overrides:
         raw = deep_merge(raw, overrides)
     return parse_params(raw, str(path))
+
+
+def read_raw(path: str | Path = "params.yaml") -> dict:
+    """params.yaml as written, before validation and defaults."""
+    path = Path(path)
+    if not path.exists():
+        raise BarkError(f"{path}: not found; run from the project root or pass --params PATH")
+    return read_config_yaml(path)
 
 
 class ConfigLoader(yaml.SafeLoader):

@@ -46,7 +46,8 @@ PRELOAD = ("great_expectations", "torch", "torch._dynamo", "mlflow", "mlflow.sto
            "barkgpt.export.quantize", "barkgpt.export.parity")
 # Variables that change between commands without changing what the imports do (the child still
 # gets them: only the choice of server ignores them).
-VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
+# MLFLOW_RUN_ID: the run a sweep hands each trial's training (barkgpt/sweep/trial.py).
+VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "MLFLOW_RUN_ID"})
 VOLATILE_PREFIXES = ("DVC_",)  # DVC_STAGE, DVC_ROOT: per stage and per repository
 DEFAULT_IDLE_S = 300.0
 START_TIMEOUT_S = 120.0  # from connecting to the child's pid: the server may be finishing an import

@@ -34,7 +34,7 @@ from tests.conftest import ROOT, copy_worktree
 
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
-        "docs/webtext.md", "docs/evaluation.md", "docs/scaling.md"]
+        "docs/webtext.md", "docs/evaluation.md", "docs/scaling.md", "docs/experiments.md"]
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
 COMMAND_TIMEOUT_S = 900
 pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)
@@ -75,6 +75,14 @@ RULES: list[tuple[str, str, str]] = [
     (r"^python -c \"import gemma3", "expensive", "assembles a 250 MB model: tests/test_serve.py"),
     (r"^dvc pull$", "known-broken", "exits 1 while dvc.lock lists WebText-2 outputs nobody pushed "
                                      "(issue 11, item 9)"),
+    (r"^barkgpt sweep webtext", "skip", "a team's servers (placeholder hosts above) or a space file to write "
+                                       "first; tests/test_sweep.py runs sweeps through the CLI and the flow"),
+    (r"^barkgpt sweep \S+ --(grid|space)", "expensive", "trains several models (a minute or more): "
+                                                        "tests/test_sweep.py runs sweeps through the CLI and the flow"),
+    (r"^dvc exp apply ", "expensive", "applies a trial of the sweep above: tests/test_sweep.py runs the sweep"),
+    (r"^git add params\.yaml dvc\.lock", "expensive", "commits the sweep trial applied above"),
+    (r"^dvc exp show\b", "run", ""),
+    (r"^optuna-dashboard ", "server", "8080"),
     (r"^barkgpt serve --backend torch", "server-check", "8000"),
     (r"^mlflow server ", "server", "5000"),
     (r"^mlflow ui ", "server", "5000"),

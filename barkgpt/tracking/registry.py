@@ -17,6 +17,7 @@ from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
 CHECKPOINT_TAG = "sha256.best.pt"
 REPORT_TAGS = {"metrics": "report.metrics_sha256", "parity": "report.parity_sha256"}  # by report stem
+SWEEP_TAG = "sweep.study"  # on a sweep's parent run and its trials' runs (barkgpt/tracking/sweeps.py)
 
 
 def ranking(metric: str, higher_is_better: bool) -> list[tuple[str, str]]:
@@ -73,9 +74,19 @@ def register(run, metrics: dict, gate_passed: bool, order: list[tuple[str, str]]
     else:
         for key, value in tags.items():
             client.set_model_version_tag(model, mv.version, key, value)
-    champion = elect_champion(client, model, order, params.tracking.champion_alias)
+    if in_sweep(client, run.run_id):  # a sweep elects once, when all its trials are in (barkgpt/sweep/)
+        current = (client.get_registered_model(model).aliases or {}).get(params.tracking.champion_alias)
+        champion = None if current is None else int(current)
+    else:
+        champion = elect_champion(client, model, order, params.tracking.champion_alias)
     return {"run_id": run.run_id, "registered_model": model, "version": int(mv.version),
             "champion": champion == int(mv.version), "champion_version": champion}
+
+
+def in_sweep(client, run_id: str) -> bool:
+    """A sweep's trial: its run is nested under the sweep's parent run (barkgpt/tracking/sweeps.py)."""
+    tags = client.get_run(run_id).data.tags or {}
+    return SWEEP_TAG in tags and tags.get("sweep.role") != "parent"
 
 
 def log_model(run) -> str:

@@ -294,12 +294,17 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
             return run
         except Exception:  # MlflowException: not in this store; start a new run below
             pass
-    exp_id = experiment_id(client, params.tracking, paths.root, uri)
     all_tags = {"pipeline": name, "git.commit": git_commit(paths.root), **data_tags(paths), **(tags or {})}
-    created = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags)
+    run_id = adopted_run(client, uri)
+    if run_id:
+        for key, value in all_tags.items():
+            client.set_tag(run_id, key, value)
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp_id = experiment_id(client, params.tracking, paths.root, uri)
+        run_id = client.create_run(exp_id, run_name=run_name(params, name), tags=all_tags).info.run_id
     from mlflow.entities import Param
 
-    run_id = created.info.run_id
     client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in pipeline_params(params, name).items()],
                      synchronous=True)
     try:
@@ -310,6 +315,22 @@ def start_training_run(params: Params, name: str, paths, tags: dict | None = Non
     run = TrainingRun(mlflow, client, run_id, params, name, paths)
     run.watch_system()
     return run
+
+
+def adopted_run(client, uri: str) -> str | None:
+    """The run a launcher created for this training and handed over in MLFLOW_RUN_ID, as `mlflow
+    run` does (a sweep's trial, nested under its sweep); None when there is none."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise BarkError(f"MLFLOW_RUN_ID={run_id} names no run in {uri}; unset it to start a new run") from None
+    if run.info.status not in ("RUNNING", "SCHEDULED"):
+        raise BarkError(f"MLFLOW_RUN_ID={run_id} names a {run.info.status.lower()} run; a training continues "
+                        "only a run its launcher created for it (unset MLFLOW_RUN_ID)")
+    return run_id
 
 
 def finish_training(run: TrainingRun | None, summary: dict) -> None:

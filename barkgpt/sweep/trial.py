@@ -1,0 +1,134 @@
+"""One trial: a real DVC experiment (`dvc exp run --temp -S key=value ...`) whose training is an
+MLflow run nested under the sweep's parent run.
+
+The library never imports DVC: a trial runs DVC's own command, as a user would, so `dvc exp show`,
+`dvc exp apply` and `dvc exp push` work on it and `dvc.lock` stays the one record of what ran.
+The trial's MLflow run is created here and handed to the training stage through MLFLOW_RUN_ID,
+MLflow's own way for a launcher to give a child process its run (`mlflow run` does the same).
+
+Pruning reads what the trainer already logs: the validation bpb at each evaluation, from the
+trial's MLflow run (a tracking server when the trial runs on another machine). A hopeless trial
+gets Ctrl-C (SIGINT to its process group); training stops cleanly and `dvc exp run` records no
+experiment for it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+INTERMEDIATE = "val_bpb"  # the per-evaluation metric training logs (barkgpt/train.py), minimized
+POLL_S = 1.0
+
+
+@dataclass
+class TrialResult:
+    number: int
+    state: str  # complete | pruned | failed
+    params: dict
+    experiment: str
+    run_id: str
+    value: float | None = None  # the evaluate stage's val_bpb, the study's objective
+    metrics: dict = field(default_factory=dict)  # the evaluation's metrics, from the MLflow run
+    gate_passed: bool = False
+    seconds: float = 0.0
+    error: str = ""
+
+
+def experiment_name(study: str, number: int) -> str:
+    """A git-ref-safe, unique DVC experiment name: `<study>-t003`."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in study).strip("-") or "sweep"
+    return f"{safe}-t{number:03d}"
+
+
+def assignment(key: str, value) -> str:
+    """`-S key=value`, the value in YAML so DVC writes the same type back (0.003, 64, true, adamw)."""
+    text = yaml.safe_dump(value, default_flow_style=True).strip()
+    return f"{key}={text.removesuffix(chr(10) + '...').strip()}"
+
+
+def dvc_command(pipe, name: str, overrides: dict) -> list[str]:
+    """Run the pipeline through its evaluate stage: the gate that ranks trials. Export, parity and
+    deploy follow for the one a user keeps (`dvc exp apply`, then `dvc repro`)."""
+    # Trials start side by side: each waits its turn for the repository's lock, briefly held while
+    # DVC sets up the experiment's temporary workspace and while it saves the result.
+    argv = ["dvc", "--wait-for-lock", "exp", "run", "--temp", "--name", name]
+    for key, value in overrides.items():
+        argv += ["-S", assignment(key, value)]
+    return argv + [f"{pipe.dvc_file}:{pipe.dvc_stage('evaluate')}"]
+
+
+def run_trial(sweep, trial) -> TrialResult:
+    """Run `trial` (an optuna.Trial) to its end; report intermediate bpb and prune on the way."""
+    overrides = dict(trial.params)
+    overrides.setdefault(f"{sweep.pipe.name}.train.threads", sweep.threads_per_trial)
+    name = experiment_name(sweep.study_name, trial.number)
+    run_id = sweep.tracker.start_trial(trial.number, name, trial.params)
+    log_path = sweep.log_path(trial.number)
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": sweep.tracker.uri}
+    started, seen, pruned = time.monotonic(), {}, False
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(dvc_command(sweep.pipe, name, overrides), cwd=sweep.root, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: Ctrl-C reaches all of it
+        try:
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+                if pruned:
+                    continue
+                for step, value in sweep.tracker.history(run_id, INTERMEDIATE):
+                    if step in seen or not math.isfinite(value):
+                        continue
+                    seen[step] = value
+                    trial.report(value, step)
+                if seen and trial.should_prune():
+                    pruned = True
+                    _interrupt(proc)
+        except BaseException:  # the sweep itself was interrupted: stop the trial with it
+            _interrupt(proc)
+            raise
+    seconds = time.monotonic() - started
+    result = TrialResult(trial.number, "failed", overrides, name, run_id, seconds=seconds)
+    if pruned:
+        result.state = "pruned"
+        result.error = f"pruned at step {max(seen)} ({INTERMEDIATE} {seen[max(seen)]:.4f})"
+        sweep.tracker.end_trial(run_id, result)
+        return result
+    if proc.returncode == 0:
+        metrics = sweep.tracker.evaluation(run_id)
+        result.metrics, result.gate_passed = metrics, bool(metrics.get("gate_passed"))
+        result.value = metrics.get(INTERMEDIATE)
+        result.state = "complete" if result.value is not None and math.isfinite(result.value) else "failed"
+        if result.state == "failed":
+            result.error = f"the evaluation logged no finite {INTERMEDIATE}"
+    else:
+        result.error = f"`dvc exp run` exited {proc.returncode}: {_last_error(log_path)} (log: {log_path})"
+    sweep.tracker.end_trial(run_id, result)
+    return result
+
+
+def _interrupt(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
+    """Ctrl-C to the trial's process group, as a user at a terminal would; a kill only if it hangs."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _last_error(log_path: Path) -> str:
+    """The line that says why: the last `error:` line of the log, else its last line."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.lower().startswith(("error:", "error "))]
+    return (errors or lines or ["no output"])[-1][:300]
