@@ -257,22 +257,22 @@ def _code_sha256(paths: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
-def measurement_settings(params, pipeline: str, stage: str) -> dict:
+def measurement_settings(params, pipeline: str, stage) -> dict:
     """What a gating report's numbers depend on besides the files it judged: the params its DVC stage
-    declares (derived from the pipeline's declaration, so it is exactly what DVC tracks) and the
-    sha256 of the stage's code. {"params": {dotted key: value}, "code": {path: sha256}}."""
-    from barkgpt.pipelines import get
+    declares (`stage`: the pipeline's declaration, so exactly what DVC tracks) with their values, and
+    the sha256 of the stage's code. {"params": {dotted key: value}, "code": {path: sha256}}."""
+    keys = [key.replace("{p}", pipeline) for key in stage.params]
+    return {"params": _param_values(params, keys), "code": _code_sha256(tuple(stage.code))}
 
-    declared = get(pipeline).stage(stage)
-    dump = params.model_dump(mode="json")
-    values = {}
-    for key in declared.params:
-        key = key.replace("{p}", pipeline)
+
+def _param_values(params, keys) -> dict:
+    dump, values = params.model_dump(mode="json"), {}
+    for key in keys:
         value = dump
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
         values[key] = value
-    return {"params": values, "code": _code_sha256(declared.code)}
+    return values
 
 
 def _flatten(value, prefix: str) -> dict:
@@ -288,7 +288,10 @@ def settings_mismatch(report: dict, params, report_path: Path) -> str | None:
     if not isinstance(recorded, dict):
         return (f"{report_path} does not record the settings it was measured under; re-run the {stage} stage "
                 f"(barkgpt {stage} {pipeline}, or dvc repro)")
-    now = measurement_settings(params, str(pipeline), str(stage))
+    # The keys and code paths the stage declared when it wrote the report, valued under these params
+    # (an edited list is an edited report: the registry's sha256 tag and `dvc status` refuse it).
+    now = {"params": _param_values(params, list(recorded.get("params") or {})),
+           "code": _code_sha256(tuple(recorded.get("code") or {}))}
     was, want = _flatten(recorded.get("params"), "params"), _flatten(now["params"], "params")
     diffs = [f"{k[7:]} was {was.get(k)!r}, params say {want.get(k)!r}" for k in sorted(set(was) | set(want))
              if was.get(k) != want.get(k)]

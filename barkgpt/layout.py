@@ -250,6 +250,11 @@ class Layout:
 DEFAULT_PIPELINE = "bark"
 
 
+def dvc_file(pipeline: str) -> str:
+    """Where a pipeline's DVC stages live, relative to the project root."""
+    return "dvc.yaml" if pipeline == DEFAULT_PIPELINE else f"pipelines/{pipeline}/dvc.yaml"
+
+
 def repro_command(pipeline: str) -> str:
     """The DVC command that runs a pipeline's stages."""
     return "dvc repro" if pipeline in (DEFAULT_PIPELINE, "") else f"dvc repro pipelines/{pipeline}/dvc.yaml"

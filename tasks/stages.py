@@ -92,10 +92,10 @@ def commit_keeping_previous(repo, target: str, root: Path) -> None:
 def restore_interrupted_lock(root: Path) -> None:
     """Before the flow trusts dvc.lock: put back the copy kept by a commit that did not finish (its
     lock may be empty or cut short; the copy is true for every stage, and DVC re-runs the one whose
-    commit was cut), then BarkError when the lock is empty or corrupt (dvcfile.read_lock)."""
+    commit was cut), then BarkError when the lock is empty or corrupt (barkgpt.dvclock.read_lock)."""
     import os
 
-    from barkgpt.pipelines.dvcfile import read_lock
+    from barkgpt.dvclock import read_lock
 
     backup = lock_backup(root)
     if backup.exists():

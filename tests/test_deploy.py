@@ -539,6 +539,7 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
     barkgpt.export.parity writes, bound to these files) whose q8_0 measurement passes the gate or not;
     test_export and test_gates cover how parity measures and judges."""
     from barkgpt.gates import judged_files, measurement_settings
+    from barkgpt.pipelines import get as get_pipeline
 
     dest = Layout("bark", root).gguf("q8_0")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -554,7 +555,8 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
         "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},
         "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest}),
-        "measured_under": measurement_settings(load_params(root / "params.yaml"), "bark", "parity")}))
+        "measured_under": measurement_settings(load_params(root / "params.yaml"), "bark",
+                                               get_pipeline("bark").stage("parity"))}))
 
 
 def _no_aws_env(tmp_path: Path) -> dict:

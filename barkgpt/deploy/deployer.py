@@ -48,7 +48,7 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
                     provenance: dict | None = None, app_factory: AppFactory | None = None,
                     transfer: TransferSettings | None = None, log=print) -> dict:
     """Release the pipeline's model to S3 and serve it from Lambda; writes reports/<name>/deploy.json."""
-    from barkgpt.pipelines.dvcfile import read_lock
+    from barkgpt.dvclock import read_lock
 
     root = Path(root)
     read_lock(root)  # an empty or corrupt dvc.lock: refused before anything trusts it

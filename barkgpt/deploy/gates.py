@@ -81,14 +81,13 @@ def check_dvc_fresh(params: Params, name: str, root: Path) -> None:
     import subprocess
     import sys
 
-    from barkgpt.pipelines import get
+    from barkgpt.layout import dvc_file
 
     root = Path(root)
     if not (root / ".dvc").is_dir() or not (root / "dvc.lock").exists():
         return  # not a DVC project (a staged registry version, a test folder): the reports' hashes bind it
-    pipe = get(name)
-    stages = ["evaluate"] + (["parity"] if params.deploy.artifact == "gguf" and pipe.has("parity") else [])
-    targets = [f"{pipe.dvc_file}:{pipe.dvc_stage(s)}" for s in stages]
+    stages = ["evaluate"] + (["parity"] if params.deploy.artifact == "gguf" else [])
+    targets = [f"{dvc_file(name)}:{name}-{s}" for s in stages]  # as barkgpt/pipelines/base.py names them
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
     if dvc is None:
         raise BarkError("cannot check the pipeline with `dvc status`: the dvc command is not installed; "

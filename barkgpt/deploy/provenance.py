@@ -39,7 +39,7 @@ def git_commit(root: Path) -> dict | None:
 
 def dvc_data_hash(root: Path, name: str) -> dict | None:
     """The md5s dvc.lock records for data/<name>/ outputs, and one hash over them (no DVC import)."""
-    from barkgpt.pipelines.dvcfile import read_lock
+    from barkgpt.dvclock import read_lock
 
     lock = read_lock(root)  # an empty or corrupt dvc.lock stops the deploy, named with its fix
     if lock is None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import yaml
 
-from barkgpt.errors import BarkError
 from barkgpt.fileio import write_text
 from barkgpt.layout import Layout
 from barkgpt.pipelines import REGISTRY
@@ -82,28 +81,3 @@ def check_dvc_files(root: Path) -> list[str]:
     return [p.dvc_file for p in wanted(root) if not (Path(root) / p.dvc_file).exists()
             or (Path(root) / p.dvc_file).read_text() != render(p)]
 
-
-def read_lock(root: Path) -> dict | None:
-    """The project's dvc.lock, parsed (None when there is none), or one BarkError naming the fix when
-    it is empty or corrupt: DVC rewrites it in place, so a process killed while DVC writes it leaves
-    it empty or cut short, and every command that trusts it must stop before it does."""
-    path = Path(root) / "dvc.lock"
-    if not path.exists():
-        return None
-    fix = ("restore it from git (git checkout -- dvc.lock), or rebuild it with dvc repro (which re-runs "
-           "the stages it can no longer vouch for)")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise BarkError(f"{path} cannot be read ({err.strerror}); {fix}") from None
-    if not raw.strip():
-        raise BarkError(f"{path} is empty (a process was killed while DVC wrote it?); {fix}")
-    try:
-        data = yaml.safe_load(raw.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        first = str(err).splitlines()[0][:120]
-        raise BarkError(f"{path} is corrupt: not YAML text ({first}); {fix}") from None
-    stages = data.get("stages") if isinstance(data, dict) else None
-    if not isinstance(stages, dict) or not all(isinstance(s, dict) for s in stages.values()):
-        raise BarkError(f"{path} is corrupt: not DVC's mapping of stages; {fix}")
-    return data
