@@ -77,7 +77,8 @@ def check(root: Path, env: dict) -> list[str]:
     parity = json.loads((root / "reports/bark/parity.json").read_text())
     quant = parity["gate"]["deploy_quantization"]
     judged = parity["judged"][quant]["sha256"]
-    session = boto3.session.Session(region_name="us-east-1")
+    session = boto3.session.Session(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                    aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
     lam = session.client("lambda", endpoint_url=env["AWS_ENDPOINT_URL"])
     s3 = session.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     deploy = json.loads((root / "reports/bark/deploy.json").read_text())
