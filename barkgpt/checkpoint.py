@@ -113,4 +113,14 @@ def model_from_checkpoint(state: dict) -> tuple[GPT, Tokenizer]:
 
 
 def load_model(path: Path) -> tuple[GPT, Tokenizer]:
-    return model_from_checkpoint(load_checkpoint(path))
+    """The model and tokenizer of a checkpoint; BarkError when its trailer is valid but its contents
+    do not make a model (wrong shapes, unknown keys, a bad tokenizer)."""
+    state = load_checkpoint(path)
+    try:
+        return model_from_checkpoint(state)
+    except BarkError as err:
+        raise BarkError(f"{path}: {err}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:  # load_state_dict, pydantic, the tokenizer
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise BarkError(f"{path}: its weights do not fit the model it describes ({first}); re-train "
+                        "or restore it") from None

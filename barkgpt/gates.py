@@ -13,7 +13,10 @@ k the smallest count such that a model at `bark.gates.contract_accuracy` passes 
 0.995 passes with probability 0.99933, one at 0.97 with probability 0.00035 (docs/evaluation.md).
 
 Gating reports record the sha256 of every file they judged (`judged_files`); `verify_judged`
-refuses a report whose files have changed since, naming the report and the stage to re-run.
+refuses a report whose files have changed since, naming the report and the stage to re-run. They
+also record how their numbers were measured (`measured_under`: the params their DVC stage declares
+and the sha256 of its code), and `settings_mismatch` refuses a report measured under other settings
+than the params a promotion or deploy runs under (greedy decoding cannot pass a sampled-contract gate).
 """
 from __future__ import annotations
 
@@ -212,6 +215,76 @@ def verify_judged(report_path: Path, files: dict[str, Path]) -> dict:
     return report
 
 
+# --- reports bound to how they were measured --------------------------------------------------------
+
+def _code_sha256(paths: tuple[str, ...]) -> dict[str, str | None]:
+    """sha256 of each code path a stage declares (a folder: over its .py files), read from the
+    installed package, so a staged copy of a project is judged against the code that runs."""
+    import hashlib
+
+    import barkgpt
+
+    base = Path(barkgpt.__file__).resolve().parent.parent
+    out: dict[str, str | None] = {}
+    for rel in paths:
+        path = base / rel
+        if path.is_dir():
+            digest = hashlib.sha256()
+            for f in sorted(path.rglob("*.py")):
+                digest.update(f.relative_to(path).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+            out[rel] = digest.hexdigest()
+        else:
+            out[rel] = sha256_file(path) if path.is_file() else None
+    return out
+
+
+def measurement_settings(params, pipeline: str, stage) -> dict:
+    """What a gating report's numbers depend on besides the files it judged: the params its DVC stage
+    declares (`stage`: the pipeline's declaration, so exactly what DVC tracks) with their values, and
+    the sha256 of the stage's code. {"params": {dotted key: value}, "code": {path: sha256}}."""
+    keys = [key.replace("{p}", pipeline) for key in stage.params]
+    return {"params": _param_values(params, keys), "code": _code_sha256(tuple(stage.code))}
+
+
+def _param_values(params, keys) -> dict:
+    dump, values = params.model_dump(mode="json"), {}
+    for key in keys:
+        value = dump
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        values[key] = value
+    return values
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def settings_mismatch(report: dict, params, report_path: Path) -> str | None:
+    """None when the report was measured under the settings `params` state; else what differs, named."""
+    stage, pipeline = report.get("stage"), report.get("pipeline")
+    recorded = report.get("measured_under")
+    if not isinstance(recorded, dict):
+        return (f"{report_path} does not record the settings it was measured under; re-run the {stage} stage "
+                f"(barkgpt {stage} {pipeline}, or dvc repro)")
+    # The keys and code paths the stage declared when it wrote the report, valued under these params
+    # (an edited list is an edited report: the registry's sha256 tag and `dvc status` refuse it).
+    now = {"params": _param_values(params, list(recorded.get("params") or {})),
+           "code": _code_sha256(tuple(recorded.get("code") or {}))}
+    was, want = _flatten(recorded.get("params"), "params"), _flatten(now["params"], "params")
+    diffs = [f"{k[7:]} was {was.get(k)!r}, params say {want.get(k)!r}" for k in sorted(set(was) | set(want))
+             if was.get(k) != want.get(k)]
+    code = recorded.get("code") or {}
+    diffs += [f"{path} changed since" for path, sha in now["code"].items() if code.get(path) != sha]
+    if not diffs:
+        return None
+    shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+    return (f"{report_path} was measured under other settings than these params ({shown}); re-run the {stage} "
+            f"stage with the params this runs under (barkgpt {stage} {pipeline}, or dvc repro)")
+
+
 def check_release(params, name: str, root: Path, artifact: str) -> dict:
     """Before a release or a promotion: every report that judged what ships describes these exact
     files and passes its gate. Raises GateError naming every stale or failing report."""
@@ -230,6 +303,9 @@ def check_release(params, name: str, root: Path, artifact: str) -> dict:
             verdict = judge(report, params)
         except BarkError as err:
             problems.append(str(err))
+            continue
+        if mismatch := settings_mismatch(report, params, path):
+            problems.append(mismatch)
             continue
         key = "eval" if report.get("stage") == "evaluate" else "parity"
         summary[key] = {"passed": verdict.passed, "failed": verdict.reason()}

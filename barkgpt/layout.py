@@ -126,6 +126,11 @@ class Layout:
         """flock'ed by the process writing this pipeline's model (one writer at a time)."""
         return self.runs / "writer.lock"
 
+    @property
+    def release_snapshots(self) -> Path:
+        """Deploy copies the judged files here (a temporary folder each) and uploads the copies."""
+        return self.root / ".deploy-staging" / "snapshots"
+
     # --- sweeps (barkgpt/sweep/) -----------------------------------------------------------------
     def sweep_folder(self, study: str) -> Path:
         """One sweep's trial logs, table, plot and summary (the trials themselves are DVC experiments)."""
@@ -269,6 +274,11 @@ class Layout:
 # The pipeline whose stages the root dvc.yaml holds (what a plain `dvc repro` runs); every other
 # pipeline's are in pipelines/<name>/dvc.yaml (barkgpt.pipelines.base.Pipeline.default reads this).
 DEFAULT_PIPELINE = "bark"
+
+
+def dvc_file(pipeline: str) -> str:
+    """Where a pipeline's DVC stages live, relative to the project root."""
+    return "dvc.yaml" if pipeline == DEFAULT_PIPELINE else f"pipelines/{pipeline}/dvc.yaml"
 
 
 def repro_command(pipeline: str) -> str:

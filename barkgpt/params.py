@@ -167,8 +167,14 @@ class BarkGates(Strict):
             return [Check(prefix + "contract", False, f"measured on {n} samples, the test needs "
                           f"{test.samples}; re-run the stage")]
         ok = failures <= test.max_failures
-        return [Check(prefix + "contract", ok, f"{failures} of {n} failed "
-                      f"({'<=' if ok else '>'} {test.max_failures})")]
+        checks = [Check(prefix + "contract", ok, f"{failures} of {n} failed "
+                        f"({'<=' if ok else '>'} {test.max_failures})")]
+        # The rate is re-derived from the raw count: a report whose numbers disagree was edited.
+        accuracy = measured.get("contract_accuracy")
+        if accuracy is not None and abs(accuracy - (1 - failures / n)) > 1e-12:
+            checks.append(Check(prefix + "contract.consistent", False, f"contract_accuracy {accuracy} is not "
+                                f"1 - {failures}/{n}; the report was edited: re-run the stage"))
+        return checks
 
 
 class BarkValidateParams(Strict):
@@ -466,10 +472,52 @@ def read_raw(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise BarkError(f"{path}: not found; run from the project root or pass --params PATH")
+    return read_config_yaml(path)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML for configuration: no aliases (a 1 KB file of nested aliases expands to gigabytes) and no
+    duplicate keys (the later one would silently win; DVC refuses them)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a params file; "
+                                              "write the value out", self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_config_yaml(path: Path) -> dict:
+    """A params file as a mapping; BarkError naming the problem (not a file, not UTF-8, not YAML,
+    empty, not a mapping, a number too long to read)."""
+    if path.is_dir():
+        raise BarkError(f"{path}: is a folder, not a params file; pass --params FILE")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BarkError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise BarkError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=ConfigLoader)
     except yaml.YAMLError as err:
-        raise BarkError(f"{path}: not valid YAML: {err}") from None
+        raise BarkError(f"{path}: not valid YAML: {str(err)[:500]}") from None
+    except ValueError as err:  # e.g. an integer past Python's 4,300-digit conversion limit
+        raise BarkError(f"{path}: a value cannot be read ({str(err)[:200]})") from None
+    if raw is None:
+        raise BarkError(f"{path}: is empty; every setting would be a built-in default. Restore it (git checkout "
+                        f"-- {path.name}) or write the settings to change")
+    if not isinstance(raw, dict):
+        raise BarkError(f"{path}: must be a mapping of sections (bark:, export:, ...), not a {type(raw).__name__}")
+    return raw
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -502,7 +550,12 @@ def parse_assignments(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise BarkError(f"--set expects KEY=VALUE, got {item!r}")
-        flat[key] = yaml.safe_load(value)
+        try:
+            flat[key] = yaml.load(value, Loader=ConfigLoader)
+        except (yaml.YAMLError, ValueError) as err:
+            first = str(err).strip().splitlines()[0][:160]
+            raise BarkError(f"--set {item}: the value is not valid YAML ({first}); quote it, e.g. "
+                            f"--set '{key}=\"{value}\"'") from None
     return expand_dotted(flat)
 
 

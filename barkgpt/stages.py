@@ -186,7 +186,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
     when the gate passes). metrics.json records the sha256 of every file it judged."""
     from barkgpt import runs, tracking
     from barkgpt.checkpoint import load_model
-    from barkgpt.gates import judge, judged_files
+    from barkgpt.gates import judge, judged_files, measurement_settings
     from barkgpt.tracking.registry import ranking
 
     if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
@@ -195,7 +195,8 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
         run = tracking.reopen_run(params, pipe.name, lay, tags)
         try:
             measured, samples = pipe.evaluate(params, pipe, lay)
-            metrics = {"pipeline": pipe.name, "stage": "evaluate", **measured}
+            metrics = {"pipeline": pipe.name, "stage": "evaluate", **measured,
+                       "measured_under": measurement_settings(params, pipe.name, pipe.stage("evaluate"))}
             verdict = judge(metrics, params)
             metrics |= {"gate_passed": verdict.passed, "gate": verdict.as_dict(),
                         "judged": judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
@@ -219,16 +220,31 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
 
 def export(params: Params, pipe, lay: Layout) -> dict:
     """Checkpoint -> F32 (+F16) GGUF files and a Hugging Face folder under exports/<pipeline>/."""
+    from barkgpt import runs
     from barkgpt.export.pipeline import export_files
 
-    return export_files(lay, params.export)
+    with runs.writer_lock(lay, f"export {pipe.name}"):  # not while a deploy copies what parity judged
+        drop_leftovers(lay.full_exports)
+        return export_files(lay, params.export)
 
 
 def quantize(params: Params, pipe, lay: Layout) -> dict:
     """F32 GGUF -> llama.cpp quantizations; per-tensor types in reports/<pipeline>/quantization.json."""
+    from barkgpt import runs
     from barkgpt.export.pipeline import quantize_files
 
-    return quantize_files(lay, params.export)
+    with runs.writer_lock(lay, f"quantize {pipe.name}"):
+        drop_leftovers(lay.quantized_exports)
+        return quantize_files(lay, params.export)
+
+
+def drop_leftovers(folder: Path) -> None:
+    """Remove the temp files (fileio.atomic_path's `.*.tmp`) a killed writer left in an output
+    folder, so DVC never records them as part of it. The caller holds the writer lock: no live
+    writer of this pipeline owns one."""
+    if folder.is_dir():
+        for leftover in folder.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
 
 
 def parity(params: Params, pipe, lay: Layout) -> dict:
@@ -237,16 +253,17 @@ def parity(params: Params, pipe, lay: Layout) -> dict:
 
     Raises GateError (a BarkError) when F32 parity or the deploy quantization fails.
     """
-    from barkgpt import tracking
+    from barkgpt import runs, tracking
     from barkgpt.export.parity import parity_report
 
     stale = lay.parity_report.stat().st_mtime_ns if lay.parity_report.exists() else None
-    try:
-        report = parity_report(lay, params, pipe, read_lines(lay.val_text))
-    finally:  # the report is worth keeping with the run, also (above all) when the gate failed
-        if lay.parity_report.exists() and lay.parity_report.stat().st_mtime_ns != stale:
-            tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("**/*.gguf")),
-                                read_json(lay.parity_report))
+    with runs.writer_lock(lay, f"parity {pipe.name}"):  # the files it judges stay put while it judges them
+        try:
+            report = parity_report(lay, params, pipe, read_lines(lay.val_text))
+        finally:  # the report is worth keeping with the run, also (above all) when the gate failed
+            if lay.parity_report.exists() and lay.parity_report.stat().st_mtime_ns != stale:
+                tracking.log_export(params, pipe.name, lay, sorted(lay.exports.glob("**/*.gguf")),
+                                    read_json(lay.parity_report))
     return {"report": str(lay.parity_report), "gate": {k: v for k, v in report["gate"].items() if k != "checks"},
             "deploy_file": report["gate"]["deploy_file"], "f32_parity": report["f32_parity"],
             "quantizations": {q: {k: e[k] for k in ("status", "metric", "value", "delta", "size_ratio_vs_f32")}

@@ -17,3 +17,19 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # barkgpt's own log lines (training progress at least every 10 s) go to the flow run's log.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "barkgpt")
 logging.getLogger("barkgpt").setLevel(logging.INFO)
+
+
+class ExpectedErrorsWithoutTraceback(logging.Filter):
+    """A BarkError is bad input with its fix in the message: Prefect logs the message, not a
+    traceback (an unexpected error keeps its traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from barkgpt.errors import BarkError
+
+        if record.exc_info and isinstance(record.exc_info[1], BarkError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs", "prefect.flow_engine", "prefect.task_engine"):
+    logging.getLogger(_name).addFilter(ExpectedErrorsWithoutTraceback())

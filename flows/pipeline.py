@@ -22,7 +22,7 @@ from barkgpt.params import parse_assignments
 from barkgpt.pipelines import REGISTRY, get
 from tasks.common import resolve_params
 from tasks.deploy import deploy, deploy_blocker
-from tasks.stages import publish_report, run_stage
+from tasks.stages import publish_report, restore_interrupted_lock, run_stage
 
 
 def upstream(pipe, lay) -> dict[str, list[str]]:
@@ -44,7 +44,8 @@ def upstream(pipe, lay) -> dict[str, list[str]]:
 def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: str, deploy_model: bool) -> dict:
     from barkgpt.pipelines.dvcfile import write_dvc_files
 
-    resolved = resolve_params(params_file, overrides, root, return_state=True)
+    restore_interrupted_lock(Path(root))  # before DVC reads it: a killed commit's lock put back, a broken one named
+    resolved = resolve_params(params_file, overrides, root, pipeline, return_state=True)
     params = resolved.result()  # an invalid value stops the flow here, named
     for path in write_dvc_files(Path(root), [pipeline]):  # a project older than its code: bring it level first
         print(f"wrote {path} from the pipeline declarations")

@@ -2,10 +2,10 @@
 """Run the `barkgpt` command on bad inputs and print a Markdown table: input, exit code, message.
 
 Every row is a real run in a throw-away project (a small bark model trained once, ~30 s), so the
-table shows what a user sees today, warm server included (one for every case folder, in a runtime
-folder of the script's own, stopped at the end). A row whose output holds a Python traceback is
-marked: those are the places where a clear error (exit 2, naming the file and the fix) still has to
-be written.
+table shows what a user sees today. A row whose output holds a Python traceback is marked: those
+are the places where a clear error (exit 2, naming the file and the fix) still has to be written.
+Commands run with the default settings, the warm server included (its own, in a private runtime
+folder, stopped at the end); the script exits 1 when any row printed a traceback.
 
     python scripts/bad_inputs.py            # the table on stdout
     python scripts/bad_inputs.py --json out.json
@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -30,11 +31,12 @@ SMALL = {"bark": {"data": {"train_conversations": 300, "val_conversations": 60},
          "tracking": {"enabled": False}}
 
 
-RUNTIME: dict[str, str] = {}  # XDG_RUNTIME_DIR: where this script's warm server lives
+RUNTIME = Path(tempfile.mkdtemp(prefix="bw"))  # this script's warm servers, apart from everyone else's
 
 
 def barkgpt(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", **RUNTIME}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "XDG_RUNTIME_DIR": str(RUNTIME)}
     return subprocess.run([sys.executable, "-m", "barkgpt", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -111,6 +113,30 @@ def cases(base: Path, folder: Path):
             return args, root
         return setup
 
+    def wrong_shapes(args: list[str]):
+        """A checkpoint whose trailer is valid (the bytes are intact) but whose weights do not fit
+        the model it describes."""
+        def setup():
+            import torch
+
+            from barkgpt.checkpoint import load_checkpoint, seal
+
+            root = copy_of(base, folder, f"p{len(os.listdir(folder))}")
+            path = root / "models/bark/best.pt"
+            state = load_checkpoint(path)
+            state["model_params"]["n_embd"] *= 2
+            torch.save(state, path)
+            seal(path)
+            return args, root
+        return setup
+
+    def params_path(make, args: list[str]):
+        def setup():
+            root = copy_of(base, folder, f"p{len(os.listdir(folder))}")
+            make(root)
+            return args, root
+        return setup
+
     def disk_full():
         mnt = tiny_filesystem(folder, 64)
         if mnt is None:
@@ -161,6 +187,22 @@ def cases(base: Path, folder: Path):
     yield "ingest webtext, source: missing.txt", empty_project(["ingest", "webtext"], {"webtext": {"source": "missing.txt"}})
     yield "deploy bark before evaluation", params_case({}, ["deploy", "bark"])
     yield "disk full (64 KiB tmpfs) during data bark", disk_full
+    # Point 7 of issue 21: what used to end in a traceback.
+    yield "models/bark/best.pt: valid trailer, wrong shapes (evaluate)", wrong_shapes(["evaluate", "bark"])
+    yield "models/bark/best.pt: valid trailer, wrong shapes (export)", wrong_shapes(["export", "bark"])
+    yield "dvc.lock empty (a kill during DVC's write)", file_case("dvc.lock", b"", ["deploy", "bark"])
+    yield "dvc.lock not YAML", file_case("dvc.lock", b"stages: [oops\n", ["deploy", "bark"])
+    yield "dvc.lock a list", file_case("dvc.lock", b"- a\n- b\n", ["deploy", "bark"])
+    yield "dvc.lock binary", file_case("dvc.lock", b"\xff\xfe\x00\x01binary", ["deploy", "bark"])
+    yield "params.yaml not UTF-8", file_case("params.yaml", b"seed: 1\nbark:\n  x: \xff\n", ["train", "bark"])
+    yield "params.yaml: an integer of 4,301 digits", file_case("params.yaml", b"seed: " + b"9" * 4301 + b"\n",
+                                                               ["train", "bark"])
+    yield "params.yaml: 1 KB of nested YAML aliases", file_case("params.yaml", b"a: &a [x, x, x, x, x, x, x, x, x]\n" + b"".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n".encode() for i in range(9)), ["train", "bark"])
+    yield "params.yaml: a duplicate key", file_case("params.yaml", b"seed: 1\nseed: 2\n", ["train", "bark"])
+    yield "params.yaml empty", file_case("params.yaml", b"", ["train", "bark"])
+    yield "params.yaml a directory (--params DIR)", params_path(lambda root: (root / "conf").mkdir(),
+                                                                ["--params", "conf", "train", "bark"])
 
 
 def first_message(out: subprocess.CompletedProcess) -> str:
@@ -180,8 +222,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="barkgpt-bad-") as tmp:
         folder = Path(tmp)
-        (folder / "run").mkdir(mode=0o700)
-        RUNTIME["XDG_RUNTIME_DIR"] = str(folder / "run")
+        RUNTIME.chmod(0o700)
         mounts = []
         try:
             base = trained_project(folder)
@@ -200,17 +241,26 @@ def main() -> int:
                              "message": first_message(out)})
                 print(f"{out.returncode:>4}  {label}", file=sys.stderr)
         finally:
+            # The warm server first: a stage it forked in the tmpfs keeps that mount busy until it stops.
             subprocess.run([sys.executable, "-m", "barkgpt.warm", "stop"], capture_output=True,
-                           env={**os.environ, "PYTHONPATH": str(REPO), **RUNTIME})
+                           env={**os.environ, "PYTHONPATH": str(REPO), "XDG_RUNTIME_DIR": str(RUNTIME)})
             for mnt in mounts:
-                subprocess.run(["umount", str(mnt)], capture_output=True)
+                for _ in range(50):  # the servers exit on SIGTERM within moments
+                    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+                        break
+                    time.sleep(0.1)
+                else:
+                    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            shutil.rmtree(RUNTIME, ignore_errors=True)
     print("| # | input | command | exit | message |\n|---|---|---|---|---|")
     for i, r in enumerate(rows, 1):
         msg = r["message"].replace("|", "\\|")
         print(f"| {i} | {r['input']} | `{r.get('command', '')}` | {r['exit']} | {msg} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+    tracebacks = sum(r["message"].startswith("TRACEBACK") for r in rows)
+    print(f"\n{len(rows)} inputs, {tracebacks} tracebacks", file=sys.stderr)
+    return 1 if tracebacks else 0
 
 
 if __name__ == "__main__":

@@ -52,16 +52,52 @@ def write_overrides(path: Path, nested: dict) -> list[str]:
 
 
 @task(name="resolve-params", cache_policy=NO_CACHE, persist_result=True, result_serializer="json")
-def resolve_params(params_file: str = "params.yaml", overrides: dict | None = None, root: str = ".") -> dict:
+def resolve_params(params_file: str = "params.yaml", overrides: dict | None = None, root: str = ".",
+                   pipeline: str | None = None) -> dict:
     """params.yaml merged with the run's overrides, validated (an invalid key fails here, named),
-    then written back to params.yaml: the one source of configuration, for every door."""
+    then written back to params.yaml: the one source of configuration, for every door.
+
+    Another params file is accepted only where it agrees with params.yaml on every key the
+    pipeline's DVC stages track: DVC records params.yaml's values in dvc.lock, so a run under
+    other values would be recorded under a lie (and `dvc repro` would then refuse to redo it)."""
     path = Path(root) / params_file
     nested = expand_dotted(overrides or {})
     params = load_params(path, nested)  # raises before anything is written
+    dvc_params = Path(root) / "params.yaml"
+    if pipeline and path.resolve() != dvc_params.resolve():
+        differ = tracked_differences(params, load_params(dvc_params, nested), pipeline)
+        if differ:
+            raise BarkError(f"{params_file} differs from params.yaml, which DVC records in dvc.lock, in "
+                            f"{'; '.join(differ)}; set those values in params.yaml (--set KEY=VALUE writes them "
+                            "there), or run without --params")
     changed = write_overrides(path, nested) if nested else []
     if changed:
         print(f"{params_file}: set {', '.join(changed)} (the values this run and DVC use)")
     return params.model_dump()
+
+
+def tracked_differences(params, dvc_params, pipeline: str) -> list[str]:
+    """'key: value vs value' for each params key a stage of `pipeline` declares where the two differ."""
+    from barkgpt.pipelines import get
+
+    ours, theirs = params.model_dump(mode="json"), dvc_params.model_dump(mode="json")
+    out = []
+    for key in dict.fromkeys(k.replace("{p}", pipeline) for s in get(pipeline).stages for k in s.params):
+        a, b = ours, theirs
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a != b:
+            out += [f"{key}{sub}: {x!r} (params.yaml: {y!r})" for sub, x, y in _leaf_diffs(a, b)]
+    return out
+
+
+def _leaf_diffs(a, b, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            yield from _leaf_diffs(a.get(k), b.get(k), f"{prefix}.{k}")
+    elif a != b:
+        yield prefix, a, b
 
 
 def to_params(params: dict):

@@ -25,7 +25,7 @@ def deploy_blocker(params: dict, root: str = ".", name: str = "bark") -> str | N
 
 
 # Not cached: a deploy is an effect on the world (and the local AWS API forgets it), not a file.
-# Retried once for network trouble; a failed smoke test (a BarkError) fails at once, alias rolled back.
+# Retried once for network trouble; a failed smoke test (a BarkError) fails at once, alias not moved.
 @task(name="deploy", cache_policy=NO_CACHE, persist_result=True, result_serializer="json", retries=1,
       retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=transient_only)
 def deploy(params: dict, root: str = ".", name: str = "bark") -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 from pathlib import Path
 
 from prefect import task
@@ -64,8 +65,47 @@ def run_stage(params: dict, pipeline: str, stage: str, root: str = ".") -> dict:
         if "progress" in inspect.signature(spec.run).parameters:
             options["progress"] = False  # a log line per interval instead of a progress bar
         result = spec.run(to_params(params), pipe, lay, **options)
-        repo.commit(target, force=True)
+        commit_keeping_previous(repo, target, Path(root))
     return {"stage": stage, "ran": True, **small(result)}
+
+
+def lock_backup(root: Path) -> Path:
+    """dvc.lock as it was before the flow's commit in progress (inside .dvc/tmp/, DVC's scratch)."""
+    return root / ".dvc" / "tmp" / "dvc.lock.before-commit"
+
+
+def commit_keeping_previous(repo, target: str, root: Path) -> None:
+    """`dvc commit` the stage, its write made all-or-nothing for whoever comes next.
+
+    DVC rewrites dvc.lock in place (truncate, then dump), so a kill in between leaves it empty.
+    The previous lock is copied aside atomically first and removed once DVC's write is done;
+    `restore_interrupted_lock` puts it back when a kill left the lock broken. The previous lock
+    is true for every other stage, and DVC re-runs the one whose commit was cut."""
+    from barkgpt.fileio import atomic_path
+
+    lock, backup = root / "dvc.lock", lock_backup(root)
+    if lock.exists():
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(backup) as tmp:
+            shutil.copyfile(lock, tmp)
+    repo.commit(target, force=True)
+    backup.unlink(missing_ok=True)
+
+
+def restore_interrupted_lock(root: Path) -> None:
+    """Before the flow trusts dvc.lock: put back the copy kept by a commit that did not finish (its
+    lock may be empty or cut short; the copy is true for every stage, and DVC re-runs the one whose
+    commit was cut), then BarkError when the lock is empty or corrupt (barkgpt.dvclock.read_lock)."""
+    import os
+
+    from barkgpt.dvclock import read_lock
+
+    backup = lock_backup(root)
+    if backup.exists():
+        os.replace(backup, root / "dvc.lock")
+        print("dvc.lock: a commit of this flow was interrupted; restored the lock from before it "
+              "(dvc status says which stage to re-run)")
+    read_lock(root)
 
 
 def describe(changes: list) -> str:

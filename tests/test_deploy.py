@@ -310,7 +310,7 @@ def test_failing_smoke_test_rolls_alias_back(target, bark_copy, names):
     good = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     name = good["function"]["name"]
     bad = deploy_params(bark_copy, names, memory_mb=1536)  # any change -> a new version
-    with pytest.raises(SmokeTestFailed, match="rolled back to version 1.*answered 500"):
+    with pytest.raises(SmokeTestFailed, match="alias live not moved .still on version 1.*answered 500"):
         deploy_pipeline(bad, "bark", bark_copy, target=target, app_factory=broken_app, log=lambda *_: None)
     lam = target.client("lambda")
     assert lam.get_alias(FunctionName=name, Name="live")["FunctionVersion"] == "1"
@@ -323,7 +323,7 @@ def test_smoke_test_failing_with_a_bark_error_rolls_alias_back(target, bark_copy
     good = deploy_pipeline(params, "bark", bark_copy, target=target, log=lambda *_: None)
     name = good["function"]["name"]
     bad = deploy_params(bark_copy, names, environment={"BARKGPT_SERVE_PORT": "notaport"})
-    with pytest.raises(SmokeTestFailed, match="rolled back to version 1.*BARKGPT_SERVE_PORT"):
+    with pytest.raises(SmokeTestFailed, match="alias live not moved .still on version 1.*BARKGPT_SERVE_PORT"):
         deploy_pipeline(bad, "bark", bark_copy, target=target, log=lambda *_: None)
     lam = target.client("lambda")
     assert lam.get_alias(FunctionName=name, Name="live")["FunctionVersion"] == "1"
@@ -383,7 +383,7 @@ def test_api_key_secret_in_ssm_parameter_store(target, names):
 
 def test_failing_first_deploy_leaves_no_alias(target, bark_copy, names):
     params = deploy_params(bark_copy, names)
-    with pytest.raises(SmokeTestFailed, match="alias removed"):
+    with pytest.raises(SmokeTestFailed, match="alias live not moved .there is none yet"):
         deploy_pipeline(params, "bark", bark_copy, target=target, app_factory=broken_app, log=lambda *_: None)
     lam = target.client("lambda")
     from botocore.exceptions import ClientError
@@ -538,7 +538,8 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
     """Put the Q8_0 GGUF where export writes it, and a parity report (the shape
     barkgpt.export.parity writes, bound to these files) whose q8_0 measurement passes the gate or not;
     test_export and test_gates cover how parity measures and judges."""
-    from barkgpt.gates import judged_files
+    from barkgpt.gates import judged_files, measurement_settings
+    from barkgpt.pipelines import get as get_pipeline
 
     dest = Layout("bark", root).gguf("q8_0")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -553,7 +554,9 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
         "quantizations": {"q8_0": {"status": status, "metric": "contract_accuracy", "value": 1 - failures / 1000,
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
         "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},
-        "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest})}))
+        "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest}),
+        "measured_under": measurement_settings(load_params(root / "params.yaml"), "bark",
+                                               get_pipeline("bark").stage("parity"))}))
 
 
 def _no_aws_env(tmp_path: Path) -> dict:

@@ -1,5 +1,5 @@
-"""The deploy step, orchestrated: gates -> S3 release (manifest last) -> Lambda function, version,
-`live` alias, URL -> smoke test of the new version -> the alias rolled back if anything fails.
+"""The deploy step, orchestrated: gates -> S3 release (manifest last) -> Lambda function, version ->
+smoke test of that version by its number -> `live` alias moved to it (never before) -> URL.
 
 `deploy_pipeline` is what the stage function, the CLI and the Prefect task call. The parts live
 beside it: gates.py (what must have passed), provenance.py (what the manifest records),
@@ -8,13 +8,15 @@ image.py (the function image), api_key.py (the serving key's secret), smoke.py (
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 from barkgpt.deploy.api_key import ENV_API_KEY, ENV_API_KEY_SECRET, read_api_key, resource_arn, store_api_key
 from barkgpt.deploy.aws import AwsTarget, aws_target
-from barkgpt.deploy.gates import check_gates, deploy_quantization
+from barkgpt.deploy.gates import check_gates, deploy_quantization, judged_sha256
 from barkgpt.deploy.image import check_image, image_uri
 from barkgpt.deploy.lambda_fn import (FunctionSpec, alias_version, ensure_function, ensure_role, ensure_url,
                                       move_alias, publish, published_versions)
@@ -23,9 +25,12 @@ from barkgpt.deploy.provenance import (dvc_data_hash, git_commit, mlflow_provena
                                        registry_matches)
 from barkgpt.deploy.release import MIB, TransferSettings, build_manifest, ensure_bucket, upload_release
 from barkgpt.deploy.smoke import SmokeTestFailed, smoke_test
-from barkgpt.fileio import write_json
+from barkgpt.errors import BarkError
+from barkgpt.fileio import sha256_file, write_json
+from barkgpt.gates import GateError
 from barkgpt.layout import layout
 from barkgpt.params import Params
+from barkgpt.runs import writer_lock
 
 __all__ = ["SmokeTestFailed", "check_gates", "deploy_pipeline", "release_files"]
 
@@ -43,11 +48,47 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
                     provenance: dict | None = None, app_factory: AppFactory | None = None,
                     transfer: TransferSettings | None = None, log=print) -> dict:
     """Release the pipeline's model to S3 and serve it from Lambda; writes reports/<name>/deploy.json."""
+    from barkgpt.dvclock import read_lock
+
     root = Path(root)
+    lay = layout(name, root)
+    read_lock(lay.dvc_lock)  # an empty or corrupt dvc.lock: refused before anything trusts it
+    # The pipeline's writer lock, which train, evaluate, export, quantize and parity also take: no
+    # stage rewrites what was judged while it is checked and copied. The upload reads the copy.
+    lay.release_snapshots.mkdir(parents=True, exist_ok=True)
+    with writer_lock(lay, f"deploy {name}"), \
+            tempfile.TemporaryDirectory(prefix=f"{name}-", dir=lay.release_snapshots) as snapshot:
+        gates = check_gates(params, name, root)
+        files, backend = release_files(params, name, root)
+        files, judged = snapshot_judged(params, name, root, files, Path(snapshot))
+        return _deploy(params, name, root, gates, files, judged, backend, target=target, provenance=provenance,
+                       app_factory=app_factory, transfer=transfer, log=log)
+
+
+def snapshot_judged(params: Params, name: str, root: Path, files: dict[str, Path],
+                    folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """({role: copy in `folder`}, {role: sha256}): each copy checked to be the bytes a gating report
+    judged; GateError naming a file that changed since. With gates off, copied as it is."""
+    judged = judged_sha256(params, name, root) if params.deploy.require_gates else {}
+    out, shas = {}, {}
+    for role, path in files.items():
+        if not path.exists():
+            raise BarkError(f"{path}: not found; run the pipeline (dvc repro) before deploying")
+        copy = folder / path.name
+        shutil.copyfile(path, copy)
+        want, got = judged.get(path.resolve()), sha256_file(copy)
+        if params.deploy.require_gates and want != got:
+            raise GateError(f"not releasing {path}: its bytes (sha256 {got[:12]}...) are not the ones its gate "
+                            f"judged ({str(want)[:12]}...); re-run the stages that judge it (dvc repro)")
+        out[role], shas[role] = copy, got
+    return out, shas
+
+
+def _deploy(params: Params, name: str, root: Path, gates: dict, files: dict[str, Path], judged: dict[str, str],
+            backend: str, *,
+            target, provenance, app_factory, transfer, log) -> dict:
     cfg = params.deploy
     started = time.perf_counter()
-    gates = check_gates(params, name, root)
-    files, backend = release_files(params, name, root)
     prov = {"git": git_commit(root), "dvc_data": dvc_data_hash(root, name),
             "parity": parity_summary(root, name, deploy_quantization(params)) if cfg.artifact == "gguf" else None,
             "gates": gates, "mlflow": mlflow_provenance(root, name), **(provenance or {})}
@@ -70,6 +111,11 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
                                   provenance=prov)
         upload = upload_release(s3, manifest, files, transfer, log)
         manifest = upload["manifest"]
+        # Each object was verified against the manifest on upload; the manifest must name the judged bytes.
+        shipped = {role: f["sha256"] for role, f in manifest["files"].items()}
+        if shipped != judged:
+            raise GateError(f"release {manifest['release_id']} on S3 holds other bytes than the ones judged "
+                            f"({shipped} != {judged}); not serving it, re-run the deploy")
         role = cfg.role_arn or ensure_role(tgt.client("iam"), f"barkgpt-lambda-{name}", cfg.bucket,
                                            cfg.prefix, log, secret_arn=secret_arn)
         uri = image_uri(cfg, tgt)
@@ -91,16 +137,16 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
                 "nothing changed")
         else:
             version = publish(lam, fn_name, spec.description)
-            previous = move_alias(lam, fn_name, cfg.alias, version, log)
             mode = cfg.smoke if cfg.smoke != "auto" else ("in_process" if tgt.emulated else "remote")
+            # The new version is tested by its number BEFORE the alias moves: a kill at any moment
+            # leaves `live` on a version that passed its smoke test.
             try:
                 smoke = smoke_test(tgt, fn_name, version, cfg, mode, app_factory, api_key, log)
-            except BaseException as err:  # whatever failed, the alias must not stay on this version
-                move_alias(lam, fn_name, cfg.alias, previous, log)
-                if not isinstance(err, Exception):
-                    raise
-                back = f"version {previous}" if previous else "no version (alias removed)"
-                raise SmokeTestFailed(f"smoke test failed, alias {cfg.alias} rolled back to {back}: {err}") from None
+            except Exception as err:
+                kept = f"still on version {live}" if live else "there is none yet"
+                raise SmokeTestFailed(f"smoke test of version {version} failed; alias {cfg.alias} not moved ({kept}): "
+                                      f"{err}") from None
+            previous = move_alias(lam, fn_name, cfg.alias, version, log)
         url = ensure_url(lam, fn_name, cfg.alias, cfg.url_auth_type, log)
         fn = lam.get_function_configuration(FunctionName=fn_name, Qualifier=version)
         listing = sorted(o["Key"] for o in s3.list_objects_v2(

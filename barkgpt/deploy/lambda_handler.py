@@ -185,7 +185,13 @@ class LambdaApp:
                 self.refused = f"refusing to serve: {err}"
                 print(json.dumps({"barkgpt": "refused", "reason": self.refused}), file=sys.stderr)
                 return refusal(503, "model_refused", self.refused)
-        return call_in_loop(self.asgi, event, context or LocalContext())
+        if not isinstance(event, dict):
+            return refusal(400, "bad_event", f"the event is not a JSON object (got {type(event).__name__})")
+        try:
+            return call_in_loop(self.asgi, event, context or LocalContext())
+        except Exception as err:  # the app's own errors are answered inside (500); these are the adapter's
+            return refusal(400, "bad_event", f"not a function URL or API Gateway HTTP event "
+                                             f"({type(err).__name__}: {str(err)[:120]})")
 
 
 def call_in_loop(asgi, event: dict, context) -> dict:

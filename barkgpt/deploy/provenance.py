@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.layout import layout
 from barkgpt.tracking import hashes

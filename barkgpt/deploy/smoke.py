@@ -18,7 +18,7 @@ from barkgpt.params import DeployParams
 
 
 class SmokeTestFailed(BarkError):
-    """The new version did not answer correctly; the alias was rolled back."""
+    """The new version did not answer correctly; the alias was not moved to it."""
 
 
 def smoke_test(target: AwsTarget, name: str, version: str, cfg: DeployParams, mode: str,

@@ -15,7 +15,7 @@ from barkgpt.evaluate import contract_quality, validation_loss
 from barkgpt.export import llama_log
 from barkgpt.export.checksums import verify_recorded
 from barkgpt.fileio import write_json
-from barkgpt.gates import GateError, deploy_quantization, judge, judged_files
+from barkgpt.gates import GateError, deploy_quantization, judge, judged_files, measurement_settings
 from barkgpt.layout import Layout
 from barkgpt.lm import LM, Sampling
 
@@ -135,6 +135,7 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
         "greedy_identical": f"{f32['greedy']['identical']}/{f32['greedy']['prompts']}"}
     report["judged"] = judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
                                                "val_text": lay.val_text, "val_tokens": lay.token_manifest("val"), **files})
+    report["measured_under"] = measurement_settings(params, name, pipe.stage("parity"))
     report["llama_cpp_warnings"] = llama_log.summary(warned)
     write_json(lay.parity_report, report)
     print(llama_log.one_line(f"parity {name}", warned, str(lay.parity_report)), flush=True)

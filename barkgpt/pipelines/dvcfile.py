@@ -77,3 +77,4 @@ def check_dvc_files(root: Path) -> list[str]:
     """The dvc.yaml files that are missing or differ from what the declarations say."""
     return [p.dvc_file for p in selected() if not (Path(root) / p.dvc_file).exists()
             or (Path(root) / p.dvc_file).read_text() != render(p)]
+

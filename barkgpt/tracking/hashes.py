@@ -7,20 +7,15 @@ import json
 import subprocess
 from pathlib import Path
 
-import yaml
-
 from barkgpt.fileio import sha256_file
 
 
 def dvc_data_md5(paths) -> dict[str, str]:
     """The md5 DVC recorded for each output under data/<pipeline>/, in the pipeline's own dvc.lock
     (the layout says which: the root's, or pipelines/<p>/dvc.lock). The one reader of dvc.lock."""
-    if not paths.dvc_lock.exists():
-        return {}
-    try:
-        stages = (yaml.safe_load(paths.dvc_lock.read_text()) or {}).get("stages", {})
-    except yaml.YAMLError:
-        return {}
+    from barkgpt.dvclock import read_lock
+
+    stages = (read_lock(paths.dvc_lock) or {}).get("stages", {})  # a corrupt lock: one error, named
     # paths in a lock are relative to its stages' wdir: every pipeline's runs in the project root
     prefix = paths.data.relative_to(paths.root).as_posix() + "/"
     return {o["path"]: o["md5"] for st in stages.values() if isinstance(st, dict) for o in st.get("outs", [])

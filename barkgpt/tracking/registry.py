@@ -16,6 +16,7 @@ from barkgpt.fileio import sha256_file
 from barkgpt.tracking.hashes import dvc_data_md5, tokens_sha256
 
 CHECKPOINT_TAG = "sha256.best.pt"
+REPORT_TAGS = {"metrics": "report.metrics_sha256", "parity": "report.parity_sha256"}  # by report stem
 SWEEP_TAG = "sweep.study"  # on a sweep's parent run and its trials' runs (barkgpt/tracking/sweeps.py)
 
 
@@ -42,6 +43,8 @@ def version_tags(paths, order: list[tuple[str, str]], metrics: dict, gate_passed
     if sha := tokens_sha256(paths):
         tags["data.tokens_sha256"] = sha
     tags["gate_passed"] = str(bool(gate_passed)).lower()
+    if paths.metrics.exists():  # the report as written: deploy refuses one edited since (report_tag_agrees)
+        tags[REPORT_TAGS["metrics"]] = sha256_file(paths.metrics)
     for metric, _ in order:
         if isinstance(metrics.get(metric), (int, float)):
             tags[f"eval.{metric}"] = repr(float(metrics[metric]))
@@ -193,7 +196,8 @@ def tag_export(client, run_id: str, paths, report: dict) -> list[str]:
     deploy_file = paths.root / gate["deploy_file"] if gate.get("deploy_file") else None
     tags = {"parity.deploy_passed": str(gate.get("deploy_passed")).lower(),
             "gguf.deploy_file": Path(gate.get("deploy_file") or "").name,
-            "gguf.deploy_sha256": sha256_file(deploy_file) if deploy_file and deploy_file.exists() else ""}
+            "gguf.deploy_sha256": sha256_file(deploy_file) if deploy_file and deploy_file.exists() else "",
+            REPORT_TAGS["parity"]: sha256_file(paths.parity_report) if paths.parity_report.exists() else ""}
     for variant, entry in (report.get("files") or {}).items():
         if entry.get("sha256"):
             tags[f"sha256.{Path(entry.get('path') or variant).name}"] = entry["sha256"]
@@ -201,3 +205,22 @@ def tag_export(client, run_id: str, paths, report: dict) -> list[str]:
         for key, value in tags.items():
             client.set_model_version_tag(mv.name, mv.version, key, value)
     return [f"{mv.name}/{mv.version}" for mv in versions]
+
+
+def report_disagreement(client, model: str, checkpoint_sha256: str, report_path: Path, verdict_passed: bool,
+                        stage: str) -> str | None:
+    """None when the registry's version of this checkpoint agrees with the report (the same bytes as
+    when the stage wrote it, the same gate verdict) or holds no version of it; else what differs."""
+    mv = find_version(client, model, checkpoint_sha256)
+    if mv is None:
+        return None
+    tags = mv.tags or {}
+    recorded = tags.get(REPORT_TAGS.get(Path(report_path).stem, ""))
+    if recorded and recorded != sha256_file(report_path):
+        return (f"{report_path} is not the report the {stage} stage wrote for {model} version {mv.version} (its "
+                f"sha256 differs from the registry's); re-run the {stage} stage")
+    passed = tags.get("gate_passed" if stage == "evaluate" else "parity.deploy_passed")
+    if passed in ("true", "false") and (passed == "true") != verdict_passed:
+        return (f"{report_path} passes its gate, but the registry tags {model} version {mv.version} "
+                f"gate_passed={passed}; re-run the {stage} stage")
+    return None
