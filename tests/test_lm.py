@@ -98,7 +98,7 @@ def test_serving_a_gguf_and_the_lambda_handler_never_import_torch(bark_f32, tmp_
         # the Lambda handler's server over a released GGUF, started as the handler starts it (model loaded)
         app = lambda_handler.serving_app({{"model": Path({str(bark_f32)!r})}}, {{"backend": "llama", "pipeline": "bark"}}, {{}})
         backend = app.state.backend
-        print(json.dumps([reply, backend.model_id, backend.kind, info["id"], info["kind"], "torch" in sys.modules]))
+        print(json.dumps([reply, backend.model_id, backend.format.kind, info["id"], info["kind"], "torch" in sys.modules]))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -52,6 +52,7 @@ def test_health_ready_models(bark_server):
     assert info["id"] == "bark-q8_0" and info["context_length"] == 64
     assert (info["kind"], info["backend"], info["tokenizer"]) == ("bark", "llama.cpp", "word")
     assert "hears only 'User: speak'" in info["hears"]
+    assert "speak" in info["input_hint"]  # the chat page's placeholder
 
 
 def test_chat_returns_barks_with_usage(bark_server):
@@ -631,9 +632,10 @@ def test_the_bark_model_generates_in_place_other_models_in_a_thread():
     from types import SimpleNamespace
 
     from barkgpt.params import ServeParams
+    from barkgpt.serve.formats import BarkContract, TextContinuation
     from barkgpt.serve.worker import InlineWorker, make_worker
 
-    bark, chat_model = SimpleNamespace(kind="bark"), SimpleNamespace(kind="chat")
+    bark, chat_model = SimpleNamespace(format=BarkContract()), SimpleNamespace(format=TextContinuation())
     assert isinstance(make_worker(bark, ServeParams()), InlineWorker)
     assert isinstance(make_worker(chat_model, ServeParams()), ModelWorker)
     assert isinstance(make_worker(bark, ServeParams(inline="never")), ModelWorker)

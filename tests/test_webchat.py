@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import httpx
 import pytest
 
 from barkgpt.params import BARKS
@@ -33,6 +34,9 @@ def test_chat_page_streams_a_reply(browser, bark_server, tmp_path):
             if r.url.endswith("/v1/chat/completions") else None)
     page.goto(bark_server + "/")
     page.wait_for_function("document.getElementById('model').textContent === 'bark-q8_0'", timeout=10000)
+    # the input hint is the served model's own (from /v1/models), not the page's default
+    hint = httpx.get(bark_server + "/v1/models").json()["data"][0]["input_hint"]
+    assert "speak" in hint and page.get_attribute("#input", "placeholder") == hint
     for turn, text in enumerate(["Who is a good dog?", "Speak again!"], start=1):
         page.fill("#input", text)
         page.press("#input", "Enter")

@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.backend = load_backend(serve, settings.root)  # once per process
         app.state.worker = make_worker(app.state.backend, serve)
         app.state.worker.start()
-        log.info("serving %s (%s model, %s)", app.state.backend.model_id, app.state.backend.kind,
+        log.info("serving %s (%s model, %s)", app.state.backend.model_id, app.state.backend.format.kind,
                  app.state.backend.lm.backend)
         yield
         app.state.worker.stop()

@@ -8,41 +8,18 @@ the worker after at most one more token.
 """
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from barkgpt.errors import BarkError
 from barkgpt.lm import Sampling, StopFn, TextStream, load_lm
-from barkgpt.serve.contract import bark_prompt
+from barkgpt.serve.formats import PromptFormat, prompt_format
+from barkgpt.serve.pieces import Done, GenParams, Piece
 
-BARK_WORDS = {"User:", "Assistant:", "speak", "<EOS>"}
-
-
-@dataclass(frozen=True)
-class GenParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    logprobs: int | None = None  # None: not asked; N: each token's log probability and the N most likely
-    grammar: object | None = None  # a llama_cpp.LlamaGrammar the reply must follow (structured output)
-
-
-@dataclass
-class Done:
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict] | None = None  # OpenAI's chat shape: [{token, logprob, bytes, top_logprobs}]
-
-
-Piece = str | Done
+__all__ = ["Backend", "Done", "GenParams", "Piece", "StopText", "load_backend", "resolve_model"]
 
 
 class StopText:
@@ -67,38 +44,19 @@ class StopText:
         return out
 
 
-KINDS = {
-    "bark": "a bark model: it hears only 'User: speak' (your words are not in its vocabulary) and "
-            "answers in barks",
-    "text": "a text model: it continues what you type, up to the end of the line",
-    "chat": "a chat model: your messages go through its own chat template",
-}
-
-
-def model_kind(lm) -> str:
-    """bark: a word vocabulary holding the contract words; chat: a GGUF with a chat template that is
-    not a BarkGPT model; text: any other language model (e.g. BarkGPT's WebText model)."""
-    vocab = getattr(lm.tokenizer, "vocab", None)
-    if lm.tokenizer.kind == "word" and vocab and BARK_WORDS <= set(vocab):
-        return "bark"
-    return "chat" if getattr(lm, "has_chat_template", False) else "text"
-
-
 class Backend:
     """A barkgpt.lm model (PyTorch or llama.cpp) behind the server: text in, text pieces out,
     decoded incrementally by the model's own tokenizer."""
 
     def __init__(self, lm, model_id: str):
-        self.lm, self.model_id = lm, model_id
-        self.kind, self.n_ctx = model_kind(lm), lm.n_ctx
-        template = lm.llm.metadata.get("tokenizer.chat_template", "") if hasattr(lm, "llm") else ""
-        self.template_has_tools = "tools" in template  # Jinja templates that render tools name the variable
+        self.lm, self.model_id, self.n_ctx = lm, model_id, lm.n_ctx
+        self.format: PromptFormat = prompt_format(lm)  # chosen once, from what the model file says
 
     def info(self) -> dict:
         """What the chat page and /v1/models say about the model."""
-        return {"backend": self.lm.backend, "kind": self.kind, "hears": KINDS[self.kind],
-                "context_length": self.n_ctx, "vocab_size": self.lm.vocab_size,
-                "tokenizer": self.lm.tokenizer.kind}
+        return {"backend": self.lm.backend, "kind": self.format.kind, "hears": self.format.hears,
+                "input_hint": self.format.input_hint, "context_length": self.n_ctx,
+                "vocab_size": self.lm.vocab_size, "tokenizer": self.lm.tokenizer.kind}
 
     def complete(self, prompt: str, g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
         ids = self.lm.tokenizer.encode(prompt)
@@ -165,41 +123,7 @@ class Backend:
         return (vec / norm if norm > 0 else vec).tolist()
 
     def chat(self, messages: list[dict], g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
-        if self.kind == "bark":  # the prompt contract, for bark models only
-            yield from self.complete(bark_prompt(messages, self.n_ctx - 2), g, should_stop)
-        elif self.kind == "text":  # a text model continues the last user message
-            last = next(m for m in reversed(messages) if m["role"] == "user")
-            yield from self.complete(last["content"], g, should_stop)
-        else:
-            yield from self._template_chat(messages, g, should_stop)
-
-    def _template_chat(self, messages: list[dict], g: GenParams, should_stop: StopFn) -> Iterator[Piece]:
-        """A chat GGUF through llama-cpp-python's chat templating (its own format and stop tokens)."""
-        llm = self.lm.llm
-        # OpenAI semantics: only temperature and top_p shape the distribution (llama.cpp's own
-        # defaults add top_k=40, min_p=0.05 and a repeat penalty)
-        seed = g.seed % 2**32 if g.seed is not None else random.getrandbits(32)
-        try:
-            chunks = llm.create_chat_completion(
-                messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p or 1.0,
-                top_k=0, min_p=0.0, repeat_penalty=1.0, stop=g.stop or None, seed=seed, stream=True,
-                grammar=g.grammar)
-            n, finish = 0, "length"
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                text = choice["delta"].get("content")
-                if text:
-                    n += 1
-                    yield text
-                if choice.get("finish_reason"):
-                    finish = choice["finish_reason"]
-                    n += finish == "stop"  # the end-of-turn token
-                    break
-                if should_stop():
-                    break
-        except ValueError as err:  # llama-cpp-python: "Requested tokens (...) exceed context window of ..."
-            raise BarkError(f"{err}; shorten the conversation") from None
-        yield Done(finish, max(0, llm.n_tokens - n), n)
+        yield from self.format.reply(self, messages, g, should_stop)
 
 
 def resolve_model(serve, root: Path) -> Path:

@@ -82,10 +82,8 @@ def chat_logprobs(body: ChatRequest, backend) -> int | None:
         raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request", param="top_logprobs")
     if not body.logprobs:
         return None
-    if backend.kind == "chat":
-        raise ApiError(400, "logprobs: not available for a chat-template GGUF here (llama-cpp-python computes "
-                            "them only with every position's logits kept, n_ctx x vocabulary floats); leave "
-                            "logprobs out", "unsupported_parameter", param="logprobs")
+    if refusal := backend.format.logprobs_refusal():
+        raise ApiError(400, refusal, "unsupported_parameter", param="logprobs")
     return body.top_logprobs or 0
 
 
@@ -94,14 +92,8 @@ def chat_grammar(body: ChatRequest, backend):
     fmt = body.response_format
     if fmt is None or fmt.type == "text":
         return None
-    if backend.kind == "bark":
-        raise ApiError(400, f"response_format {fmt.type}: the bark model cannot write JSON (its vocabulary is "
-                            f"{len(backend.lm.tokenizer.vocab)} words, no braces or quotes); leave "
-                            "response_format out", "unsupported_parameter", param="response_format")
-    if backend.kind != "chat" or backend.lm.backend != "llama.cpp":
-        raise ApiError(400, f"response_format {fmt.type}: structured output is served for chat GGUFs (through "
-                            "llama.cpp's grammar); this model is a plain text model", "unsupported_parameter",
-                       param="response_format")
+    if refusal := backend.format.grammar_refusal(backend, fmt.type):
+        raise ApiError(400, refusal, "unsupported_parameter", param="response_format")
     return grammar_for(fmt)
 
 
@@ -113,12 +105,7 @@ def check_tools(body: ChatRequest, backend) -> None:
         if choice not in (None, "none", "auto"):
             raise ApiError(400, f"tool_choice {choice!r} needs tools", "invalid_request", param="tool_choice")
         return
-    if backend.kind != "chat" or not backend.template_has_tools:
-        raise ApiError(400, f"tools: the model {backend.model_id!r} has no chat template that presents tools "
-                            "(its template does not mention them); leave tools out", "unsupported_parameter",
-                       param="tools")
-    raise ApiError(400, "tools: this server does not parse tool calls from this template's replies yet; leave "
-                        "tools out", "unsupported_parameter", param="tools")
+    raise ApiError(400, backend.format.tools_refusal(backend.model_id), "unsupported_parameter", param="tools")
 
 
 def check_chars(n: int, serve: ServeParams) -> None:
@@ -186,7 +173,7 @@ async def ready(request: Request):
     backend = request.app.state.backend
     if backend is None:
         return error_response(503, "the model is not loaded yet", "not_ready")
-    return {"status": "ready", "model": backend.model_id, "kind": backend.kind,
+    return {"status": "ready", "model": backend.model_id, "kind": backend.format.kind,
             "queue_waiting": request.app.state.worker.waiting}
 
 

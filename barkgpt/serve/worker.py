@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 
 from barkgpt.errors import BarkError
 from barkgpt.serve import metrics
+from barkgpt.serve.pieces import Done
 
 log = logging.getLogger("barkgpt.serve")
 
@@ -75,7 +76,7 @@ def run_job(job: Job, emit: Callable) -> None:
             last = item
         if job.whole:
             emit("items", items)
-        if hasattr(last, "completion_tokens"):  # a generation's Done
+        if isinstance(last, Done):  # a generation's (an embedding job yields no Done)
             metrics.observe_generation(job.queued_at, first, time.monotonic(), last.prompt_tokens,
                                        last.completion_tokens)
         emit("timeout" if job.timed_out() else "end")
@@ -167,6 +168,7 @@ class InlineWorker:
 
 
 def make_worker(backend, serve) -> ModelWorker | InlineWorker:
-    """serve.inline: auto runs the bark model in place and anything else in its own thread."""
-    inline = serve.inline == "always" or (serve.inline == "auto" and getattr(backend, "kind", None) == "bark")
+    """serve.inline: auto runs in place a model whose format says it generates inline (the bark
+    model), anything else in its own thread."""
+    inline = serve.inline == "always" or (serve.inline == "auto" and backend.format.generates_inline)
     return InlineWorker(serve.queue_size) if inline else ModelWorker(serve.queue_size)
