@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -338,9 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down", "status", "env", "compose"],
                    help="up: start and print the status; down: stop; status; env: export lines for a shell; "
                         "compose: print compose.yaml")
-    p.add_argument("--dir", default=".stack", help="the stack's state folder (default: %(default)s)")
-    p.add_argument("--base-port", type=int, default=None,
-                   help="up: ports base..base+3 for PostgreSQL, S3, MLflow, Prefect (default: 5433, 9000, 5000, 4200)")
+    p.add_argument("--dir", default=os.environ.get("BARKGPT_STACK_DIR", ".stack"),
+                   help="the stack's state folder (default: env BARKGPT_STACK_DIR, else .stack)")
+    base = os.environ.get("BARKGPT_STACK_BASE_PORT")
+    p.add_argument("--base-port", type=int, default=int(base) if base else None,
+                   help="up: ports base..base+3 for PostgreSQL, S3, MLflow, Prefect (default: env "
+                        "BARKGPT_STACK_BASE_PORT, else 5433, 9000, 5000, 4200)")
     p.add_argument("--write", action="store_true", help="compose: write compose.yaml")
     p.add_argument("--check", action="store_true", help="compose: exit 2 unless compose.yaml agrees")
     p.set_defaults(fn=cmd_stack)

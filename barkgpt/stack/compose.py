@@ -40,7 +40,7 @@ def render() -> str:
     vals = values()
     declared = services()
     kinds = {s.name: s for s in declared}
-    out: dict = {"name": "barkgpt", "services": {}, "volumes": {"pgdata": {}, "prefect": {}}}
+    out: dict = {"services": {}, "volumes": {"pgdata": {}, "prefect": {}}}
     for service in declared:
         spec: dict = {}
         if service.image == "barkgpt":
