@@ -202,40 +202,55 @@ class Stack:
         write_text(self.state / ".gitignore", "*\n")  # inside a project, the state never enters git
         record = {"ports": ports, "processes": {}}
         write_json(self.file, record)
-        vals = values(self.state, ports)
-        env = {**os.environ, **stack_env(self.state, ports)}
-        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
         try:
             for service in services():
-                if not service.loopback:
-                    continue
-                log_path = self.state / "logs" / f"{service.name}.log"
-                with log_path.open("ab") as log:
-                    if service.name == "postgres":
-                        init_cluster(self.state, log)
-                    argv = service.argv(vals)
-                    argv[0] = executable(argv[0])
-                    penv = {**env, **service.environment(vals)}
-                    extra = pg_user() if service.name == "postgres" else {}
-                    if service.job:
-                        echo(f"{service.name}: {' '.join(service.argv(vals))}")
-                        done = subprocess.run(argv, env=penv, cwd=self.state, stdout=log, stderr=subprocess.STDOUT,
-                                              timeout=JOB_TIMEOUT_S)
-                        if done.returncode != 0:
-                            raise BarkError(f"{service.name} failed (exit {done.returncode}): "
-                                            f"{tail(log_path)}\nfull log: {log_path}")
-                        continue
-                    proc = subprocess.Popen(argv, env=penv, cwd=self.state, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True, **extra)
-                record["processes"][service.name] = {"pid": proc.pid, "start": start_time(proc.pid),
-                                                     "signal": service.stop_signal}
-                write_json(self.file, record)
-                self.wait_ready(service, ports, proc, log_path)
-                echo(f"{service.name}: ready (pid {proc.pid})")
+                if service.loopback:
+                    self.launch(service, record, echo)
         except BaseException:
             self.down(echo=lambda *_: None)
             raise
         return record
+
+    def launch(self, service: Service, record: dict, echo=print) -> None:
+        """Run a job to its end, or start a service and wait until it answers; record its process."""
+        ports = record["ports"]
+        vals = values(self.state, ports)
+        env = {**os.environ, **stack_env(self.state, ports)}
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+        log_path = self.state / "logs" / f"{service.name}.log"
+        with log_path.open("ab") as log:
+            if service.name == "postgres":
+                init_cluster(self.state, log)
+            argv = service.argv(vals)
+            argv[0] = executable(argv[0])
+            penv = {**env, **service.environment(vals)}
+            extra = pg_user() if service.name == "postgres" else {}
+            if service.job:
+                echo(f"{service.name}: {' '.join(service.argv(vals))}")
+                done = subprocess.run(argv, env=penv, cwd=self.state, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=JOB_TIMEOUT_S)
+                if done.returncode != 0:
+                    raise BarkError(f"{service.name} failed (exit {done.returncode}): "
+                                    f"{tail(log_path)}\nfull log: {log_path}")
+                return
+            proc = subprocess.Popen(argv, env=penv, cwd=self.state, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, **extra)
+        record["processes"][service.name] = {"pid": proc.pid, "start": start_time(proc.pid),
+                                             "signal": service.stop_signal}
+        write_json(self.file, record)
+        self.wait_ready(service, ports, proc, log_path)
+        echo(f"{service.name}: ready (pid {proc.pid})")
+
+    def stop_service(self, name: str) -> None:
+        """Stop one service (e.g. the database under a running training); `start_service` restarts it."""
+        record = self.read()
+        proc = record["processes"].pop(name)
+        stop_group(proc, proc.get("signal", "SIGTERM"))
+        write_json(self.file, record)
+
+    def start_service(self, name: str) -> None:
+        record = self.read()
+        self.launch(next(s for s in services() if s.name == name), record, echo=lambda *_: None)
 
     def wait_ready(self, service: Service, ports: dict, proc: subprocess.Popen, log_path: Path) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
