@@ -158,15 +158,18 @@ def test_database_lost_during_training_fails_clearly_and_resumes(stack, bark_cop
     from barkgpt.checkpoint import load_checkpoint
 
     raw = yaml.safe_load((bark_copy / "params.yaml").read_text())
-    raw["bark"]["train"].update(max_steps=200, batch_size=64, log_every=10, checkpoint_every=10, eval_every=100)
+    # a budget in seconds: long enough to stop the database under it on an idle or a loaded machine
+    raw["bark"]["train"].update(max_steps=1_000_000, max_seconds=40, log_every=5, checkpoint_every=5,
+                                eval_every=50, warmup_steps=5)
     (bark_copy / "params.yaml").write_text(yaml.safe_dump(raw))
     before = (bark_copy / "models/bark/best.pt").read_bytes()
     # MLflow's client retries a failing server for minutes by default; one try shows the failure now
     env = {**client_env(stack, bark_copy), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
     train = subprocess.Popen([str(BIN / "barkgpt"), "train", "bark"], cwd=bark_copy, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    old = set((bark_copy / "runs/bark").glob("*")) if (bark_copy / "runs/bark").exists() else set()
     deadline = time.monotonic() + 300
-    while not list((bark_copy / "runs/bark").glob("*/last.pt")):  # the first checkpoint: training is under way
+    while not [p for p in (bark_copy / "runs/bark").glob("*/last.pt") if p.parent not in old]:  # under way
         assert train.poll() is None and time.monotonic() < deadline, train.communicate()
         time.sleep(0.05)
     stack.stop_service("postgres")
@@ -175,9 +178,9 @@ def test_database_lost_during_training_fails_clearly_and_resumes(stack, bark_cop
     assert err.count("error: ") == 1 and "Traceback" not in err, err
     assert f"MLflow tracking server {env['MLFLOW_TRACKING_URI']}" in err and "--resume" in err, err
     assert (bark_copy / "models/bark/best.pt").read_bytes() == before  # nothing promoted
-    (folder,) = (bark_copy / "runs/bark").iterdir()
+    (folder,) = set((bark_copy / "runs/bark").iterdir()) - old
     stopped_at = load_checkpoint(folder / "last.pt")["step"]  # whole: its sha256 trailer checks
-    assert 10 <= stopped_at < 200
+    assert stopped_at >= 5
     run_id = json.loads((folder / "mlflow_run.json").read_text())["run_id"]
 
     stack.start_service("postgres")
@@ -189,7 +192,7 @@ def test_database_lost_during_training_fails_clearly_and_resumes(stack, bark_cop
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert min(steps) <= stopped_at and max(steps) == 200, steps
+    assert min(steps) <= stopped_at < max(steps), steps  # one run: before the failure and after it
 
 
 def test_stack_down_leaves_no_process(stack):
