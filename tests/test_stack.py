@@ -150,7 +150,7 @@ def test_two_machines_share_runs_data_and_models_through_the_stack(stack, tmp_pa
         assert reply.status_code == 200 and reply.json(), reply.text
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # the setup included: the session's trained project and the stack
 def test_database_lost_during_training_fails_clearly_and_resumes(stack, bark_copy):
     """PostgreSQL stops under a running training: the stage exits 2 with one message naming the
     tracking server, models/ is untouched and the run folder's checkpoint is whole; with the
