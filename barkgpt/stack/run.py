@@ -97,6 +97,10 @@ def alive(record: dict) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
+    try:  # a leader this process started (start_service) is a zombie until reaped: reap it first
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
     try:
         os.killpg(pgid, 0)
         return True
