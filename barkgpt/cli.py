@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -162,6 +163,51 @@ def cmd_deploy(args) -> None:
     print(f"url {fn['url']} (auth {fn['url_auth_type']}); report reports/{args.pipeline}/deploy.json")
 
 
+def cmd_stack(args) -> None:
+    from barkgpt.stack.run import Stack, dvc_remote_commands, env_lines
+
+    stack = Stack(args.dir)
+    if args.action == "compose":
+        from barkgpt.stack.compose import render
+
+        text = render()
+        if args.check:
+            if not Path("compose.yaml").exists() or Path("compose.yaml").read_text() != text:
+                raise BarkError("compose.yaml disagrees with barkgpt/stack/services.py: run `barkgpt stack compose --write`")
+            print("compose.yaml agrees with the stack's declarations")
+        elif args.write:
+            from barkgpt.fileio import write_text
+
+            write_text("compose.yaml", text)
+            print("wrote compose.yaml")
+        else:
+            print(text, end="")
+        return
+    if args.action == "up":
+        stack.up(args.base_port)
+    if args.action == "down":
+        stopped = stack.down()
+        print(f"stack in {stack.state}: " + ("stopped" if stopped else "nothing was running"))
+        return
+    status = stack.status()
+    if args.action == "env":
+        if not status["env"]:
+            raise BarkError(f"no stack in {stack.state}: start one with `barkgpt stack up`")
+        print(env_lines(status["env"]))
+        return
+    print(f"stack in {status['state']}")
+    for name, state in status["services"].items():
+        print(f"  {name:15} {state}")
+    env = status["env"]
+    if env:
+        print(f"MLflow tracking server  {env['MLFLOW_TRACKING_URI']}")
+        print(f"Prefect API             {env['PREFECT_API_URL']}")
+        print(f"S3 endpoint             {env['AWS_ENDPOINT_URL']}")
+        print(f"Optuna storage          {env['BARKGPT_OPTUNA_STORAGE']} (password: PGPASSFILE={env['PGPASSFILE']})")
+        print("use it from a shell:    eval \"$(barkgpt stack env)\"")
+        print("DVC remote of a clone:  " + "; ".join(dvc_remote_commands()))
+
+
 def _log_to_stderr() -> None:
     """barkgpt's own log lines (training progress, notes) on stderr, plain; other libraries untouched."""
     import logging
@@ -314,6 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
                                          "server commands for the deploy GGUF")
     p.add_argument("pipeline", choices=list(REGISTRY), help="which pipeline's exported model")
     p.set_defaults(fn=cmd_modelfile)
+
+    p = sub.add_parser("stack", help="a team's services on loopback: PostgreSQL, MLflow server (S3 artifacts), "
+                                     "Prefect server + worker, S3 (docs/team.md)")
+    p.add_argument("action", choices=["up", "down", "status", "env", "compose"],
+                   help="up: start and print the status; down: stop; status; env: export lines for a shell; "
+                        "compose: print compose.yaml")
+    p.add_argument("--dir", default=os.environ.get("BARKGPT_STACK_DIR", ".stack"),
+                   help="the stack's state folder (default: env BARKGPT_STACK_DIR, else .stack)")
+    base = os.environ.get("BARKGPT_STACK_BASE_PORT")
+    p.add_argument("--base-port", type=int, default=int(base) if base else None,
+                   help="up: ports base..base+3 for PostgreSQL, S3, MLflow, Prefect (default: env "
+                        "BARKGPT_STACK_BASE_PORT, else 5433, 9000, 5000, 4200)")
+    p.add_argument("--write", action="store_true", help="compose: write compose.yaml")
+    p.add_argument("--check", action="store_true", help="compose: exit 2 unless compose.yaml agrees")
+    p.set_defaults(fn=cmd_stack)
 
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml files from the pipeline declarations (barkgpt/pipelines/)")
     p.add_argument("pipelines", nargs="*", choices=[[]] + [n for n in REGISTRY if not REGISTRY[n].default],

@@ -135,6 +135,10 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
                 if dist.is_main:
                     raise runs.discard(lay, folder, err) from None
                 raise
+            except tracking.TrackingLost as err:  # the run folder stays resumable; name the folder and pipeline
+                run.fail()
+                raise BarkError(str(err).replace("<pipeline>", pipe.name)
+                                + f" (run folder {folder.path})") from None
             except BaseException:  # interrupted: the run folder stays resumable (--resume)
                 if run:
                     run.fail()

@@ -509,11 +509,7 @@ def test_cloudformation_template_passes_cfn_lint(tmp_path):
 
 def test_dvc_push_pull_round_trip_on_s3(moto_endpoint, tmp_path):
     env = {**os.environ, **{k.upper(): v for k, v in LOCAL_KEYS.items()}, "AWS_REGION": "us-east-1"}
-    if os.environ.get("BARKGPT_DVC_PYTHONPATH"):  # dvc-s3 installed apart from the venv (docs/deploy.md)
-        env["PYTHONPATH"] = os.environ["BARKGPT_DVC_PYTHONPATH"]
-    if subprocess.run([sys.executable, "-c", "import dvc_s3"], env=env, capture_output=True).returncode:
-        pytest.skip("dvc-s3 is not installed: its aiobotocore pins botocore below the venv's boto3 "
-                    "(docs/deploy.md, 'DVC remote on the same S3 endpoint'); set BARKGPT_DVC_PYTHONPATH")
+    # dvc-s3 is a dependency (the `team` extra), installed beside the venv's boto3 (requirements.lock)
     repo = tmp_path / "repo"
     repo.mkdir()
     run = lambda *cmd: subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=True)  # noqa: E731

@@ -1,4 +1,5 @@
-"""The default DVC remote (a local folder, .dvc-remote/, kept in git): push from one clone, pull into a fresh one."""
+"""The default DVC remote (a local folder, .dvc-remote/, kept in git): push from one clone, pull into a fresh one;
+and it holds only what the committed dvc.lock needs, so retraining does not pile up objects in it."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import json
 
 import yaml
 
@@ -54,3 +57,36 @@ def test_fresh_clone_dvc_pull_restores_the_data(tmp_path):
         assert (clone / f).read_bytes() == (src / f).read_bytes()
     status = sh([str(BIN / "dvc"), "status", "bark-data"], clone, env)
     assert "changed" not in status
+
+
+def lock_objects(root: Path) -> tuple[set[Path], set[Path]]:
+    """(objects dvc.lock's cached outputs need, every object dvc.lock names) under .dvc-remote/."""
+    store = root / ".dvc-remote" / "files" / "md5"
+    declared = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    uncached = {next(iter(o)) for st in declared.values() for kind in ("outs", "metrics", "plots")
+                for o in st.get(kind, []) if isinstance(o, dict) and next(iter(o.values())).get("cache") is False}
+    needed, named = set(), set()
+    for stage in yaml.safe_load((root / "dvc.lock").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            obj = store / out["md5"][:2] / out["md5"][2:]
+            named.add(obj)
+            if out["path"] in uncached:
+                continue  # in git itself, never pushed
+            needed.add(obj)
+            if out["md5"].endswith(".dir"):
+                needed |= {store / e["md5"][:2] / e["md5"][2:] for e in json.loads(obj.read_text())}
+    return needed, named | needed
+
+
+def test_in_repo_remote_holds_exactly_what_dvc_lock_needs():
+    """Bounded: every object in .dvc-remote/ is one the committed dvc.lock needs (a fresh clone's
+    `dvc pull` gets all of them), and none is left from an older model. After `dvc push`, prune
+    with `dvc gc --workspace --cloud --remote local --force`."""
+    needed, named = lock_objects(ROOT)
+    have = {p for p in (ROOT / ".dvc-remote").rglob("*") if p.is_file()}
+    missing = sorted(str(p.relative_to(ROOT)) for p in needed - have)
+    stale = sorted(str(p.relative_to(ROOT)) for p in have - named)
+    assert not missing, f"dvc.lock needs objects the in-repo remote lacks (run dvc push): {missing}"
+    assert not stale, ("objects no output of dvc.lock uses (prune: dvc gc --workspace --cloud --remote local "
+                       f"--force): {stale}")
+    assert sum(p.stat().st_size for p in have) < 16 << 20  # one bark pipeline's data and models

@@ -4,6 +4,7 @@ version per trained model, `champion` on the best gate-passing version).
 The stages call these names; nothing here is needed with `tracking.enabled: false`.
 """
 from barkgpt.tracking.runs import (  # noqa: F401
+    TrackingLost,
     TrainingRun,
     check_server,
     client_for,

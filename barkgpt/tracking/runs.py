@@ -258,6 +258,17 @@ def log_dataset_inputs(client, run_id: str, paths, name: str) -> None:
 
 # --- the run ------------------------------------------------------------------------------------
 
+class TrackingLost(BarkError):
+    """The tracking server stopped taking a training's metrics (it, or its database, went away)."""
+
+    def __init__(self, uri: str, step: int, err: Exception):
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        self.uri, self.step = uri, step
+        super().__init__(f"MLflow tracking server {uri} failed at step {step} ({reason}); is the server and its "
+                         "database up? The training stopped with its run folder kept: once the server answers, "
+                         "`barkgpt train <pipeline> --resume` continues it in the same MLflow run")
+
+
 class TrainingRun:
     """An MLflow run seen from the stages (with tracking disabled, the stages hold None instead)."""
 
@@ -271,7 +282,10 @@ class TrainingRun:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        try:
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        except Exception as err:  # MlflowException after MLflow's retries, or the connection itself
+            raise TrackingLost(self.mlflow.get_tracking_uri(), step, err) from None
 
     def watch_system(self) -> None:
         """system/cpu_utilization_percentage, system/system_memory_usage_megabytes, ... while training."""
@@ -298,7 +312,10 @@ class TrainingRun:
 
     def fail(self) -> None:
         self.stop_system()
-        self.client.set_terminated(self.run_id, status="FAILED")
+        try:  # the server may be what failed: the error that stopped training is the one to show
+            self.client.set_terminated(self.run_id, status="FAILED")
+        except Exception:
+            pass
 
     def end(self) -> None:
         self.stop_system()
