@@ -238,12 +238,13 @@ def _code_sha256(paths: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
-def measurement_settings(params, pipeline: str, stage) -> dict:
+def measurement_settings(params, pipe, stage) -> dict:
     """What a gating report's numbers depend on besides the files it judged: the params its DVC stage
     declares (`stage`: the pipeline's declaration, so exactly what DVC tracks) with their values, and
-    the sha256 of the stage's code. {"params": {dotted key: value}, "code": {path: sha256}}."""
-    keys = [key.replace("{p}", pipeline) for key in stage.params]
-    return {"params": _param_values(params, keys), "code": _code_sha256(tuple(stage.code))}
+    the sha256 of the stage's code (its derived dependencies, as dvc.yaml lists them).
+    {"params": {dotted key: value}, "code": {path: sha256}}."""
+    keys = [key.replace("{p}", pipe.name) for key in stage.params]
+    return {"params": _param_values(params, keys), "code": _code_sha256(tuple(pipe.stage_code(stage)))}
 
 
 def _param_values(params, keys) -> dict:

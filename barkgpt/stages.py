@@ -200,7 +200,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
         try:
             measured, samples = pipe.evaluate(params, pipe, lay)
             metrics = {"pipeline": pipe.name, "stage": "evaluate", **measured,
-                       "measured_under": measurement_settings(params, pipe.name, pipe.stage("evaluate"))}
+                       "measured_under": measurement_settings(params, pipe, pipe.stage("evaluate"))}
             verdict = judge(metrics, params)
             metrics |= {"gate_passed": verdict.passed, "gate": verdict.as_dict(),
                         "judged": judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,

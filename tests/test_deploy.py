@@ -551,7 +551,7 @@ def _gguf_release(root: Path, gguf: Path, status: str = "accepted") -> None:
                                    "reason": "test fixture", "tensor_types": {"x": "q8_0"}}},
         "gate": {"f32_parity_passed": True, "deploy_quantization": "q8_0", "deploy_passed": status == "accepted"},
         "judged": judged_files(root, {"checkpoint": root / "models/bark/best.pt", "q8_0": dest}),
-        "measured_under": measurement_settings(load_params(root / "params.yaml"), "bark",
+        "measured_under": measurement_settings(load_params(root / "params.yaml"), get_pipeline("bark"),
                                                get_pipeline("bark").stage("parity"))}))
 
 

@@ -135,7 +135,7 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
         "greedy_identical": f"{f32['greedy']['identical']}/{f32['greedy']['prompts']}"}
     report["judged"] = judged_files(lay.root, {"checkpoint": lay.checkpoint, "tokenizer": lay.tokenizer,
                                                "val_text": lay.val_text, "val_tokens": lay.token_manifest("val"), **files})
-    report["measured_under"] = measurement_settings(params, name, pipe.stage("parity"))
+    report["measured_under"] = measurement_settings(params, pipe, pipe.stage("parity"))
     report["llama_cpp_warnings"] = llama_log.summary(warned)
     write_json(lay.parity_report, report)
     print(llama_log.one_line(f"parity {name}", warned, str(lay.parity_report)), flush=True)
