@@ -46,7 +46,7 @@ def test_bark_greedy_text_is_identical_through_both_backends_and_the_cli(bark_pr
     torch_lm, llama_lm = TorchLM.load(bark_project / "models/bark/best.pt"), LlamaLM(bark_f32)
     on_torch, on_llama = Backend(torch_lm, torch_lm.name), Backend(llama_lm, llama_lm.name)
     assert (on_torch.model_id, on_llama.model_id) == ("bark-best", "bark-f32")
-    assert on_torch.kind == on_llama.kind == "bark" and on_llama.info()["backend"] == "llama.cpp"
+    assert on_torch.format.kind == on_llama.format.kind == "bark" and on_llama.info()["backend"] == "llama.cpp"
     try:
         for prompt in PROMPTS:
             text, done = completion(on_torch, prompt, temperature=0)
