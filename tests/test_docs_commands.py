@@ -52,7 +52,7 @@ RULES: list[tuple[str, str, str]] = [
     (r"^pytest ", "expensive", "runs test files of this suite"),
     (r"^export (MLFLOW_TRACKING_URI=http://tracking\.example|AWS_REGION=eu-west-1 AWS_PROFILE=)", "skip",
      "another machine's placeholders (docs/team.md); tests/test_stack.py runs a second clone"),
-    (r"^dvc remote default --local team && dvc pull$", "skip",
+    (r"^dvc remote default --local team && dvc pull dvc\.yaml$", "skip",
      "pulls from the placeholder hosts above; tests/test_stack.py pulls from the stack's S3"),
     (r"^(source|export|eval) ", "env", ""),
     (r"^(TAG|REPO)=", "skip", "real AWS: builds and pushes the Lambda image to ECR"),
@@ -88,7 +88,8 @@ RULES: list[tuple[str, str, str]] = [
     (r"^dvc exp apply ", "expensive", "applies a trial of the sweep above: tests/test_sweep.py runs the sweep"),
     (r"^git add params\.yaml dvc\.lock", "expensive", "commits the sweep trial applied above"),
     (r"^dvc exp show\b", "run", ""),
-    (r"^optuna-dashboard ", "server", "8080"),
+    (r"^optuna-dashboard ", "expensive", "shows the study a sweep above wrote (optuna.db): tests/test_sweep.py "
+                                        "runs sweeps; the screenshot in docs/experiments.md was taken of one"),
     (r"^barkgpt serve --backend torch", "server-check", "8000"),
     (r"^mlflow server ", "server", "5000"),
     (r"^mlflow ui ", "server", "5000"),
