@@ -503,7 +503,7 @@ def test_schemathesis_finds_no_server_errors(bark_server, tmp_path):
     import re
 
     cases = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
-    assert "Tested: 6" in r.stdout and cases and cases[1] == cases[2] and int(cases[1]) > 200
+    assert "Tested: 7" in r.stdout and cases and cases[1] == cases[2] and int(cases[1]) > 200
     assert httpx.get(bark_server + "/ready").status_code == 200
 
 

@@ -412,7 +412,7 @@ def test_greedy_text_is_identical_through_both_backends_the_cli_and_the_server(w
 
     torch_lm, llama_lm = TorchLM.load(webtext_project / "models/webtext/best.pt"), LlamaLM(webtext_f32)
     on_torch, on_llama = Backend(torch_lm, torch_lm.name), Backend(llama_lm, llama_lm.name)
-    assert on_torch.kind == on_llama.kind == "text" and on_llama.lm.tokenizer.kind == "bpe"
+    assert on_torch.format.kind == on_llama.format.kind == "text" and on_llama.lm.tokenizer.kind == "bpe"
     texts = {}
     try:
         # (not a heading such as "= = Reception = =": a heading line ends there, so greedy is just the EOS)
