@@ -119,17 +119,16 @@ def test_four_trials_two_at_a_time_promote_the_best_gated_one(project):
 
 def test_a_hopeless_trial_is_pruned_on_the_bpb_training_logs(project):
     out = barkgpt(["sweep", "bark", "--grid", "bark.train.learning_rate=0.01,0.00001", "--grid",
-                   "bark.train.max_steps=30", "--grid", "bark.train.eval_every=10", "--grid",
+                   "bark.train.max_steps=300", "--grid", "bark.train.eval_every=10", "--grid",
                    "bark.train.log_every=10", "--study", "prune2"], project)
     assert "trial 1 pruned" in out.stdout, out.stdout + out.stderr[-3000:]
-    # 30 steps are too few for the gate: a sweep with no passing trial fails and moves nothing
-    assert_clear(out, "no trial passed the bark gate")
+    assert out.returncode in (0, 2) and "Traceback" not in out.stderr, out.stderr[-3000:]  # 2: trial 0 missed the gate
     _, trials = sweep_runs(mlflow_client(project), "prune2")
     pruned = [t for t in trials if t.data.tags["sweep.state"] == "pruned"]
     assert len(pruned) == 1 and pruned[0].info.status == "KILLED"
     assert pruned[0].data.tags["sweep.trial"] == "1"
     steps = [m.step for m in mlflow_client(project).get_metric_history(pruned[0].info.run_id, "val_bpb")]
-    assert steps and max(steps) < 30  # stopped early
+    assert steps and max(steps) < 300  # stopped long before its budget
     assert "prune2-t001" not in experiments(project)  # no DVC experiment for an interrupted trial
 
 

@@ -58,7 +58,9 @@ def dvc_command(pipe, name: str, overrides: dict) -> list[str]:
     deploy follow for the one a user keeps (`dvc exp apply`, then `dvc repro`)."""
     # Trials start side by side: each waits its turn for the repository's lock, briefly held while
     # DVC sets up the experiment's temporary workspace and while it saves the result.
-    argv = ["dvc", "--wait-for-lock", "exp", "run", "--temp", "--name", name]
+    # --force: a trial is a training. Without it DVC skips a trial whose params equal the baseline's,
+    # or restores one it ran before from its run cache, and the trial's MLflow run stays empty.
+    argv = ["dvc", "--wait-for-lock", "exp", "run", "--temp", "--force", "--name", name]
     for key, value in overrides.items():
         argv += ["-S", assignment(key, value)]
     return argv + [f"{pipe.dvc_file}:{pipe.dvc_stage('evaluate')}"]
