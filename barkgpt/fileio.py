@@ -78,12 +78,13 @@ def disk_full(err: BaseException, folder: Path) -> bool:
         return False
 
 
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} TiB"
+def human_size(n: int) -> str:
+    """Bytes in the unit that shows them: 812 B, 14.2 kB, 3.1 MB, 1.2 GB."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
 
 
 def disk_full_error(path: Path):
@@ -91,7 +92,7 @@ def disk_full_error(path: Path):
 
     try:
         usage = shutil.disk_usage(path.parent)
-        where = f"{_size(usage.free)} free of {_size(usage.total)}"
+        where = f"{human_size(usage.free)} free of {human_size(usage.total)}"
     except OSError:
         where = "free space unknown"
     return BarkError(f"disk full: could not write {path} ({where} on the filesystem holding {path.parent.resolve()}); "

@@ -37,7 +37,7 @@ import torch
 
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.errors import BarkError
-from barkgpt.fileio import copy_atomic, fsync_dir, read_json, write_json
+from barkgpt.fileio import copy_atomic, fsync_dir, human_size, read_json, write_json  # noqa: F401 (cli)
 from barkgpt.layout import Layout, RunLayout
 
 
@@ -311,15 +311,6 @@ def _folder_bytes(folder: Path) -> int:
         except FileNotFoundError:
             pass  # a temp file renamed by a training that runs now
     return total
-
-
-def human_size(n: int) -> str:
-    """Bytes in the unit that shows them: 812 B, 14.2 kB, 3.1 MB, 1.2 GB."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def format_runs(paths: Layout) -> str:
