@@ -74,8 +74,12 @@ def require_finite(what: str, value: float, step: int) -> None:
 
 
 def set_threads(threads: int | str | None) -> None:
+    """An explicit thread count, at most the cores this process may use (a sweep's trial is pinned
+    to its share): threads past them only wait for one another."""
     if isinstance(threads, int):
-        torch.set_num_threads(threads)
+        from barkgpt.calibrate import usable_cores
+
+        torch.set_num_threads(min(threads, usable_cores()))
 
 
 class Progress:

@@ -72,7 +72,7 @@ def test_parity_is_one_evaluation_on_both_backends_bound_to_the_files_it_judged(
     quant = json.loads((root / "reports/bark/quantization.json").read_text())["q8_0"]  # made from, and made
     assert quant["source"]["sha256"] == sha256_file(files["f32"]) and quant["sha256"] == sha256_file(files["q8_0"])
     summary = json.loads((root / "reports/bark/parity_summary.json").read_text())  # what `dvc metrics show` reads
-    assert summary == {"gate_passed": True, **{q: e["value"] for q, e in report["quantizations"].items()}}
+    assert summary == {"parity_passed": True, **{q: e["value"] for q, e in report["quantizations"].items()}}
 
 
 def test_quantizations_and_tensor_types(exported):

@@ -95,7 +95,15 @@ def test_four_trials_two_at_a_time_promote_the_best_gated_one(project):
             if (rev.get("name") or "").startswith("grid4-"):
                 train = rev["data"]["params"]["params.yaml"]["data"]["bark"]["train"]
                 ran[rev["name"]] = (train["learning_rate"], train["max_steps"], train["threads"])
-    assert sorted(ran.values()) == [(0.003, 20, 1), (0.003, 100, 1), (0.01, 20, 1), (0.01, 100, 1)]
+    # the values each ran, and no other params change: --jobs pins each trial to its share of the
+    # cores instead of setting a thread count
+    threads = yaml.safe_load((project / "params.yaml").read_text())["bark"]["train"]["threads"]
+    assert sorted(ran.values()) == [(0.003, 20, threads), (0.003, 100, threads), (0.01, 20, threads),
+                                    (0.01, 100, threads)]
+    # the sweep's table fits a 120-column terminal (the README's command)
+    table = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], project)
+    assert table.returncode == 0 and "grid4-t003" in table.stdout, table.stderr
+    assert max(len(line.rstrip()) for line in table.stdout.splitlines()) <= 120, table.stdout
 
     # four MLflow runs under one parent; the champion is the best gate-passing trial by the
     # registry's ranking (contract accuracy, then validation loss), read from the runs themselves

@@ -139,9 +139,9 @@ def parity_report(lay: Layout, params, pipe, val_lines: list[str]) -> dict:
     report["llama_cpp_warnings"] = llama_log.summary(warned)
     write_json(lay.parity_report, report)
     print(llama_log.one_line(f"parity {name}", warned, str(lay.parity_report)), flush=True)
-    # For `dvc metrics show`, which prints one table over every metrics file: the verdict shares the
-    # evaluation summary's gate_passed column, and one value per quantization keeps a row < 120 columns.
-    write_json(lay.parity_summary, {"gate_passed": verdict.passed,
+    # For `dvc metrics show` and `dvc exp show`: one value per quantization, and a name of its own for
+    # the verdict (a key shared with summary.json makes DVC prefix both columns with the file path).
+    write_json(lay.parity_summary, {"parity_passed": verdict.passed,
                                     **{q: e["value"] for q, e in report["quantizations"].items()}})
     if not verdict.passed_for("f32."):
         raise GateError(f"F32 GGUF parity failed ({verdict.reason('f32.')}); see {lay.parity_report}. The export "

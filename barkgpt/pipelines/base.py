@@ -65,6 +65,9 @@ class Pipeline:
     input_example: Callable[[Any], str]  # (section) -> the prompt MLflow's model version shows as its example
     modelfile: Callable[[Any], list[str]]  # (section) -> an Ollama Modelfile's template and parameters
     # (metric key, short name): the few numbers `dvc metrics show` lists, so a row stays readable
+    # (metric, name) pairs for reports/<p>/summary.json, what `dvc metrics show` and `dvc exp show`
+    # print: the headline only, so a sweep's table (two params, Created, the experiment) fits 120
+    # columns; metrics.json and the MLflow run keep every metric.
     summary: tuple[tuple[str, str], ...] = ()
     tokens: Callable[..., Any] | None = None  # (params, layout) -> tokenizer, for the tokenize stage
     eos_per_line: bool = True  # the tokenizer appends EOS to each line (bark lines spell their own)

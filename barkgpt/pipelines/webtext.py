@@ -125,8 +125,7 @@ def text_pipeline(name: str, description: str, local_source: bool = False, **fie
     return Pipeline(
         name=name, description=description, section=lambda params: getattr(params, name),
         stages=text_stages(name, local_source), metric="val_bpb", higher_is_better=False, evaluate=evaluate,
-        summary=(("val_bpb", "val_bpb"), ("val_loss", "val_loss"), ("val_perplexity", "perplexity"),
-                 ("gate_passed", "gate_passed")),
+        summary=(("val_bpb", "val_bpb"), ("gate_passed", "gate_passed")),
         suites=suites, token_suites=token_suites, greedy_prompts=greedy_prompts,
         input_example=input_example, modelfile=modelfile, tokens=saved_tokenizer, **fields)
 

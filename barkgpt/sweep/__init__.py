@@ -38,7 +38,7 @@ class Sweep:
     study: object  # optuna.Study
     study_name: str
     tracker: object  # barkgpt.tracking.sweeps.SweepTracker
-    threads_per_trial: int
+    jobs: int = 1
 
     def log_path(self, number: int) -> Path:
         path = Layout(self.pipe.name, self.root).sweep_trial_log(self.study_name, number)
@@ -57,9 +57,18 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def threads_per_trial(jobs: int) -> int:
-    """Each of `jobs` trials gets its share of the cores, so they do not fight over them."""
-    return max(1, cores() // jobs)
+def cores_for_slot(slot: int, jobs: int) -> list[int] | None:
+    """The cores trial slot `slot` of `jobs` runs on: each its own share, so trials side by side do
+    not fight over cores (None: one at a time, all of them). The trial's process is pinned to them
+    (sched_setaffinity, inherited by DVC and the training it starts), and training uses at most the
+    cores its process may use: how fast a trial runs, not what it trains, so no params change and
+    `dvc exp show` has no column for it."""
+    if jobs <= 1 or not hasattr(os, "sched_setaffinity"):
+        return None
+    mine = sorted(os.sched_getaffinity(0))
+    share = max(1, len(mine) // jobs)
+    start = (slot * share) % len(mine)
+    return mine[start:start + share]
 
 
 def check_project(pipe, root: Path) -> None:
@@ -107,16 +116,17 @@ def prepare(params, raw_params: dict, pipe, root: Path, space: SearchSpace, tria
                 "storage": redact(url), "sampler": "grid" if space.grid else cfg.sampler,
                 "pruner": cfg.pruner if prune else "none", "seed": cfg.seed}
     tracker = SweepTracker(params, pipe.name, root, name, settings)
-    return Sweep(pipe, params, root, space, study, name, tracker, threads_per_trial(jobs))
+    return Sweep(pipe, params, root, space, study, name, tracker, jobs)
 
 
-def run_one(sweep: Sweep) -> TrialResult:
-    """Ask the study for a trial, run it as a DVC experiment, tell the study how it ended."""
+def run_one(sweep: Sweep, cpus: list[int] | None = None) -> TrialResult:
+    """Ask the study for a trial, run it as a DVC experiment (on `cpus` if given), tell the study how
+    it ended."""
     import optuna
 
     trial = sweep.study.ask(sweep.space.distributions())
     try:
-        result = run_trial(sweep, trial)
+        result = run_trial(sweep, trial, cpus)
     except BaseException:
         sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
@@ -151,18 +161,18 @@ def run_trials(sweep: Sweep, trials: int, jobs: int, on_result=None) -> None:
     remaining = [trials]
     lock = threading.Lock()
 
-    def worker():
+    def worker(slot: int):
         while True:
             with lock:
                 if remaining[0] <= 0 or not has_next(sweep):
                     return
                 remaining[0] -= 1
-            result = run_one(sweep)
+            result = run_one(sweep, cores_for_slot(slot, jobs))
             if on_result:
                 on_result(result)
 
     with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="trial") as pool:
-        for future in [pool.submit(worker) for _ in range(min(jobs, trials))]:
+        for future in [pool.submit(worker, slot) for slot in range(min(jobs, trials))]:
             future.result()
 
 

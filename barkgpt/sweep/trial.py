@@ -53,48 +53,34 @@ def assignment(key: str, value) -> str:
     return f"{key}={text.removesuffix(chr(10) + '...').strip()}"
 
 
-def dvc_command(pipe, name: str, overrides: dict) -> list[str]:
+def dvc_command(pipe, name: str, overrides: dict, force: bool = False) -> list[str]:
     """Run the pipeline through its evaluate stage: the gate that ranks trials. Export, parity and
     deploy follow for the one a user keeps (`dvc exp apply`, then `dvc repro`)."""
     # Trials start side by side: each waits its turn for the repository's lock, briefly held while
     # DVC sets up the experiment's temporary workspace and while it saves the result.
-    # --force: a trial is a training. Without it DVC skips a trial whose params equal the baseline's,
-    # or restores one it ran before from its run cache, and the trial's MLflow run stays empty.
-    argv = ["dvc", "--wait-for-lock", "exp", "run", "--temp", "--force", "--name", name]
+    # Not forced at first: DVC runs only the stages the trial's params reach (the data stages are
+    # restored, so their reports, and a trial's columns in `dvc exp show --only-changed`, stay equal).
+    argv = ["dvc", "--wait-for-lock", "exp", "run", "--temp", *(["--force"] if force else []), "--name", name]
     for key, value in overrides.items():
         argv += ["-S", assignment(key, value)]
     return argv + [f"{pipe.dvc_file}:{pipe.dvc_stage('evaluate')}"]
 
 
-def run_trial(sweep, trial) -> TrialResult:
-    """Run `trial` (an optuna.Trial) to its end; report intermediate bpb and prune on the way."""
+def run_trial(sweep, trial, cpus: list[int] | None = None) -> TrialResult:
+    """Run `trial` (an optuna.Trial) to its end, its processes on `cpus` (all when None); report
+    intermediate bpb and prune on the way."""
     overrides = dict(trial.params)
-    overrides.setdefault(f"{sweep.pipe.name}.train.threads", sweep.threads_per_trial)
     name = experiment_name(sweep.study_name, trial.number)
     run_id = sweep.tracker.start_trial(trial.number, name, trial.params)
     log_path = sweep.log_path(trial.number)
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": sweep.tracker.uri}
-    started, seen, pruned = time.monotonic(), {}, False
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(dvc_command(sweep.pipe, name, overrides), cwd=sweep.root, env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own process group: Ctrl-C reaches all of it
-        try:
-            while proc.poll() is None:
-                time.sleep(POLL_S)
-                if pruned:
-                    continue
-                new = [(step, value) for step, value in sweep.tracker.history(run_id, INTERMEDIATE)
-                       if step not in seen and math.isfinite(value)]
-                for step, value in new:
-                    seen[step] = value
-                    trial.report(value, step)
-                if new and trial.should_prune():
-                    pruned = True
-                    _interrupt(proc)
-        except BaseException:  # the sweep itself was interrupted: stop the trial with it
-            _interrupt(proc)
-            raise
+    started, seen = time.monotonic(), {}
+    proc, pruned = _run_experiment(sweep, trial, dvc_command(sweep.pipe, name, overrides), env, log_path, seen, cpus)
+    if proc.returncode == 0 and not pruned and not seen and not sweep.tracker.evaluation(run_id):
+        # Nothing trained: DVC judged the trial's params already run (equal to the baseline's or an
+        # earlier trial's) and restored that result. A trial is a training: run it again, forced.
+        proc, pruned = _run_experiment(sweep, trial, dvc_command(sweep.pipe, name, overrides, force=True), env,
+                                       log_path, seen, cpus, mode="a")
     seconds = time.monotonic() - started
     result = TrialResult(trial.number, "failed", overrides, name, run_id, seconds=seconds)
     if pruned:
@@ -113,6 +99,35 @@ def run_trial(sweep, trial) -> TrialResult:
         result.error = f"`dvc exp run` exited {proc.returncode}: {_last_error(log_path)} (log: {log_path})"
     sweep.tracker.end_trial(run_id, result)
     return result
+
+
+def _run_experiment(sweep, trial, argv: list[str], env: dict, log_path: Path, seen: dict,
+                    cpus: list[int] | None = None, mode: str = "w") -> tuple[subprocess.Popen, bool]:
+    """Run one `dvc exp run` to its end, reporting each new intermediate value to Optuna; Ctrl-C it
+    when Optuna prunes. Returns the finished process and whether it was pruned."""
+    run_id, pruned = env["MLFLOW_RUN_ID"], False
+    with open(log_path, mode) as log:
+        proc = subprocess.Popen(argv, cwd=sweep.root, env=env,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True,  # its own process group: Ctrl-C reaches all of it
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        try:
+            while proc.poll() is None:
+                time.sleep(POLL_S)
+                if pruned:
+                    continue
+                new = [(step, value) for step, value in sweep.tracker.history(run_id, INTERMEDIATE)
+                       if step not in seen and math.isfinite(value)]
+                for step, value in new:
+                    seen[step] = value
+                    trial.report(value, step)
+                if new and trial.should_prune():
+                    pruned = True
+                    _interrupt(proc)
+        except BaseException:  # the sweep itself was interrupted: stop the trial with it
+            _interrupt(proc)
+            raise
+    return proc, pruned
 
 
 def _interrupt(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
