@@ -2,8 +2,11 @@
 then deploy (S3 + Lambda) when the gates passed. Prefect knows it as `<pipeline>-pipeline`
 (bark-pipeline, webtext-pipeline, localtext-pipeline), one flow object per declared pipeline.
 
-Parameters default to params.yaml; `overrides` changes any of them, nested or dotted, and is
-written into params.yaml (as `dvc exp run -S` does) so DVC judges what actually runs:
+Parameters default to params.yaml. `overrides` changes any of them, nested or dotted, for this run
+only: the run is a DVC experiment named after the flow run (tasks/experiment.py), params.yaml and
+the outputs are put back after it, and `dvc exp apply <name>` keeps it. A gated experiment still
+deploys (e.g. `deploy.artifact` or a GPU pool's `train.device` as a deployment's overrides): the
+release records what it judged, and the experiment keeps what made it.
     python -m flows.pipeline bark --set bark.train.max_steps=200
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import flows  # noqa: F401  (PREFECT_HOME and result defaults before prefect loads)
 from prefect import allow_failure, flow
+from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from barkgpt.layout import Layout
@@ -22,6 +26,7 @@ from barkgpt.params import parse_assignments
 from barkgpt.pipelines import REGISTRY, get
 from tasks.common import resolve_params
 from tasks.deploy import deploy, deploy_blocker
+from tasks.experiment import Experiment, experiment_name, restore_interrupted
 from tasks.stages import publish_report, restore_interrupted_lock, run_stage
 
 
@@ -42,9 +47,24 @@ def upstream(pipe, lay) -> dict[str, list[str]]:
 
 
 def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: str, deploy_model: bool) -> dict:
+    restore_interrupted_lock(Path(root))  # before DVC reads it: a killed commit's lock put back, a broken one named
+    restore_interrupted(Path(root))  # a killed experiment's params.yaml and outputs put back
+    experiment = None
+    if overrides:
+        experiment = Experiment.begin(Path(root), pipeline, experiment_name(pipeline, flow_run.get_name()),
+                                      params_file)
+    try:
+        return run_stages(pipeline, overrides, root, params_file, deploy_model, experiment)
+    finally:
+        if experiment:
+            experiment.put_back()
+            print(f"params.yaml and the {pipeline} outputs are as they were before this run")
+
+
+def run_stages(pipeline: str, overrides: dict | None, root: str, params_file: str, deploy_model: bool,
+               experiment: Experiment | None) -> dict:
     from barkgpt.pipelines.dvcfile import write_dvc_files
 
-    restore_interrupted_lock(Path(root))  # before DVC reads it: a killed commit's lock put back, a broken one named
     resolved = resolve_params(params_file, overrides, root, pipeline, return_state=True)
     params = resolved.result()  # an invalid value stops the flow here, named
     for path in write_dvc_files(Path(root), [pipeline]):  # a project older than its code: bring it level first
@@ -63,6 +83,10 @@ def run_pipeline(pipeline: str, overrides: dict | None, root: str, params_file: 
             results[stage.name] = states[stage.name].result()
         evaluation = results.get("evaluate", {})
         print(f"{pipeline}: {pipe.metric} {evaluation.get(pipe.metric)}, gate passed: {evaluation.get('gate_passed')}")
+        if experiment:  # saved before anything else can fail: the run's result is kept
+            experiment.save()
+            print(f"saved as DVC experiment {experiment.name}: `dvc exp show` lists it, "
+                  f"`dvc exp apply {experiment.name}` keeps it")
         blocker = deploy_blocker(params, root, pipeline) if deploy_model else "deploy_model=False"
         if blocker:
             print(f"deploy skipped: {blocker}")
@@ -100,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a pipeline's flow in this process.")
     parser.add_argument("pipeline", choices=list(FLOWS), help="which pipeline")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a params.yaml value for this run and after, e.g. bark.train.max_steps=200 "
-                             "(repeatable; written into params.yaml, like dvc exp run -S)")
+                        help="a params value for this run only, e.g. bark.train.max_steps=200 (repeatable): "
+                             "the run is saved as a DVC experiment, params.yaml is left as it was")
     parser.add_argument("--root", default=".", help="the project folder (default: here)")
     parser.add_argument("--params", default="params.yaml", help="params file inside the root")
     parser.add_argument("--no-deploy", action="store_true", help="stop after the parity gate")

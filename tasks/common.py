@@ -55,7 +55,8 @@ def write_overrides(path: Path, nested: dict) -> list[str]:
 def resolve_params(params_file: str = "params.yaml", overrides: dict | None = None, root: str = ".",
                    pipeline: str | None = None) -> dict:
     """params.yaml merged with the run's overrides, validated (an invalid key fails here, named),
-    then written back to params.yaml: the one source of configuration, for every door.
+    then written into params.yaml for the run, so DVC judges and records what really runs (the
+    flow saves such a run as a DVC experiment and puts params.yaml back: tasks/experiment.py).
 
     Another params file is accepted only where it agrees with params.yaml on every key the
     pipeline's DVC stages track: DVC records params.yaml's values in dvc.lock, so a run under

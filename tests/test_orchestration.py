@@ -88,6 +88,11 @@ def copy_project(project: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy(src, dest))
+    # The test's small settings are the project's own params (a flow's overrides would be an experiment)
+    from barkgpt.params import expand_dotted
+    from tasks.common import write_overrides
+
+    write_overrides(project / "params.yaml", expand_dotted(OVERRIDES))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "project"]):
         subprocess.run([*git, *cmd], cwd=project, check=True, capture_output=True)
@@ -134,7 +139,7 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def deployed_run(stack):
     """`prefect deployment run 'bark-pipeline/local'`, watched until it finishes."""
-    params = json.dumps({"overrides": OVERRIDES})
+    params = json.dumps({"deploy_model": True})
     out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "bark-pipeline/local", "--params", params,
                           "--watch", "--watch-timeout", "400"],
                          env=stack["env"], cwd=stack["project"], capture_output=True, text=True, timeout=450)
@@ -251,7 +256,7 @@ def test_worse_model_registers_one_version_and_champion_stays_on_the_best(stack,
 
 
 def run_flow(stack, *sets: str) -> subprocess.CompletedProcess:
-    args = [f"{k}={v}" for k, v in OVERRIDES.items()] + list(sets)
+    args = list(sets)
     cmd = [sys.executable, "-m", "flows.pipeline", "bark", "--root", str(stack["project"])]
     for a in args:
         cmd += ["--set", a]
@@ -276,11 +281,16 @@ def test_rerun_runs_nothing_dvc_agrees_then_failed_check_stops_before_training(s
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
 
     # A data check that fails (DVC re-runs validate: its params changed) stops the flow before training.
+    # The override was the run's only: a failed experiment is not saved, and the workspace is as it was.
+    params_before, lock_before = (project / "params.yaml").read_bytes(), (project / "dvc.lock").read_bytes()
     bad = run_flow(stack, "bark.validation.mix_tolerance=0.0001")
     assert bad.returncode == 2
     assert "bark_mix" in bad.stderr and "expect_column_values_to_be_between" in bad.stderr, bad.stderr[-2000:]
     assert "Task run 'train-" not in bad.stdout + bad.stderr
     assert ckpt.stat().st_mtime == mtime
+    assert (project / "params.yaml").read_bytes() == params_before and (project / "dvc.lock").read_bytes() == lock_before
+    status = subprocess.run([*dvc, "status", "dvc.yaml"], cwd=project, env=stack["env"], capture_output=True, text=True)
+    assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
 
 
 def test_invalid_flow_parameter_fails_in_first_task_naming_it(stack):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,11 +72,23 @@ def test_a_third_pipeline_through_dvc_the_cli_and_the_prefect_flow(tmp_path):
     for name in PLANTED:
         (storage / name).write_bytes(pickle.dumps(Payload(str(marker))))
     sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}")]
-    # 1. The Prefect flow: every stage stale, each judged by DVC, run, recorded in dvc.lock.
+    # 1. The Prefect flow, its settings as overrides: every stage stale, each judged by DVC, run; the
+    # run saved as a DVC experiment, and the workspace (params.yaml, lock, outputs) left as it was.
+    params_before = (project / "params.yaml").read_bytes()
     first = sh([sys.executable, "-m", "flows.pipeline", "localtext", "--no-deploy", *sets], project)
     log = first.stdout + first.stderr
     for stage in REGISTRY["localtext"].stages:
         assert f"localtext-{stage.name}: stale" in log, log[-3000:]
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert not (project / "pipelines/localtext/dvc.lock").exists()
+    assert not (project / "exports/localtext/quantized/localtext-q8_0.gguf").exists()
+    name = re.search(r"saved as DVC experiment (\S+):", log).group(1)
+    assert name in sh([str(BIN / "dvc"), "exp", "ls", "--name-only"], project).stdout
+    # Kept: the workspace now holds the run. DVC checks out every stage of the project, and the bark
+    # pipeline never ran here, so apply names bark's outputs (docs/experiments.md) and exits non-zero.
+    applied = sh([str(BIN / "dvc"), "exp", "apply", name], project, check=False)
+    failed = applied.stderr.split("Checkout failed for following targets:")[-1].split("Is your cache")[0].split()
+    assert applied.returncode == 0 or (failed and all("bark" in f for f in failed)), applied.stderr[-3000:]
     assert (project / "pipelines/localtext/dvc.yaml").exists() and (project / "pipelines/localtext/dvc.lock").exists()
     assert (project / "exports/localtext/quantized/localtext-q8_0.gguf").exists()
     # 2. DVC agrees: nothing is stale, `dvc repro` runs nothing.
@@ -85,7 +98,7 @@ def test_a_third_pipeline_through_dvc_the_cli_and_the_prefect_flow(tmp_path):
     assert "Running stage" not in repro.stdout, repro.stdout
     # 3. A params change through DVC's own door re-runs exactly the stages it reaches, by the CLI.
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["localtext"]["train"]["max_steps"] == 20  # the flow's --set is in params.yaml
+    assert params["localtext"]["train"]["max_steps"] == 20  # the experiment's values, applied
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace(
         "max_new_tokens: 4", "max_new_tokens: 5"))
     repro = sh([str(BIN / "dvc"), "repro", "pipelines/localtext/dvc.yaml"], project)
