@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,10 @@ from barkgpt.net import free_port
 BIN = Path(sys.executable).parent
 DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md", "docs/deploy.md",
         "docs/webtext.md", "docs/evaluation.md", "docs/scaling.md", "docs/experiments.md", "docs/team.md"]
-# Documents whose expensive commands always run: team.md starts its own stack and runs one flow
-# through it (a few minutes), and is the only test of its commands as written.
-RUN_EXPENSIVE = {"docs/team.md"}
+# Fenced blocks run as written by another test, which needs them in its own setting: (document,
+# index of the block in it) -> that test. docs/team.md's first block starts the team stack and runs
+# the flow through it; tests/test_stack.py runs it line by line as machine A (one stack, one flow).
+RUN_ELSEWHERE = {("docs/team.md", 0): "tests/test_stack.py runs this block as written (machine A, on its stack)"}
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
 COMMAND_TIMEOUT_S = 900
 pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)
@@ -121,6 +121,7 @@ class Command:
     line: int
     text: str
     python: bool = False
+    block: int = 0  # which fenced block of the document it is in
 
 
 def strip_comment(line: str) -> str:
@@ -140,10 +141,10 @@ def strip_comment(line: str) -> str:
 def commands(doc: str) -> list[Command]:
     text = (ROOT / doc).read_text()
     out = []
-    for m in re.finditer(r"^```(\w*)[^\n]*\n(.*?)^```", text, re.M | re.S):
+    for block, m in enumerate(re.finditer(r"^```(\w*)[^\n]*\n(.*?)^```", text, re.M | re.S)):
         lang, body, line = m.group(1), m.group(2), text[: m.start()].count("\n") + 2
         if lang == "python":
-            out.append(Command(doc, line, body, python=True))
+            out.append(Command(doc, line, body, python=True, block=block))
         elif lang in ("bash", "sh"):
             cur, start = "", line
             for i, raw in enumerate(body.splitlines()):
@@ -156,12 +157,14 @@ def commands(doc: str) -> list[Command]:
                     continue
                 if cur.count('"') % 2 or cur.count("'") % 2:  # a quoted argument spanning lines
                     continue
-                out.append(Command(doc, start, cur))
+                out.append(Command(doc, start, cur, block=block))
                 cur = ""
     return out
 
 
 def rule_for(cmd: Command) -> tuple[str, str]:
+    if (cmd.doc, cmd.block) in RUN_ELSEWHERE:
+        return "elsewhere", RUN_ELSEWHERE[cmd.doc, cmd.block]
     key = ("PYTHON " + cmd.text.strip().splitlines()[0]) if cmd.python else strip_comment(cmd.text)
     for pattern, kind, reason in RULES:
         if re.search(pattern, key):
@@ -195,14 +198,6 @@ def fresh_project(tmp_path_factory) -> Path:
     if (ROOT / ".dvc/config.local").exists():
         shutil.copy2(ROOT / ".dvc/config.local", root / ".dvc/config.local")
     return root
-
-
-def free_port_range(n: int) -> int:
-    """The first of n consecutive free loopback ports (the team stack's range)."""
-    for base in range(18440, 18500, n):
-        if not any(port_open(p) for p in range(base, base + n)):
-            return base
-    raise RuntimeError("no free port range for the stack in 18440-18499")
 
 
 class Servers:
@@ -287,19 +282,14 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
            "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(fresh_project)}
     env.pop("MLFLOW_TRACKING_URI", None)
     servers, ran, skipped, failures = Servers(), [], [], []
-    stack_dir = None
-    if doc == "docs/team.md":  # the stack's state where PostgreSQL (run as `postgres` under root) reaches it
-        stack_dir = Path(tempfile.mkdtemp(prefix="barkgpt-docs-stack-", dir="/tmp"))
-        stack_dir.chmod(0o755)
-        env.update(BARKGPT_STACK_DIR=str(stack_dir), BARKGPT_STACK_BASE_PORT=str(free_port_range(4)))
     try:
         for cmd in commands(doc):
             kind, reason = rule_for(cmd)
             where = f"{cmd.doc}:{cmd.line}"
             text = cmd.text if cmd.python else strip_comment(cmd.text)
-            if kind == "expensive" and (EXPENSIVE or doc in RUN_EXPENSIVE):
+            if kind == "expensive" and EXPENSIVE:
                 kind = "server" if re.match(r"^(prefect server start|prefect worker start)", text) else "run"
-            if kind in ("skip", "expensive", "unclassified", "known-broken"):
+            if kind in ("skip", "expensive", "unclassified", "known-broken", "elsewhere"):
                 skipped.append(f"{where}: {text.splitlines()[0]} -- {kind}: {reason}")
                 continue
             if kind == "env":
@@ -326,8 +316,5 @@ def test_documented_commands_work(doc, fresh_project, tmp_path):
                 failures.append(f"{where}: `{text.splitlines()[0]}` answered an error: {out.stdout[:500]}")
     finally:
         servers.stop()
-        if stack_dir is not None:  # whatever happened: no service of the stack is left running
-            subprocess.run([str(BIN / "barkgpt"), "stack", "down", "--dir", str(stack_dir)], capture_output=True)
-            shutil.rmtree(stack_dir, ignore_errors=True)
     print(f"\n{doc}: ran {len(ran)} commands; skipped {len(skipped)}:\n  " + "\n  ".join(skipped))
     assert not failures, "\n\n".join(failures)

@@ -59,15 +59,25 @@ def test_compose_file_is_written_from_the_stack_declarations():
             assert out.returncode == 0, out.stderr
 
 
+def team_block() -> list[str]:
+    """docs/team.md's first block, its commands as written (the docs test leaves it to this file)."""
+    from tests.test_docs_commands import commands, strip_comment
+
+    lines = [strip_comment(c.text) for c in commands("docs/team.md") if c.block == 0]
+    assert lines[0] == "barkgpt stack up" and lines[-1] == "barkgpt stack down", lines
+    return lines
+
+
 @pytest.fixture(scope="module")
 def stack():  # about 2 minutes on an idle 2-core machine: PostgreSQL migrations for MLflow and Prefect
     # PostgreSQL runs as the `postgres` user when the tests run as root: a folder it can reach
     state = Path(tempfile.mkdtemp(prefix="barkgpt-stack-", dir="/tmp"))
     state.chmod(0o755)
     base = free_base()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "BARKGPT_STACK_DIR": str(state),
+           "BARKGPT_STACK_BASE_PORT": str(base)}  # where docs/team.md's commands put it, without flags
     try:
-        out = sh([str(BIN / "barkgpt"), "stack", "up", "--dir", str(state), "--base-port", str(base)], ROOT, env)
+        out = sh(team_block()[0], ROOT, env)  # `barkgpt stack up`, as written
         assert "prefect-worker  ready" in out and f"127.0.0.1:{base + 2}" in out, out
         yield Stack(state)
     finally:
@@ -78,7 +88,7 @@ def stack():  # about 2 minutes on an idle 2-core machine: PostgreSQL migrations
 def client_env(stack: Stack, project: Path) -> dict:
     return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project),
             "BARKGPT_WARM": "0", "GX_ANALYTICS_ENABLED": "False", "TQDM_DISABLE": "1",
-            **stack.status()["env"]}
+            "BARKGPT_STACK_DIR": str(stack.state), **stack.status()["env"]}
 
 
 def s3_object(env: dict, bucket: str, suffix: str) -> bytes:
@@ -95,18 +105,17 @@ def s3_object(env: dict, bucket: str, suffix: str) -> bytes:
 
 @pytest.mark.timeout(1800)  # the stack's start, a whole bark flow through the worker, push, pull, serve
 def test_two_machines_share_runs_data_and_models_through_the_stack(stack, tmp_path):
-    # Machine A: the bark flow through a Prefect deployment, run by the stack's worker; then dvc push.
+    # Machine A: docs/team.md's block as written, between its `stack up` (the fixture) and its
+    # `stack down` (the last test): the bark flow through a Prefect deployment on the stack's
+    # worker, then dvc push to the team's S3 remote.
     a = copy_worktree(tmp_path / "a")
-    env_a = client_env(stack, a)
-    sh(["prefect", "--no-prompt", "deploy", "--all"], a, env_a)
-    run = sh(["prefect", "deployment", "run", "bark-pipeline/local", "--param", "deploy_model=false",
-              "--watch", "--watch-timeout", "900"], a, env_a, timeout=960)
+    env_a = {k: v for k, v in client_env(stack, a).items() if k not in stack.status()["env"]}  # the block's eval sets them
+    run = sh("set -e\n" + "\n".join(team_block()[1:-1]), a, env_a, timeout=1200)
     assert "Completed" in run, run[-3000:]
     run_id = json.loads((a / "models/bark/mlflow_run.json").read_text())["run_id"]
     assert sh(["git", "status", "--porcelain", "dvc.lock"], a, env_a).strip(), "the flow did not record dvc.lock"
     sh("git add -A && git -c user.name=a -c user.email=a@a commit -qm 'bark, trained on A'", a, env_a)
-    sh(["dvc", "remote", "default", "--local", "team"], a, env_a)
-    sh(["dvc", "push"], a, env_a)
+    env_a = client_env(stack, a)
 
     # Machine B: a clone without the in-repo remote, so every byte comes from S3.
     b = tmp_path / "b"
@@ -198,7 +207,7 @@ def test_database_lost_during_training_fails_clearly_and_resumes(stack, bark_cop
 def test_stack_down_leaves_no_process(stack):
     procs = stack.read()["processes"]
     assert set(procs) == {s.name for s in services() if s.loopback and not s.job}
-    out = sh([str(BIN / "barkgpt"), "stack", "down", "--dir", str(stack.state)], ROOT, os.environ)
+    out = sh(team_block()[-1], ROOT, {**os.environ, "BARKGPT_STACK_DIR": str(stack.state)})  # as written
     assert "prefect-worker: stopped" in out and "postgres: stopped" in out
     assert not [name for name, p in procs.items() if group_alive(p["pid"])]
     # nor anything they spawned in a session of its own: every stack process has the state in its environment
