@@ -44,6 +44,9 @@ def open_storage(url: str, timeout_s: float = 10.0):
     if url.startswith(("postgresql", "mysql")):
         kwargs = {"connect_args": {"connect_timeout": int(timeout_s)}}
     if url.startswith("sqlite:///"):
+        # trials side by side write to one file: wait for the other's write (SQLite's default 5 s
+        # ran out on a busy machine, "database is locked") rather than fail the sweep
+        kwargs = {"connect_args": {"timeout": 120}}
         folder = Path(url[len("sqlite:///"):]).parent
         if not folder.is_dir():
             raise BarkError(f"study storage {redact(url)}: the folder {folder} does not exist; create it or pass "
