@@ -14,7 +14,7 @@ from barkgpt.errors import BarkError
 
 
 def _params(args):
-    from barkgpt.params import load_params
+    from barkgpt.config import load_params
 
     return load_params(args.params)
 
@@ -115,7 +115,8 @@ def cmd_runs(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from barkgpt.params import parse_params, read_raw
+    from barkgpt.config import parse_params
+    from barkgpt.params import read_raw
     from barkgpt.pipelines import get
     from barkgpt.sweep import load_space, parse_grid, run_sweep, sweepable_keys
 

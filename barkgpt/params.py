@@ -2,6 +2,12 @@
 
 Every stage takes a `Params` (or one of its sections). An invalid value fails here, before any
 work starts, with the dotted key, what was given and what is allowed.
+
+This module holds what every pipeline shares (model, training, export, serving, deployment,
+tracking, sweeps: `SharedParams`) and the reading and validation of a params file. Each
+pipeline's own section is declared in its module (barkgpt/pipelines/<name>.py, its
+`params_class`); barkgpt/config.py composes the whole `Params` from the registered pipelines and
+loads it. The pipeline modules import this one, so it imports none of them.
 """
 from __future__ import annotations
 
@@ -22,26 +28,6 @@ SECRET_WORDS = {"KEY", "APIKEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "PWD",
 class Strict(BaseModel):
     # allow_inf_nan=False: `learning_rate: .inf` or `.nan` is refused here, not found as NaN weights later
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class BarkDataParams(Strict):
-    train_conversations: int = Field(4000, gt=0, le=10_000_000, description="at most 10 million")
-    val_conversations: int = Field(400, gt=0, le=1_000_000, description="at most 1 million")
-    max_barks: int = Field(4, ge=1, le=16, description="barks per assistant turn: 1..max_barks")
-    max_turns: int = Field(3, ge=1, le=8, description="turns in a multi-turn conversation")
-    multi_turn_share: float = Field(0.3, ge=0.0, le=1.0)
-    bark_mix: dict[str, float] = Field(
-        default_factory=lambda: {"woof": 0.4, "arf": 0.3, "ruff": 0.2, "grrr": 0.1}
-    )
-
-    @model_validator(mode="after")
-    def _check_mix(self):
-        unknown = sorted(set(self.bark_mix) - set(BARKS))
-        if unknown:
-            raise ValueError(f"bark_mix has unknown barks {unknown}; allowed: {list(BARKS)}")
-        if any(w < 0 for w in self.bark_mix.values()) or sum(self.bark_mix.values()) <= 0:
-            raise ValueError("bark_mix weights must be >= 0 with a positive sum")
-        return self
 
 
 class ModelParams(Strict):
@@ -129,69 +115,6 @@ class TrainParams(Strict):
     max_tokens: int | None = Field(None, gt=0, description="token budget; None = none")
 
 
-class BarkEvalParams(Strict):
-    temperature: float = Field(1.0, ge=0, description="contract samples are drawn at this temperature")
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_new_tokens: int = Field(24, ge=1, le=8192)
-    batch_size: int = Field(32, ge=1, le=4096, description="validation windows per batch (bits per byte)")
-    max_batches: int | None = Field(None, ge=1, le=100_000, description="None = the whole validation split")
-    seed: int = 0
-    ood_prompts: list[str] = Field(
-        default_factory=lambda: [
-            "User: woof Assistant:",
-            "User: speak speak Assistant:",
-            "Assistant:",
-            "User: grrr arf Assistant:",
-        ]
-    )
-
-
-class BarkGates(Strict):
-    """The contract gate: a one-sided binomial test on `contract_samples` sampled completions
-    (barkgpt/gates.py). It passes when at most k break the contract, k chosen so that a model whose
-    true accuracy is `contract_accuracy` passes with probability >= `pass_probability`."""
-
-    contract_samples: int = Field(1000, ge=1, le=1_000_000, description="n: completions sampled per model and GGUF")
-    contract_accuracy: float = Field(0.995, gt=0, lt=1, description="a model this good must pass ...")
-    pass_probability: float = Field(0.999, gt=0, lt=1, description="... at least this often")
-    reject_accuracy: float = Field(0.97, gt=0, lt=1, description="reported: how often a model this bad passes")
-
-    def quality_checks(self, prefix: str, measured: dict) -> list:
-        """The contract test on an evaluation report or a GGUF's quality (what gates.judge asks)."""
-        from barkgpt.gates import Check, contract_test
-
-        test = contract_test(self)
-        n, failures = measured.get("contract_samples"), measured.get("contract_failures")
-        if n != test.samples or failures is None:
-            return [Check(prefix + "contract", False, f"measured on {n} samples, the test needs "
-                          f"{test.samples}; re-run the stage")]
-        ok = failures <= test.max_failures
-        checks = [Check(prefix + "contract", ok, f"{failures} of {n} failed "
-                        f"({'<=' if ok else '>'} {test.max_failures})")]
-        # The rate is re-derived from the raw count: a report whose numbers disagree was edited.
-        accuracy = measured.get("contract_accuracy")
-        if accuracy is not None and abs(accuracy - (1 - failures / n)) > 1e-12:
-            checks.append(Check(prefix + "contract.consistent", False, f"contract_accuracy {accuracy} is not "
-                                f"1 - {failures}/{n}; the report was edited: re-run the stage"))
-        return checks
-
-
-class BarkValidateParams(Strict):
-    """Great Expectations suite settings for the bark data (barkgpt/validation.py)."""
-
-    mix_tolerance: float = Field(0.05, gt=0, le=1, description="max |observed - configured| bark share")
-
-
-class BarkPipeline(Strict):
-    data: BarkDataParams = BarkDataParams()
-    validation: BarkValidateParams = BarkValidateParams()
-    model: ModelParams = ModelParams()
-    train: TrainParams = TrainParams()
-    eval: BarkEvalParams = BarkEvalParams()
-    gates: BarkGates = BarkGates()
-
-
 QUANTIZATIONS = ("q8_0", "q4_0", "q4_k_m")
 Quantization = Literal["q8_0", "q4_0", "q4_k_m"]
 
@@ -221,99 +144,6 @@ class ExportParams(Strict):
         if unknown:
             raise ValueError(f"max_bpb_delta has unknown quantizations {unknown}; allowed: {list(QUANTIZATIONS)}")
         return self
-
-
-class WebtextCleanParams(Strict):
-    min_line_chars: int = Field(1, ge=1, description="drop lines shorter than this after stripping")
-    max_line_chars: int = Field(20000, ge=1, description="drop lines longer than this (runaway lines)")
-    dedup: bool = Field(True, description="drop exact duplicate lines, keeping the first occurrence")
-
-
-class WebtextValidationParams(Strict):
-    """Great Expectations suite settings for the webtext text splits (barkgpt/validation.py)."""
-
-    max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="max share of repeated lines per split")
-    min_letter_share: float = Field(0.3, ge=0, le=1,
-                                    description="min mean share of letters among non-space characters")
-    sample_rows: int = Field(50_000, ge=100, description="row-level checks run on at most this many lines "
-                             "per split (a seeded sample); counts and means stream over every line")
-
-
-class WebtextSplitParams(Strict):
-    mode: Literal["head", "random"] = Field(
-        "head", description="head: first lines train, last val_fraction val (file order); random: seeded by line")
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    seed: int = 1337
-
-
-class WebtextTokenizerParams(Strict):
-    kind: Literal["bpe", "tiktoken"] = "bpe"
-    vocab_size: int = Field(2048, ge=258, le=262_144, description="bpe: 256 bytes + merges + <|endoftext|>, at most 262,144")
-    min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
-    name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
-    threads: int = Field(2, ge=1, le=256, description="encoding threads (tokenizer stage), at most 256")
-    workers: int = Field(2, ge=1, le=256, description="tokenize stage: encoding processes (1 = in-process)")
-    shard_tokens: int = Field(2**24, ge=1024, description="tokens per shard file (the last one is shorter)")
-
-
-class WebtextEvalParams(Strict):
-    batch_size: int = Field(16, ge=1, le=4096)
-    max_batches: int | None = Field(None, ge=1, description="None = the whole validation split")
-    prompts: list[str] = Field(
-        default_factory=lambda: ["The history of", "In 1998 , the", "The game was", "= = Reception = ="])
-    temperature: float = Field(0.8, ge=0)
-    top_k: int | None = Field(50, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_new_tokens: int = Field(48, ge=1, le=8192)
-    seed: int = 0
-
-
-class WebtextGates(Strict):
-    max_val_bpb: float = Field(2.5, gt=0, description="evaluation gate: validation bits per byte")
-
-    def quality_checks(self, prefix: str, measured: dict) -> list:
-        """Validation bits per byte under the ceiling (what gates.judge asks)."""
-        from barkgpt.gates import Check
-
-        bpb = measured.get("val_bpb")
-        ok = bpb is not None and bpb <= self.max_val_bpb
-        return [Check(prefix + "val_bpb", ok, f"{bpb} {'<=' if ok else '>'} {self.max_val_bpb}")]
-
-
-def _webtext_model() -> ModelParams:
-    return ModelParams(n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.1)
-
-
-def _webtext_train() -> TrainParams:
-    return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
-                       dtype="auto", compile=True, threads=2, eval_every=100, eval_batches=10,
-                       checkpoint_every=200, max_seconds=300)
-
-
-class WebtextPipeline(Strict):
-    source: str = Field("Raziel1234/WebText-2",
-                        description="Hugging Face hub id, or a local .txt/.jsonl/.parquet file or folder")
-    text_field: str = Field("text", description="column holding the text (jsonl, parquet, hub)")
-    hub_timeout_s: float = Field(20.0, gt=0, description="give up on the hub after this long")
-    clean: WebtextCleanParams = WebtextCleanParams()
-    validation: WebtextValidationParams = WebtextValidationParams()
-    split: WebtextSplitParams = WebtextSplitParams()
-    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams()
-    model: ModelParams = Field(default_factory=_webtext_model)
-    train: TrainParams = Field(default_factory=_webtext_train)
-    eval: WebtextEvalParams = WebtextEvalParams()
-    gates: WebtextGates = WebtextGates()
-
-
-class LocaltextPipeline(WebtextPipeline):
-    """Any local text (a file or folder of .txt/.md/.jsonl/.parquet), the WebText stages, a small model."""
-
-    source: str = Field("docs", description="a local .txt/.md/.jsonl/.parquet file or folder")
-    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams(vocab_size=512)
-    model: ModelParams = ModelParams(n_layer=2, n_head=2, n_embd=64, block_size=64)
-    train: TrainParams = TrainParams(max_steps=200, batch_size=16, learning_rate=3e-3, warmup_steps=20,
-                                     threads=2, eval_every=100, eval_batches=4, checkpoint_every=100)
-    gates: WebtextGates = WebtextGates(max_val_bpb=6.0)
 
 
 class ServeParams(Strict):
@@ -427,12 +257,12 @@ class SweepParams(Strict):
     seed: int = Field(1337, description="the sampler's seed: the same sweep proposes the same trials")
 
 
-class Params(Strict):
+class SharedParams(Strict):
+    """The sections every pipeline shares. Each pipeline's own section (`bark:`, `webtext:`, ...) is
+    declared beside the pipeline (its `params_class`); barkgpt/config.py adds them."""
+
     seed: int = 1337
-    bark: BarkPipeline = BarkPipeline()
     export: ExportParams = ExportParams()
-    webtext: WebtextPipeline = WebtextPipeline()
-    localtext: LocaltextPipeline = LocaltextPipeline()
     serve: ServeParams = ServeParams()
     tracking: TrackingParams = TrackingParams()
     deploy: DeployParams = DeployParams()
@@ -452,19 +282,20 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: dict, source: str = "params") -> Params:
+def validate(cls: type[BaseModel], raw: dict, source: str = "params"):
+    """`raw` validated into `cls`; BarkError naming each bad key (dotted), what was given and why."""
     try:
-        return Params.model_validate(raw or {})
+        return cls.model_validate(raw or {})
     except ValidationError as err:
         raise BarkError(_format_error(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read and validate params.yaml; `overrides` is a nested dict merged on top (flow parameters)."""
+def load_shared(path: str | Path = "params.yaml") -> SharedParams:
+    """The shared sections of a params file (serve, export, tracking, ...), each pipeline's own
+    section left unread: what serving needs, without importing the pipelines. The whole file,
+    every pipeline's section validated too, is barkgpt.config.load_params."""
     raw = read_raw(path)
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    return parse_params(raw, str(path))
+    return validate(SharedParams, {k: v for k, v in raw.items() if k in SharedParams.model_fields}, str(path))
 
 
 def read_raw(path: str | Path = "params.yaml") -> dict:

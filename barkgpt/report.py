@@ -17,9 +17,9 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from barkgpt.config import Params
 from barkgpt.fileio import read_json, write_text
 from barkgpt.layout import Layout
-from barkgpt.params import Params
 
 
 def _read(path: Path):
@@ -338,6 +338,6 @@ def report_markdown(params: Params, name: str, root: Path | str = ".") -> str:
 if __name__ == "__main__":  # python -m barkgpt.report bark
     import sys
 
-    from barkgpt.params import load_params
+    from barkgpt.config import load_params
 
     print(json.dumps({"report": str(write_report(load_params(), sys.argv[1] if len(sys.argv) > 1 else "bark"))}))

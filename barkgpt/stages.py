@@ -15,7 +15,7 @@ from barkgpt.data.shards import SHARD_TOKENS
 from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, write_json
 from barkgpt.layout import Layout
-from barkgpt.params import Params
+from barkgpt.params import SharedParams
 
 
 def read_lines(path: Path) -> list[str]:
@@ -24,7 +24,7 @@ def read_lines(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def validate(params: Params, pipe, lay: Layout) -> dict:
+def validate(params: SharedParams, pipe, lay: Layout) -> dict:
     """Great Expectations suites over the text splits; BarkError (before training) on failure."""
     from barkgpt.validation import validate_pipeline  # GX import (~3 s) only in this stage
 
@@ -32,7 +32,7 @@ def validate(params: Params, pipe, lay: Layout) -> dict:
     return validate_pipeline(params, lay, pipe.suites, redo=f"barkgpt {first.name} {pipe.name}")
 
 
-def validate_tokens(params: Params, pipe, lay: Layout) -> dict:
+def validate_tokens(params: SharedParams, pipe, lay: Layout) -> dict:
     """Great Expectations suites over the token shards (ids, counts, the tokenizer's hash)."""
     from barkgpt.validation import validate_pipeline
 
@@ -40,7 +40,7 @@ def validate_tokens(params: Params, pipe, lay: Layout) -> dict:
                              redo=f"barkgpt tokenize {pipe.name}")
 
 
-def tokenize(params: Params, pipe, lay: Layout) -> dict:
+def tokenize(params: SharedParams, pipe, lay: Layout) -> dict:
     """Text splits -> token shards (uint16, uint32 past 65,536 ids), with the pipeline's tokenizer,
     streamed through `tokenizer.workers` encoding processes (in-process for pipelines without one)."""
     tok = pipe.tokens(params, lay)
@@ -76,7 +76,7 @@ def load_split(lay: Layout, split: str, tok, redo: str | None = None) -> tuple:
                        redo or f"re-run the tokenize stage (barkgpt tokenize {lay.pipeline})")
 
 
-def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, progress: bool = True,
+def train(params: SharedParams, pipe, lay: Layout, resume: bool = False, on_log=None, progress: bool = True,
           tags: dict | None = None, nproc: int | None = None) -> dict:
     """Train in a run folder of its own, holding the pipeline's writer lock; promote the run into
     models/<p>/ only if it ends with finite losses and weights (barkgpt/runs.py). `tags` go on the
@@ -148,7 +148,7 @@ def train(params: Params, pipe, lay: Layout, resume: bool = False, on_log=None, 
     return {**summary, "mlflow_run_id": run.run_id if run else None}
 
 
-def train_distributed(params: Params, pipe, lay: Layout, nproc: int, folder, resume: bool = False,
+def train_distributed(params: SharedParams, pipe, lay: Layout, nproc: int, folder, resume: bool = False,
                       progress: bool = True, tags: dict | None = None) -> dict:
     """`barkgpt train <pipeline>` in `nproc` processes under torchrun, in the project root, writing
     into `folder` (the caller holds the writer lock); rank 0's summary."""
@@ -184,7 +184,7 @@ def _both(*fns):
     return (lambda step, row: [f(step, row) for f in fns]) if fns else None
 
 
-def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dict:
+def evaluate(params: SharedParams, pipe, lay: Layout, tags: dict | None = None) -> dict:
     """Evaluate the current model with the pipeline's metric, judge it with the pipeline's gate
     (barkgpt.gates), log it to the model's MLflow run and register it (the champion alias moves only
     when the gate passes). metrics.json records the sha256 of every file it judged."""
@@ -222,7 +222,7 @@ def evaluate(params: Params, pipe, lay: Layout, tags: dict | None = None) -> dic
 
 # --- export (barkgpt/export/) -------------------------------------------------------------------
 
-def export(params: Params, pipe, lay: Layout) -> dict:
+def export(params: SharedParams, pipe, lay: Layout) -> dict:
     """Checkpoint -> F32 (+F16) GGUF files and a Hugging Face folder under exports/<pipeline>/."""
     from barkgpt import runs
     from barkgpt.export.pipeline import export_files
@@ -232,7 +232,7 @@ def export(params: Params, pipe, lay: Layout) -> dict:
         return export_files(lay, params.export)
 
 
-def quantize(params: Params, pipe, lay: Layout) -> dict:
+def quantize(params: SharedParams, pipe, lay: Layout) -> dict:
     """F32 GGUF -> llama.cpp quantizations; per-tensor types in reports/<pipeline>/quantization.json."""
     from barkgpt import runs
     from barkgpt.export.pipeline import quantize_files
@@ -251,7 +251,7 @@ def drop_leftovers(folder: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def parity(params: Params, pipe, lay: Layout) -> dict:
+def parity(params: SharedParams, pipe, lay: Layout) -> dict:
     """The evaluation on every exported file through llama.cpp, diffed with PyTorch and judged ->
     reports/<pipeline>/parity.json (+ parity_summary.json for `dvc metrics show`).
 
@@ -274,7 +274,7 @@ def parity(params: Params, pipe, lay: Layout) -> dict:
                               for q, e in report["quantizations"].items()}}
 
 
-def deploy(params: Params, pipe, lay: Layout, **options) -> dict:
+def deploy(params: SharedParams, pipe, lay: Layout, **options) -> dict:
     """Release the gated model to S3 and serve it from AWS Lambda (local AWS API by default).
 
     options: target, provenance (MLflow run id / model version), app_factory, transfer, log;

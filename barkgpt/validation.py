@@ -21,7 +21,7 @@ from pathlib import Path
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_json
-from barkgpt.params import BARKS, Params
+from barkgpt.params import BARKS, SharedParams
 from barkgpt.tokenizer import ASSISTANT, BARK_VOCAB, EOS, SPEAK, USER
 
 MAX_ROWS_SHOWN = 10  # offending rows named per expectation in the error and report
@@ -54,7 +54,7 @@ def bark_row_regex(max_barks: int, max_turns: int) -> str:
     return f"^{turn}(?: {turn}){{0,{max_turns - 1}}}$"
 
 
-def bark_suites(params: Params, paths) -> list[Suite]:
+def bark_suites(params: SharedParams, paths) -> list[Suite]:
     import pandas as pd
 
     _, gxe = _gx()
@@ -150,7 +150,7 @@ class DuplicateShare:
         return (total - len(self.counts)) / total if total else 0.0
 
 
-def webtext_suites(params: Params, paths) -> list[Suite]:
+def webtext_suites(params: SharedParams, paths) -> list[Suite]:
     """Text suites per split: what webtext-ingest promises and what the tokenizer and model need.
 
     One streaming pass per split: row-level checks (not empty, valid UTF-8, length) run on a seeded
@@ -220,7 +220,7 @@ def webtext_suites(params: Params, paths) -> list[Suite]:
 
 # --- token shards (every pipeline) -----------------------------------------------------------------
 
-def token_suites(params: Params, paths) -> list[Suite]:
+def token_suites(params: SharedParams, paths) -> list[Suite]:
     """Shard suites: every file's size and token count against the manifest, ids below the
     vocabulary (counted by a streaming pass over every shard), the tokenizer's vocabulary and hash;
     plus the ids of a seeded sample of positions, for row-level reports."""
@@ -289,7 +289,7 @@ def token_suites(params: Params, paths) -> list[Suite]:
     return suites
 
 
-SuiteBuilder = Callable[[Params, object], list[Suite]]  # (params, layout) -> suites; a pipeline declares its own
+SuiteBuilder = Callable[[SharedParams, object], list[Suite]]  # (params, layout) -> suites; a pipeline declares its own
 
 
 # --- running suites -----------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def _short(value, limit: int = 120):
     return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
 
 
-def validate_pipeline(params: Params, paths, builder: SuiteBuilder, tokens: bool = False,
+def validate_pipeline(params: SharedParams, paths, builder: SuiteBuilder, tokens: bool = False,
                       redo: str = "dvc repro") -> dict:
     """Run the suites `builder` makes (text, or with tokens=True the token shards, reported as
     validation_tokens*): the JSON report and GX's Data Docs (one page per suite; `page` in the

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from barkgpt.config import load_params
 from barkgpt.pipelines import run_stage
-from barkgpt.params import load_params
 
 
 def project(root: Path, params_file: Path, overrides: dict) -> object:

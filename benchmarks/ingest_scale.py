@@ -70,7 +70,7 @@ def generate(path: Path, size_mb: int, seed: int = 0) -> None:
 def run_streaming(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
     from barkgpt.data.webtext import ingest
     from barkgpt.layout import Layout
-    from barkgpt.params import WebtextPipeline
+    from barkgpt.pipelines.webtext import WebtextPipeline
     from barkgpt.stages import encode_split
     from barkgpt.tokenizer import load_tokenizer
 
@@ -92,7 +92,7 @@ def run_streaming(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dic
 def run_in_memory(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
     """The path before streaming: load_corpus -> split_corpus -> write_text; read_lines ->
     encode_lines (tiktoken threads) -> write_shard. Same cleaning rules, same defaults."""
-    from barkgpt.params import WebtextPipeline
+    from barkgpt.pipelines.webtext import WebtextPipeline
     from barkgpt.tokenizer import load_tokenizer
 
     p = WebtextPipeline(source=str(corpus))

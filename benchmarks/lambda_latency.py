@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from barkgpt.config import load_params  # noqa: E402
 from barkgpt.deploy.aws import aws_target  # noqa: E402
 from barkgpt.deploy.deployer import release_files  # noqa: E402
 from barkgpt.deploy.events import function_url_event, response_json  # noqa: E402
 from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MODEL_DIR, LambdaApp  # noqa: E402
 from barkgpt.deploy.release import TransferSettings, build_manifest, ensure_bucket, upload_release  # noqa: E402
-from barkgpt.params import load_params  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:

@@ -78,9 +78,9 @@ def wait_health(url: str, timeout: float = 180) -> None:
 BASELINE = """
 import sys, time
 t0 = time.perf_counter()
-from barkgpt.pipelines import run_stage
-from barkgpt.params import load_params
+from barkgpt.config import load_params
 from barkgpt.net import free_port
+from barkgpt.pipelines import run_stage
 p = load_params("params.yaml")
 run_stage(p, "bark", "data"); run_stage(p, "bark", "validate"); run_stage(p, "bark", "tokenize")
 run_stage(p, "bark", "train", progress=False); run_stage(p, "bark", "evaluate")

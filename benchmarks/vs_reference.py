@@ -47,8 +47,9 @@ import reference_gpt as ref  # noqa: E402
 
 from barkgpt import calibrate  # noqa: E402
 from barkgpt.checkpoint import load_model  # noqa: E402
+from barkgpt.config import load_params, parse_params
 from barkgpt.layout import Layout  # noqa: E402
-from barkgpt.params import deep_merge, load_params, parse_assignments, parse_params  # noqa: E402
+from barkgpt.params import deep_merge, parse_assignments  # noqa: E402
 from barkgpt.pipelines import run_stage  # noqa: E402
 from barkgpt.stages import load_split  # noqa: E402
 from barkgpt.tokenizer import load_tokenizer  # noqa: E402

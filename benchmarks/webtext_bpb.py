@@ -20,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from barkgpt.config import load_params
+from barkgpt.params import deep_merge, parse_assignments
 from barkgpt.pipelines import run_stage
-from barkgpt.params import deep_merge, load_params, parse_assignments
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,7 +30,8 @@ _slots_lock = threading.Lock()
 
 def _open(pipeline: str, root: str, params_file: str, grid: dict | None, space: dict | None, trials: int | None,
           jobs: int, storage: str | None, study: str, prune: bool):
-    from barkgpt.params import parse_params, read_raw
+    from barkgpt.config import parse_params
+    from barkgpt.params import read_raw
     from barkgpt.sweep import prepare
     from barkgpt.sweep.space import space_from_mapping
 

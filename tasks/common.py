@@ -7,9 +7,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from barkgpt.config import load_params, parse_params
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path
-from barkgpt.params import expand_dotted, load_params, parse_params
+from barkgpt.params import expand_dotted
 
 TRANSIENT = (OSError, ConnectionError, TimeoutError)  # disk and network hiccups; worth a retry
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from barkgpt.config import load_params
 from barkgpt.pipelines import run_stage
-from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 # Stage commands run in their own process here, as under the Prefect door; tests/test_warm.py

@@ -8,12 +8,13 @@ import sys
 import pytest
 import torch
 
-from barkgpt.pipelines import run_stage
 from barkgpt.checkpoint import load_checkpoint, load_model, seal
+from barkgpt.config import load_params, parse_params
 from barkgpt.data.bark import generate
 from barkgpt.errors import BarkError
 from barkgpt.layout import layout
-from barkgpt.params import BarkDataParams, load_params, parse_params
+from barkgpt.pipelines import run_stage
+from barkgpt.pipelines.bark import BarkDataParams
 from barkgpt.runs import latest_interrupted
 from barkgpt.tokenizer import BARK_VOCAB, WordTokenizer
 

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from barkgpt.deploy.aws import LOCAL_KEYS, aws_target, connect
 from barkgpt.deploy.api_key import ENV_API_KEY_SECRET, read_api_key, store_api_key
+from barkgpt.deploy.aws import LOCAL_KEYS, aws_target, connect
 from barkgpt.deploy.deployer import deploy_pipeline
-from barkgpt.deploy.smoke import SmokeTestFailed
 from barkgpt.deploy.events import api_gateway_v1_event, function_url_event, response_json
 from barkgpt.deploy.lambda_handler import ENV_MANIFEST, ENV_MANIFEST_SHA, ENV_MODEL_DIR, LambdaApp
+from barkgpt.deploy.smoke import SmokeTestFailed
 from barkgpt.deploy.release import (ChecksumMismatch, TransferSettings, build_manifest, ensure_bucket,
                                     upload_release, verify_object)
 from barkgpt.checkpoint import load_checkpoint
+from barkgpt.config import load_params
 from barkgpt.errors import BarkError
 from barkgpt.layout import Layout
-from barkgpt.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

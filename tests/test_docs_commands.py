@@ -98,7 +98,7 @@ RULES: list[tuple[str, str, str]] = [
     (r"^barkgpt chat\b", "input", ""),
     (r"^curl .*\$BARKGPT_API_KEY", "skip", "needs a server started with an API key"),
     (r"^curl ", "run", ""),
-    (r"^dvc (repro|metrics show|plots show|exp run|push|pull|gc)\b", "run", ""),
+    (r"^dvc (repro|metrics show|plots show|exp run|push|pull|gc|status)\b", "run", ""),
     (r"^barkgpt ", "run", ""),
     (r"^sed -i ", "run", ""),
     (r"^cat ", "run", ""),

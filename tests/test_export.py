@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from barkgpt.pipelines import run_stage
+from barkgpt.config import load_params
 from barkgpt.errors import BarkError
 from barkgpt.export.gguf_file import preflight, write_gguf
 from barkgpt.gates import GateError
 from barkgpt.layout import Layout
-from barkgpt.params import load_params
+from barkgpt.pipelines import run_stage
 from conftest import copy_project
 
 ROOT = Path(__file__).resolve().parent.parent

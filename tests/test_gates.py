@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
+from barkgpt.config import load_params
 from barkgpt.deploy.deployer import deploy_pipeline
 from barkgpt.errors import BarkError
 from barkgpt.gates import binomial_cdf, contract_test, judge, max_failures, verify_judged
-from barkgpt.params import load_params
 from barkgpt.pipelines import run_stage
 from test_deploy import moto_endpoint, names, target  # noqa: F401  (fixtures: a moto server on loopback)
 

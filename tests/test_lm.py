@@ -85,9 +85,9 @@ def test_serving_a_gguf_and_the_lambda_handler_never_import_torch(bark_f32, tmp_
         import sys
         from pathlib import Path
         from fastapi.testclient import TestClient
+        from barkgpt.deploy import lambda_handler
         from barkgpt.serve.app import create_app
         from barkgpt.serve.settings import load_settings
-        from barkgpt.deploy import lambda_handler
 
         body = {{"messages": [{{"role": "user", "content": "hi"}}], "seed": 1}}
         local = "http://127.0.0.1"  # a Host the server answers (it refuses others: DNS rebinding)
@@ -113,7 +113,7 @@ def test_bf16_training_validation_bpb_equals_the_evaluate_stage(tmp_path):
     bpb logged for best.pt and the evaluated bpb of best.pt agree to 1e-6."""
     import csv
 
-    from barkgpt.params import load_params
+    from barkgpt.config import load_params
     from barkgpt.pipelines import run_stage
     from conftest import make_project
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from barkgpt.checkpoint import load_checkpoint
+from barkgpt.config import load_params
 from barkgpt.device import compute_dtype
 from barkgpt.errors import BarkError
 from barkgpt.model import GPT
 from barkgpt.optim import lr_factor, make_optimizer
-from barkgpt.params import ModelParams, TrainParams, load_params
+from barkgpt.params import ModelParams, TrainParams
 from barkgpt.pipelines import run_stage
 from conftest import make_project
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from barkgpt.pipelines import run_stage
+from barkgpt.config import load_params
 from barkgpt.errors import BarkError
-from barkgpt.params import BARKS, load_params
+from barkgpt.params import BARKS
+from barkgpt.pipelines import run_stage
 from tests.conftest import ROOT, make_project
 from barkgpt.net import free_port
 

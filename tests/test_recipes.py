@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from barkgpt.params import BARKS, load_params
+from barkgpt.config import load_params
+from barkgpt.params import BARKS
 from tests.conftest import free_port
 
 

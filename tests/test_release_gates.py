@@ -10,10 +10,10 @@ import shutil
 
 import pytest
 
+from barkgpt.config import load_params
 from barkgpt.deploy.deployer import deploy_pipeline
 from barkgpt.errors import BarkError
 from barkgpt.layout import Layout
-from barkgpt.params import load_params
 from barkgpt.pipelines import run_stage
 from conftest import make_project
 from test_deploy import deploy_params, moto_endpoint, names, released, target  # noqa: F401 (fixtures)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from barkgpt.params import load_params
+from barkgpt.config import load_params
 from barkgpt.pipelines import run_stage
 from tests.conftest import ROOT, make_project
 

@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from barkgpt.checkpoint import load_checkpoint, save_checkpoint, model_from_checkpoint
+from barkgpt.config import load_params
 from barkgpt.errors import BarkError
 from barkgpt.layout import layout
-from barkgpt.params import load_params
 from barkgpt.pipelines import run_stage
 from barkgpt.runs import TrainingDiverged, latest_interrupted, open_run, writer_lock
 
@@ -157,7 +157,7 @@ def test_two_trainings_started_at_once(tiny):
 ZYGOTE = """
 import os, sys, traceback
 import torch
-from barkgpt.params import load_params
+from barkgpt.config import load_params
 from barkgpt.pipelines import run_stage
 torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # imports torch._dynamo (seconds) once, here
 root = sys.argv[1]

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from barkgpt.pipelines import run_stage
 from barkgpt.checkpoint import load_checkpoint
 from barkgpt.cli import main as cli_main
-from barkgpt.params import load_params
+from barkgpt.config import load_params
+from barkgpt.pipelines import run_stage
 
 from conftest import ROOT, make_project
 

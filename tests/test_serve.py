@@ -727,8 +727,8 @@ def test_logprobs_through_the_openai_client_on_both_backends(bark_server, torch_
 def test_logprobs_of_f32_gguf_equal_pytorch_within_the_parity_bound(bark_project, bark_gguf):
     """In one process, the server's backends over the F32 GGUF and the checkpoint: every logprob
     of every position within twice export.logits_tolerance (log-softmax moves at most that)."""
+    from barkgpt.config import load_params
     from barkgpt.lm import load_lm
-    from barkgpt.params import load_params
     from barkgpt.serve.backends import Backend, GenParams
 
     tol = 2 * load_params(bark_project / "params.yaml").export.logits_tolerance

@@ -145,7 +145,7 @@ def test_two_machines_share_runs_data_and_models_through_the_stack(stack, tmp_pa
     assert local.read_bytes() == s3_object(env_b, MLFLOW_BUCKET, f"{run_id}/artifacts/reports/metrics.json")
 
     # B serves the champion, staged from the registry (the checkpoint A trained, read from S3).
-    code = ("import sys; from barkgpt.params import load_params; from barkgpt.deploy.registry import "
+    code = ("import sys; from barkgpt.config import load_params; from barkgpt.deploy.registry import "
             "stage_model_version; root, info = stage_model_version(load_params('params.yaml'), 'bark', '.'); "
             "print(root)")
     staged = Path(sh([sys.executable, "-c", code], b, env_b).strip().splitlines()[-1])

@@ -7,8 +7,8 @@ import os
 import pytest
 import yaml
 
+from barkgpt.config import load_params
 from barkgpt.pipelines import run_stage
-from barkgpt.params import load_params
 from barkgpt.tracking.registry import ranking
 from tests.conftest import make_project
 
@@ -187,7 +187,7 @@ def test_ctrl_c_while_mlflow_creates_its_store_leaves_none_or_a_whole_one(tmp_pa
     root = make_project(tmp_path / "project")
     # Ctrl-C as a terminal's foreground job has it, whatever pytest has (ignored when run in the background)
     first_run = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                 "import sys; from pathlib import Path; from barkgpt.params import load_params; "
+                 "import sys; from pathlib import Path; from barkgpt.config import load_params; "
                  "from barkgpt.tracking.runs import client_for; root = Path(sys.argv[1]); "
                  "client_for(load_params(root / 'params.yaml'), root)[1].search_experiments()")
     proc = subprocess.Popen([sys.executable, "-c", first_run, str(root)], stderr=subprocess.PIPE, text=True)

@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from barkgpt.pipelines import run_stage
-from barkgpt.stages import encode_split
 from barkgpt.cli import build_parser
+from barkgpt.config import load_params
 from barkgpt.data.shards import load_tokens, write_tokens
 from barkgpt.data.webtext import ingest, open_source, split_lines
 from barkgpt.errors import BarkError
@@ -24,8 +23,10 @@ from barkgpt.fileio import sha256_file
 from barkgpt.layout import Layout
 from barkgpt.lm.torch_lm import TorchLM
 from barkgpt.loss_eval import eval_windows, evaluate_bpb
-from barkgpt.params import ModelParams, load_params
+from barkgpt.params import ModelParams
+from barkgpt.pipelines import run_stage
 from barkgpt.pipelines import REGISTRY
+from barkgpt.stages import encode_split
 from barkgpt.tokenizer import ENDOFTEXT, BPETokenizer, load_tokenizer, tokenizer_from_dict, tokenizer_hash, train_bpe
 
 from conftest import ROOT, make_project

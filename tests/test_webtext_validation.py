@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from barkgpt.pipelines import run_stage
+from barkgpt.config import load_params
 from barkgpt.errors import BarkError
-from barkgpt.params import load_params
+from barkgpt.pipelines import run_stage
 
 from conftest import ROOT, make_project
 

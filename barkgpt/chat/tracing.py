@@ -20,8 +20,8 @@ from pathlib import Path
 
 def trace_to_mlflow(root: str | Path = ".", params_path: str | Path | None = None) -> str:
     """Turn LangChain tracing on into this project's MLflow store; returns the experiment id."""
+    from barkgpt.config import load_params
     from barkgpt.errors import BarkError
-    from barkgpt.params import load_params
     from barkgpt.tracking.runs import client_for, experiment_id, resolve_uri
 
     root = Path(root)

@@ -11,6 +11,9 @@ The one thing that grows with the corpus is deduplication: one 64-bit hash per d
 Two passes: the first counts the source's lines (the `head` split cuts at a line number) and
 hashes it, spooling table and hub rows into a temporary text file beside the outputs; the second
 cleans, splits and writes.
+
+The params these functions take (the text section, its `clean` and `split`) are declared beside
+the pipeline in barkgpt/pipelines/webtext.py, which imports this module: so they are not imported here.
 """
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ from pathlib import Path
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path, sha256_bytes, sha256_file
-from barkgpt.params import WebtextCleanParams, WebtextPipeline, WebtextSplitParams
 
 TEXT_SUFFIXES = (".txt", ".md")  # plain text, one text per line
 TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -223,7 +225,7 @@ class LineCleaner:
     Dedup remembers a 64-bit hash per distinct line, not the line (a collision between two different
     lines is a 1-in-10^19 event per pair; blake2b rather than hash() so runs are reproducible)."""
 
-    def __init__(self, p: WebtextCleanParams, stats: CleanStats | None = None):
+    def __init__(self, p, stats: CleanStats | None = None):
         self.p, self.stats, self.seen = p, stats if stats is not None else CleanStats(), set()
 
     def __call__(self, line: str) -> str | None:
@@ -246,7 +248,7 @@ class LineCleaner:
         return line
 
 
-def split_lines(lines, total: int, clean: WebtextCleanParams, split: WebtextSplitParams,
+def split_lines(lines, total: int, clean, split,
                 stats: CleanStats | None = None) -> Iterator[tuple[str, str]]:
     """("train" | "val", cleaned line) in source order, one line at a time.
 
@@ -289,7 +291,7 @@ def scan(lines, spool=None) -> Scan:
     return result
 
 
-def ingest(p: WebtextPipeline, train_path: Path, val_path: Path) -> dict:
+def ingest(p, train_path: Path, val_path: Path) -> dict:
     """Read, clean, split and write `train_path` and `val_path` (one line of text per line),
     streaming: memory does not grow with the corpus (dedup hashes aside, see the module doc)."""
     source = open_source(p.source, p.text_field, p.hub_timeout_s)

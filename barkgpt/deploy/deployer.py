@@ -29,13 +29,13 @@ from barkgpt.errors import BarkError
 from barkgpt.fileio import sha256_file, write_json
 from barkgpt.gates import GateError
 from barkgpt.layout import layout
-from barkgpt.params import Params
+from barkgpt.params import SharedParams
 from barkgpt.runs import writer_lock
 
 __all__ = ["SmokeTestFailed", "check_gates", "deploy_pipeline", "release_files"]
 
 
-def release_files(params: Params, name: str, root: Path) -> tuple[dict[str, Path], str]:
+def release_files(params: SharedParams, name: str, root: Path) -> tuple[dict[str, Path], str]:
     """{role: path} of what ships, and the serving backend (barkgpt.serve) that reads it."""
     paths = layout(name, root)
     if params.deploy.artifact == "gguf":
@@ -44,7 +44,7 @@ def release_files(params: Params, name: str, root: Path) -> tuple[dict[str, Path
     return {"model": paths.checkpoint, "tokenizer": paths.tokenizer}, "torch"
 
 
-def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target: AwsTarget | None = None,
+def deploy_pipeline(params: SharedParams, name: str, root: Path | str = ".", *, target: AwsTarget | None = None,
                     provenance: dict | None = None, app_factory: AppFactory | None = None,
                     transfer: TransferSettings | None = None, log=print) -> dict:
     """Release the pipeline's model to S3 and serve it from Lambda; writes reports/<name>/deploy.json."""
@@ -65,7 +65,7 @@ def deploy_pipeline(params: Params, name: str, root: Path | str = ".", *, target
                        app_factory=app_factory, transfer=transfer, log=log)
 
 
-def snapshot_judged(params: Params, name: str, root: Path, files: dict[str, Path],
+def snapshot_judged(params: SharedParams, name: str, root: Path, files: dict[str, Path],
                     folder: Path) -> tuple[dict[str, Path], dict[str, str]]:
     """({role: copy in `folder`}, {role: sha256}): each copy checked to be the bytes a gating report
     judged; GateError naming a file that changed since. With gates off, copied as it is."""
@@ -84,7 +84,7 @@ def snapshot_judged(params: Params, name: str, root: Path, files: dict[str, Path
     return out, shas
 
 
-def _deploy(params: Params, name: str, root: Path, gates: dict, files: dict[str, Path], judged: dict[str, str],
+def _deploy(params: SharedParams, name: str, root: Path, gates: dict, files: dict[str, Path], judged: dict[str, str],
             backend: str, *,
             target, provenance, app_factory, transfer, log) -> dict:
     cfg = params.deploy

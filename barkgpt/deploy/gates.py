@@ -11,10 +11,10 @@ from barkgpt.errors import BarkError
 from barkgpt.fileio import read_json, sha256_file
 from barkgpt.gates import GateError, check_release, deploy_quantization, judge  # noqa: F401 (deploy_quantization: API)
 from barkgpt.layout import layout
-from barkgpt.params import Params
+from barkgpt.params import SharedParams
 
 
-def check_gates(params: Params, name: str, root: Path) -> dict:
+def check_gates(params: SharedParams, name: str, root: Path) -> dict:
     if not params.deploy.require_gates:
         return {}
     summary = check_release(params, name, Path(root), params.deploy.artifact)
@@ -23,7 +23,7 @@ def check_gates(params: Params, name: str, root: Path) -> dict:
     return summary
 
 
-def check_registry_agrees(params: Params, name: str, root: Path) -> None:
+def check_registry_agrees(params: SharedParams, name: str, root: Path) -> None:
     """GateError when the MLflow registry's version of the shipped checkpoint disagrees with a gating
     report (edited by hand since the stage wrote it, or a different verdict). Untracked: nothing to check."""
     from barkgpt.tracking.registry import model_name, report_disagreement
@@ -60,7 +60,7 @@ def check_registry_agrees(params: Params, name: str, root: Path) -> None:
         raise GateError("not releasing this model:" + "".join(f"\n  - {p}" for p in problems))
 
 
-def judged_sha256(params: Params, name: str, root: Path) -> dict[Path, str]:
+def judged_sha256(params: SharedParams, name: str, root: Path) -> dict[Path, str]:
     """{resolved path: sha256} of every file the shipping model's gating reports judged."""
     lay = layout(name, root)
     reports = [lay.metrics] + ([lay.parity_report] if params.deploy.artifact == "gguf" else [])
@@ -72,7 +72,7 @@ def judged_sha256(params: Params, name: str, root: Path) -> dict[Path, str]:
     return out
 
 
-def check_dvc_fresh(params: Params, name: str, root: Path) -> None:
+def check_dvc_fresh(params: SharedParams, name: str, root: Path) -> None:
     """In a DVC project: GateError unless `dvc status` (DVC's own judgement, run as a command: the
     library never imports DVC) finds the gating stages and everything upstream of them unchanged
     since dvc.lock recorded them. A report produced outside DVC, or under another params file,

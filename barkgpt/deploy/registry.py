@@ -11,10 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from barkgpt.config import Params
 from barkgpt.errors import BarkError
 from barkgpt.fileio import write_json
 from barkgpt.layout import layout
-from barkgpt.params import Params
 
 
 def stage_model_version(params: Params, name: str, root: Path | str = ".", version: int | None = None,
@@ -66,8 +66,9 @@ def stage_model_version(params: Params, name: str, root: Path | str = ".", versi
 def redeploy_model_version(params: Params, name: str, root: Path | str = ".", version: int | None = None,
                            alias: str | None = None, **options) -> dict:
     """Stage a registered version and deploy it (the PyTorch checkpoint it holds)."""
+    from barkgpt.config import parse_params
     from barkgpt.deploy.deployer import deploy_pipeline
-    from barkgpt.params import deep_merge, parse_params
+    from barkgpt.params import deep_merge
 
     staged, info = stage_model_version(params, name, root, version, alias)
     checkpoint_params = parse_params(deep_merge(params.model_dump(), {"deploy": {"artifact": "checkpoint"}}))

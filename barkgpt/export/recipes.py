@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from barkgpt.config import Params
 from barkgpt.layout import Layout
-from barkgpt.params import Params
 
 def deploy_gguf(params: Params, name: str, root: Path | str = ".") -> Path:
     return Layout(name, Path(root)).gguf(params.deploy.quantization or params.export.deploy_quantization)

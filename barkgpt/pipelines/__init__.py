@@ -1,7 +1,9 @@
 """The pipelines, declared once each. The CLI, dvc.yaml and the Prefect flow derive from these.
 
-Adding a pipeline: a module here declaring `PIPELINE` (its stages and the typed hooks of
-base.Pipeline), its params section (barkgpt/params.py and params.yaml), and one line in REGISTRY.
+Adding a pipeline: a module here declaring `PIPELINE` (its stages, the typed hooks of
+base.Pipeline and its params class, declared in the same module), its section in params.yaml, and
+one line in REGISTRY. barkgpt/config.py composes the top-level params from the registry (the
+shared sections are barkgpt/params.py's).
 Then `barkgpt dvc-yaml` writes its DVC stages, their code dependencies derived (code_deps.py).
 """
 from __future__ import annotations

@@ -55,6 +55,7 @@ class Pipeline:
     name: str
     description: str
     stages: tuple[Stage, ...]
+    params_class: type  # its params section's class (`<name>:` in params.yaml), declared in its module
     section: Callable[[Any], Any]  # Params -> this pipeline's params section
     metric: str  # what evaluation reports and promotion ranks by
     higher_is_better: bool
@@ -109,10 +110,8 @@ class Pipeline:
     def stage_code(self, stage: Stage) -> list[str]:
         """The project files whose change makes `stage`'s outputs stale: the closure of the stage
         function in the import graph, with the pipeline hooks it uses (code_deps.py)."""
-        from barkgpt.params import Params
         from barkgpt.pipelines.code_deps import stage_code
 
         hooks = self.hooks()
         # the params section's class counts always: a default changed in code changes what a stage does
-        section = Params.model_fields.get(self.name)
-        return stage_code(stage.run, hooks, always=hooks.pop("section"), data=[section.annotation] if section else [])
+        return stage_code(stage.run, hooks, always=hooks.pop("section"), data=hooks.pop("params_class"))

@@ -4,10 +4,100 @@ training split, and validation bits per byte as the metric. Any text pipeline re
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from barkgpt.layout import Layout
+from barkgpt.params import ModelParams, Strict, TrainParams
 from barkgpt.pipelines import common
 from barkgpt.pipelines.base import Pipeline, Stage
+
+# --- its params section (`webtext:` in params.yaml; a text pipeline's section extends it) ----------
+
+class WebtextCleanParams(Strict):
+    min_line_chars: int = Field(1, ge=1, description="drop lines shorter than this after stripping")
+    max_line_chars: int = Field(20000, ge=1, description="drop lines longer than this (runaway lines)")
+    dedup: bool = Field(True, description="drop exact duplicate lines, keeping the first occurrence")
+
+
+class WebtextValidationParams(Strict):
+    """Great Expectations suite settings for the webtext text splits (barkgpt/validation.py)."""
+
+    max_duplicate_rate: float = Field(0.01, ge=0, le=1, description="max share of repeated lines per split")
+    min_letter_share: float = Field(0.3, ge=0, le=1,
+                                    description="min mean share of letters among non-space characters")
+    sample_rows: int = Field(50_000, ge=100, description="row-level checks run on at most this many lines "
+                             "per split (a seeded sample); counts and means stream over every line")
+
+
+class WebtextSplitParams(Strict):
+    mode: Literal["head", "random"] = Field(
+        "head", description="head: first lines train, last val_fraction val (file order); random: seeded by line")
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 1337
+
+
+class WebtextTokenizerParams(Strict):
+    kind: Literal["bpe", "tiktoken"] = "bpe"
+    vocab_size: int = Field(2048, ge=258, le=262_144, description="bpe: 256 bytes + merges + <|endoftext|>, at most 262,144")
+    min_frequency: int = Field(2, ge=1, description="bpe: a pair must occur this often to be merged")
+    name: str = Field("gpt2", description="tiktoken: the encoding name (needs its files in tiktoken's cache)")
+    threads: int = Field(2, ge=1, le=256, description="encoding threads (tokenizer stage), at most 256")
+    workers: int = Field(2, ge=1, le=256, description="tokenize stage: encoding processes (1 = in-process)")
+    shard_tokens: int = Field(2**24, ge=1024, description="tokens per shard file (the last one is shorter)")
+
+
+class WebtextEvalParams(Strict):
+    batch_size: int = Field(16, ge=1, le=4096)
+    max_batches: int | None = Field(None, ge=1, description="None = the whole validation split")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The history of", "In 1998 , the", "The game was", "= = Reception = ="])
+    temperature: float = Field(0.8, ge=0)
+    top_k: int | None = Field(50, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1, le=8192)
+    seed: int = 0
+
+
+class WebtextGates(Strict):
+    max_val_bpb: float = Field(2.5, gt=0, description="evaluation gate: validation bits per byte")
+
+    def quality_checks(self, prefix: str, measured: dict) -> list:
+        """Validation bits per byte under the ceiling (what gates.judge asks)."""
+        from barkgpt.gates import Check
+
+        bpb = measured.get("val_bpb")
+        ok = bpb is not None and bpb <= self.max_val_bpb
+        return [Check(prefix + "val_bpb", ok, f"{bpb} {'<=' if ok else '>'} {self.max_val_bpb}")]
+
+
+def _webtext_model() -> ModelParams:
+    return ModelParams(n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.1)
+
+
+def _webtext_train() -> TrainParams:
+    return TrainParams(max_steps=100000, batch_size=16, learning_rate=3e-3, warmup_steps=50,
+                       dtype="auto", compile=True, threads=2, eval_every=100, eval_batches=10,
+                       checkpoint_every=200, max_seconds=300)
+
+
+class WebtextPipeline(Strict):
+    source: str = Field("Raziel1234/WebText-2",
+                        description="Hugging Face hub id, or a local .txt/.jsonl/.parquet file or folder")
+    text_field: str = Field("text", description="column holding the text (jsonl, parquet, hub)")
+    hub_timeout_s: float = Field(20.0, gt=0, description="give up on the hub after this long")
+    clean: WebtextCleanParams = WebtextCleanParams()
+    validation: WebtextValidationParams = WebtextValidationParams()
+    split: WebtextSplitParams = WebtextSplitParams()
+    tokenizer: WebtextTokenizerParams = WebtextTokenizerParams()
+    model: ModelParams = Field(default_factory=_webtext_model)
+    train: TrainParams = Field(default_factory=_webtext_train)
+    eval: WebtextEvalParams = WebtextEvalParams()
+    gates: WebtextGates = WebtextGates()
+
+
+# --- its stages and hooks -------------------------------------------------------------------------
 
 
 def ingest(params, pipe, lay: Layout) -> dict:
@@ -121,9 +211,11 @@ def text_stages(name: str, local_source: bool) -> tuple[Stage, ...]:
     )
 
 
-def text_pipeline(name: str, description: str, local_source: bool = False, **fields) -> Pipeline:
+def text_pipeline(name: str, description: str, params_class: type[WebtextPipeline] = WebtextPipeline,
+                  local_source: bool = False, **fields) -> Pipeline:
+    """A text pipeline: the WebText stages over `params_class`, its section (`<name>:` in params.yaml)."""
     return Pipeline(
-        name=name, description=description, section=lambda params: getattr(params, name),
+        name=name, description=description, params_class=params_class, section=lambda params: getattr(params, name),
         stages=text_stages(name, local_source), metric="val_bpb", higher_is_better=False, evaluate=evaluate,
         summary=(("val_bpb", "val_bpb"), ("gate_passed", "gate_passed")),
         suites=suites, token_suites=token_suites, greedy_prompts=greedy_prompts,

@@ -17,7 +17,7 @@ from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from barkgpt.errors import BarkError
-from barkgpt.params import ServeParams, load_params
+from barkgpt.params import ServeParams, load_shared
 
 
 class ServeEnv(BaseSettings):
@@ -84,7 +84,7 @@ def load_settings(params_path: str | Path | None = None, root: str | Path | None
     e = read_env(env)
     root = Path(root or e.root or ".")
     params_path = Path(params_path or e.params or root / "params.yaml")
-    params = load_params(params_path) if params_path.exists() else None
+    params = load_shared(params_path) if params_path.exists() else None
     values = (params.serve if params else ServeParams()).model_dump()
     if values["quant"] is None:  # serve what the pipeline ships
         values["quant"] = params.export.deploy_quantization if params else "q8_0"

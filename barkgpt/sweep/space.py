@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from barkgpt.config import parse_params
 from barkgpt.errors import BarkError
-from barkgpt.params import deep_merge, expand_dotted, flatten, parse_params
+from barkgpt.params import deep_merge, expand_dotted, flatten
 
 RANGE_KEYS = {"low", "high", "log", "step"}
 

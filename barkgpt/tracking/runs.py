@@ -23,7 +23,7 @@ from pathlib import Path
 
 from barkgpt.errors import BarkError
 from barkgpt.fileio import fsync_dir, read_json, sha256_file, write_json
-from barkgpt.params import Params, TrackingParams, flatten
+from barkgpt.params import SharedParams, TrackingParams, flatten
 from barkgpt.tracking.hashes import dvc_data_md5, git_commit, tokens_sha256
 
 # The experiment is a training one (MLflow 3.0-3.x UIs that read this tag open it on its runs;
@@ -63,7 +63,7 @@ def check_server(uri: str, timeout: float) -> None:
     )
 
 
-def client_for(params: Params, root: Path):
+def client_for(params: SharedParams, root: Path):
     """(mlflow module, MlflowClient) for this project's store."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stage logs readable
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: no usage data leaves the machine
@@ -154,13 +154,13 @@ def experiment_id(client, cfg: TrackingParams, root: Path, uri: str) -> str:
 
 # --- what a run records -------------------------------------------------------------------------
 
-def pipeline_params(params: Params, name: str) -> dict[str, object]:
+def pipeline_params(params: SharedParams, name: str) -> dict[str, object]:
     """The params that shaped this pipeline's model and its files: the seed, the pipeline's own
     section and the export settings. Not serve, deploy or tracking: they do not change the model."""
     return {k: v for k, v in flatten(params).items() if k == "seed" or k.startswith((f"{name}.", "export."))}
 
 
-def run_name(params: Params, name: str) -> str:
+def run_name(params: SharedParams, name: str) -> str:
     """What ran, at a glance in the runs list: `bark 2x64 (ctx 64), 300 steps, lr 0.003, seed 1337`."""
     cfg = getattr(params, name)
     m, t = cfg.model, cfg.train
@@ -272,7 +272,7 @@ class TrackingLost(BarkError):
 class TrainingRun:
     """An MLflow run seen from the stages (with tracking disabled, the stages hold None instead)."""
 
-    def __init__(self, mlflow, client, run_id: str, params: Params, name: str, paths):
+    def __init__(self, mlflow, client, run_id: str, params: SharedParams, name: str, paths):
         self.mlflow, self.client, self.run_id = mlflow, client, run_id
         self.params, self.name, self.paths = params, name, paths
         self._system = None
@@ -322,7 +322,7 @@ class TrainingRun:
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
-def start_training_run(params: Params, name: str, paths, tags: dict | None = None,
+def start_training_run(params: SharedParams, name: str, paths, tags: dict | None = None,
                        resume: bool = False, record: Path | None = None) -> TrainingRun | None:
     """Open the run before training (so a dead server fails now, not after the training).
 
@@ -453,7 +453,7 @@ def loss_curve_png(csv_path: Path, out: Path) -> Path | None:
     return out
 
 
-def reopen_run(params: Params, name: str, paths, tags: dict | None = None) -> TrainingRun | None:
+def reopen_run(params: SharedParams, name: str, paths, tags: dict | None = None) -> TrainingRun | None:
     """The run that trained this checkpoint; a fresh run if it is unknown to this tracking store."""
     if not params.tracking.enabled:
         return None
@@ -524,7 +524,7 @@ def evaluation_metrics(metrics: dict) -> dict[str, float]:
 MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves the embedded store
 
 
-def run_link(params: Params, paths) -> str | None:
+def run_link(params: SharedParams, paths) -> str | None:
     """A Markdown link to the model's MLflow run page (a tracking server's own UI, else where
     `mlflow ui` serves the embedded store); None when untracked or the run is not in this store."""
     record = run_summary(paths)
@@ -555,7 +555,7 @@ def run_summary(paths) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def log_export(params: Params, name: str, paths, files: list[Path], report: dict) -> dict | None:
+def log_export(params: SharedParams, name: str, paths, files: list[Path], report: dict) -> dict | None:
     """Attach the GGUF files and the parity report to the run that trained the model, and tag the
     model versions registered from that run with the parity verdict and the deploy file's sha256.
     Skipped (None) when tracking is off or the checkpoint's run is not in this store."""

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from barkgpt.params import Params
+from barkgpt.config import Params
 from barkgpt.tracking.registry import SWEEP_TAG as STUDY_TAG
 from barkgpt.tracking.runs import client_for, commit_id, experiment_id
 
