@@ -76,7 +76,7 @@ def run_trial(sweep, trial, cpus: list[int] | None = None) -> TrialResult:
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": sweep.tracker.uri}
     started, seen = time.monotonic(), {}
     proc, pruned = _run_experiment(sweep, trial, dvc_command(sweep.pipe, name, overrides), env, log_path, seen, cpus)
-    if proc.returncode == 0 and not pruned and not seen and not sweep.tracker.evaluation(run_id):
+    if proc.returncode == 0 and not pruned and not seen and INTERMEDIATE not in sweep.tracker.evaluation(run_id):
         # Nothing trained: DVC judged the trial's params already run (equal to the baseline's or an
         # earlier trial's) and restored that result. A trial is a training: run it again, forced.
         proc, pruned = _run_experiment(sweep, trial, dvc_command(sweep.pipe, name, overrides, force=True), env,
