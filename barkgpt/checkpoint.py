@@ -19,7 +19,7 @@ from barkgpt.errors import BarkError
 from barkgpt.fileio import atomic_path
 from barkgpt.model import GPT
 from barkgpt.params import ModelParams
-from barkgpt.tokenizer import Tokenizer, tokenizer_from_dict
+from barkgpt.tokenizer import Tokenizer, check_bark_vocab, tokenizer_from_dict
 
 TRAILER_TAG = b"BARKGPT-SHA256 "
 TRAILER_SIZE = len(TRAILER_TAG) + 64 + 1  # tag, hex digest, newline
@@ -116,6 +116,12 @@ def load_model(path: Path) -> tuple[GPT, Tokenizer]:
     """The model and tokenizer of a checkpoint; BarkError when its trailer is valid but its contents
     do not make a model (wrong shapes, unknown keys, a bad tokenizer)."""
     state = load_checkpoint(path)
+    spec = state.get("tokenizer")
+    if isinstance(spec, dict) and spec.get("kind") == "word" and isinstance(spec.get("vocab"), list):
+        # A bark model (the one word-vocabulary pipeline) was trained on the fixed vocabulary.
+        check_bark_vocab(spec["vocab"], f"{path} (its tokenizer)",
+                         "it was trained on another vocabulary: re-train it (`dvc repro bark-train`) on the "
+                         "tokenizer `dvc repro bark-tokenize` writes")
     try:
         return model_from_checkpoint(state)
     except BarkError as err:

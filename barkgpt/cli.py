@@ -403,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except OSError as err:
-        import errno
+    except Exception as err:  # a full disk, wherever it was met (a file, MLflow's SQLite store)
+        from barkgpt.fileio import disk_full_cause
 
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        cause = disk_full_cause(err)
+        if cause is None:
             raise
-        print(f"error: disk full: {err.strerror} writing {err.filename or 'a file'}; free space on that "
-              "filesystem (e.g. old exports/, mlruns/, .dvc/cache: dvc gc) and run the stage again", file=sys.stderr)
+        print(f"error: disk full: {cause}; free space on that filesystem (e.g. old exports/, mlruns/, "
+              ".dvc/cache: dvc gc) and run the stage again (files written before, the last good model "
+              "included, are kept)", file=sys.stderr)
         return 2
     return 0
 

@@ -62,14 +62,28 @@ def copy_atomic(src: str | Path, dst: str | Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def disk_full(err: BaseException, folder: Path) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain, or a library's own words for a short write
-    (torch: "... 4096 requested and 1080 written") on a filesystem with (almost) no space left."""
-    seen = err
-    while seen is not None:
+SQLITE_FULL = "database or disk is full"  # SQLite's words for SQLITE_FULL (MLflow's embedded store)
+
+
+def disk_full_cause(err: BaseException) -> str | None:
+    """What ran out of space, when the exception chain says so: ENOSPC/EDQUOT from the OS, or
+    SQLite's SQLITE_FULL (raised by MLflow's store as an SQLAlchemy or MLflow error); None otherwise."""
+    seen, visited = err, set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
+            return f"{seen.strerror} writing {seen.filename or 'a file'}"
+        if SQLITE_FULL in str(seen):
+            return f"SQLite: {SQLITE_FULL} (MLflow's store, tracking.uri in params.yaml)"
         seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT or SQLITE_FULL anywhere in the exception chain, or a library's own words for a
+    short write (torch: "... 4096 requested and 1080 written") on a filesystem with (almost) no space left."""
+    if disk_full_cause(err):
+        return True
     if not isinstance(err, (OSError, RuntimeError)):
         return False
     try:

@@ -195,6 +195,10 @@ def evaluate(params: SharedParams, pipe, lay: Layout, tags: dict | None = None) 
 
     if not lay.checkpoint.exists():  # before touching MLflow: no run for a model that is not there
         load_model(lay.checkpoint)
+    if lay.tokenizer.exists():  # it ships with the model and the report judges it: a readable, contract one
+        from barkgpt.tokenizer import load_tokenizer
+
+        load_tokenizer(lay.tokenizer)
     with runs.writer_lock(lay, f"evaluate {pipe.name}"):  # the model and its run record stay a pair
         run = tracking.reopen_run(params, pipe.name, lay, tags)
         try:

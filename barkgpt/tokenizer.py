@@ -66,6 +66,35 @@ class WordTokenizer:
         return {"kind": self.kind, "vocab": self.vocab}
 
 
+def bark_vocab_difference(vocab) -> str | None:
+    """How a word vocabulary differs from the bark contract (BARK_VOCAB, ids included); None when
+    it is the contract. Only the bark pipeline has a word tokenizer, and its vocabulary is fixed:
+    the model's ids, the data shards and the GGUF all assume exactly these words at these ids."""
+    vocab = list(vocab)
+    if vocab == list(BARK_VOCAB):
+        return None
+    extra = [w for w in vocab if w not in BARK_VOCAB]
+    missing = [w for w in BARK_VOCAB if w not in vocab]
+    parts = []
+    if extra:
+        parts.append(f"extra word{'s' if len(extra) > 1 else ''} {extra}")
+    if missing:
+        parts.append(f"missing {missing}")
+    if not parts:
+        moved = [f"{w!r} is id {vocab.index(w)} (contract: {i})" for i, w in enumerate(BARK_VOCAB)
+                 if vocab.index(w) != i] if len(set(vocab)) == len(vocab) else []
+        parts.append("the same words at other ids: " + ", ".join(moved[:3]) if moved else "duplicate entries")
+    return "; ".join(parts)
+
+
+def check_bark_vocab(vocab, where: str, fix: str) -> None:
+    """BarkError naming `where`, the difference from the bark vocabulary contract and the fix."""
+    diff = bark_vocab_difference(vocab)
+    if diff:
+        raise BarkError(f"{where}: the bark vocabulary is fixed ({list(BARK_VOCAB)}, in this order), but this "
+                        f"one has {diff}; {fix}")
+
+
 def check_words(words: list[str], vocab: list[str]) -> None:
     """The word-vocabulary prompt check (BarkGPT's tokenizer and llama.cpp's of the same GGUF)."""
     known = set(vocab)
@@ -299,7 +328,12 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     write_text(path, json.dumps(tok.to_dict(), indent=1) + "\n")
 
 
+BARK_TOKENIZER_FIX = ("regenerate it with `dvc repro bark-tokenize` (or `barkgpt tokenize bark`), or restore it "
+                      "with `dvc checkout data/bark/tokenizer.json`; the vocabulary is not a setting")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer file, checked: a word tokenizer (bark's) must be the bark vocabulary contract."""
     path = Path(path)
     if not path.exists():
         from barkgpt.layout import repro_command
@@ -314,6 +348,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not isinstance(spec, dict):
         raise BarkError(f"{path}: holds a JSON {type(spec).__name__}, not a tokenizer object "
                         f"({{\"kind\": ...}}); {fix}")
+    if spec.get("kind") == "word" and isinstance(spec.get("vocab"), list):
+        check_bark_vocab(spec["vocab"], str(path), BARK_TOKENIZER_FIX)
     try:
         return tokenizer_from_dict(spec)
     except BarkError as err:

@@ -67,7 +67,7 @@ def copy_of(base: Path, folder: Path, name: str) -> Path:
 
 def tiny_filesystem(folder: Path, kib: int) -> Path | None:
     """A tmpfs of `kib` KiB (needs root); None where it cannot be mounted."""
-    mnt = folder / f"tmpfs-{kib}k"
+    mnt = folder / f"tmpfs-{kib}k-{len(os.listdir(folder))}"
     mnt.mkdir()
     ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mnt)], capture_output=True)
     return mnt if ok.returncode == 0 else None
@@ -146,6 +146,41 @@ def cases(base: Path, folder: Path):
         write_params(root, {"bark": {"data": {"train_conversations": 20000}}})
         return ["data", "bark"], root
 
+    def mlflow_disk_full(args: list[str], trainings: int, room_kib: int = 16):
+        """The project on a 32 MiB tmpfs with MLflow tracking on, `trainings` tracked trainings
+        done while there was room (0: no store yet), then filled to the last `room_kib` KiB, so
+        the command's MLflow writes fail. The model that was there must stay, byte for byte."""
+        def setup():
+            import hashlib
+
+            mnt = tiny_filesystem(folder, 32 * 1024)
+            if mnt is None:
+                return None
+            root = mnt / "project"
+            shutil.copytree(base, root)
+            write_params(root, {"tracking": {"enabled": True}})
+            for _ in range(trainings):
+                out = barkgpt(["train", "bark", "--quiet"], root)
+                if out.returncode:
+                    raise SystemExit(f"could not prepare a tracked training: {out.stderr[-2000:]}")
+            best = root / "models/bark/best.pt"
+            before = hashlib.sha256(best.read_bytes()).hexdigest()
+            with open(mnt / "filler", "wb") as f:  # what an almost full disk leaves
+                f.write(b"\0" * max(0, shutil.disk_usage(mnt).free - room_kib * 1024))
+
+            def kept() -> str:
+                from barkgpt.checkpoint import load_model
+                from barkgpt.errors import BarkError
+
+                try:
+                    load_model(best)
+                except BarkError as err:
+                    return f"LOST: best.pt no longer loads ({err})"
+                same = hashlib.sha256(best.read_bytes()).hexdigest() == before
+                return "the last good best.pt kept" if same else "LOST: best.pt was replaced"
+            return args, root, kept
+        return setup
+
     yield "params.yaml: bark.model.n_embd: 100000000", params_case({"bark": {"model": {"n_embd": 100000000}}},
                                                                    ["train", "bark", "--quiet"])
     yield "params.yaml: bark.train.batch_size: 1000000000", params_case({"bark": {"train": {"batch_size": 10**9}}},
@@ -203,6 +238,16 @@ def cases(base: Path, folder: Path):
     yield "params.yaml empty", file_case("params.yaml", b"", ["train", "bark"])
     yield "params.yaml a directory (--params DIR)", params_path(lambda root: (root / "conf").mkdir(),
                                                                 ["--params", "conf", "train", "bark"])
+    yield "disk full while MLflow creates its store (train, tracking on)", mlflow_disk_full(["train", "bark", "--quiet"], 0)
+    yield "disk full while MLflow writes a second training's run (train twice)", mlflow_disk_full(
+        ["train", "bark", "--quiet"], 1)
+    yield "disk full while MLflow logs the evaluation (evaluate, tracking on)", mlflow_disk_full(["evaluate", "bark"], 1, 160)
+    yield "data/bark/tokenizer.json: an extra word ('meow') in the vocabulary", file_case(
+        "data/bark/tokenizer.json", b'{"kind": "word", "vocab": ["<PAD>", "<EOS>", "woof", "arf", "ruff", "grrr", '
+        b'"User:", "Assistant:", "speak", "meow"]}', ["train", "bark"])
+    yield "data/bark/tokenizer.json: 'woof' and 'arf' swapped (evaluate)", file_case(
+        "data/bark/tokenizer.json", b'{"kind": "word", "vocab": ["<PAD>", "<EOS>", "arf", "woof", "ruff", "grrr", '
+        b'"User:", "Assistant:", "speak"]}', ["evaluate", "bark"])
 
 
 def first_message(out: subprocess.CompletedProcess) -> str:
@@ -218,6 +263,7 @@ def first_message(out: subprocess.CompletedProcess) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the rows as JSON to this file")
+    parser.add_argument("--only", help="run only the rows whose input contains this text")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="barkgpt-bad-") as tmp:
@@ -229,16 +275,21 @@ def main() -> int:
             cases_dir = folder / "cases"
             cases_dir.mkdir()
             for label, setup in cases(base, cases_dir):
+                if args.only and args.only not in label:
+                    continue
                 prepared = setup()
                 if prepared is None:
                     rows.append({"input": label, "exit": None, "message": "skipped: cannot mount a tmpfs (needs root)"})
                     continue
-                argv, cwd = prepared
+                argv, cwd, *after = prepared
                 if "tmpfs" in str(cwd):
                     mounts.append(cwd.parent)
                 out = barkgpt(argv, cwd, timeout=60 if argv[0] == "serve" else 300)
+                message = first_message(out)
+                if after:  # what must survive the failure
+                    message += f" [{after[0]()}]"
                 rows.append({"input": label, "command": "barkgpt " + " ".join(argv), "exit": out.returncode,
-                             "message": first_message(out)})
+                             "message": message})
                 print(f"{out.returncode:>4}  {label}", file=sys.stderr)
         finally:
             # The warm server first: a stage it forked in the tmpfs keeps that mount busy until it stops.
@@ -259,8 +310,9 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     tracebacks = sum(r["message"].startswith("TRACEBACK") for r in rows)
-    print(f"\n{len(rows)} inputs, {tracebacks} tracebacks", file=sys.stderr)
-    return 1 if tracebacks else 0
+    lost = sum("[LOST" in r["message"] for r in rows)
+    print(f"\n{len(rows)} inputs, {tracebacks} tracebacks, {lost} lost a model", file=sys.stderr)
+    return 1 if tracebacks or lost else 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,34 @@ def test_unknown_word_is_named():
         WordTokenizer().encode("User: hey Assistant:")
 
 
+@pytest.mark.parametrize("vocab, difference", [
+    ([*BARK_VOCAB, "meow"], r"extra word \['meow'\]"),
+    ([w for w in BARK_VOCAB if w != "grrr"], r"missing \['grrr'\]"),
+    (["<PAD>", "<EOS>", "arf", "woof", *BARK_VOCAB[4:]], r"the same words at other ids: 'woof' is id 3 \(contract: 2\)"),
+])
+def test_a_tokenizer_file_off_the_vocabulary_contract_is_named(tmp_path, vocab, difference):
+    """An edited data/bark/tokenizer.json (an extra word, a missing one, swapped ids) is refused
+    wherever it is read: the file, what differs and how to regenerate it."""
+    from barkgpt.model import GPT
+    from barkgpt.params import ModelParams
+    from barkgpt.checkpoint import save_checkpoint
+    from barkgpt.tokenizer import load_tokenizer
+
+    path = tmp_path / "data/bark/tokenizer.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"kind": "word", "vocab": vocab}))
+    with pytest.raises(BarkError, match=rf"{path}: the bark vocabulary is fixed .*{difference}.*dvc repro bark-tokenize"):
+        load_tokenizer(path)
+    # A model trained on such a file (evaluate, export and serve read the checkpoint's copy).
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(ckpt, model=GPT(ModelParams(n_layer=1, n_head=1, n_embd=32, block_size=8), len(vocab)),
+                    tokenizer=WordTokenizer(vocab), params={}, step=1)
+    with pytest.raises(BarkError, match=rf"best.pt \(its tokenizer\): .*{difference}.*re-train"):
+        load_model(ckpt)
+    path.write_text(json.dumps({"kind": "word", "vocab": list(BARK_VOCAB)}))
+    assert load_tokenizer(path).vocab == list(BARK_VOCAB)  # the contract itself loads
+
+
 def test_generator_is_deterministic_and_keeps_the_contract():
     p = BarkDataParams(max_barks=3, multi_turn_share=0.5)
     a, b = generate(p, seed=1, count=300), generate(p, seed=1, count=300)

@@ -252,3 +252,35 @@ def test_deploy_refuses_a_pipeline_that_dvc_judges_changed(tmp_path):
     metrics.write_text('{"contract_failures": 0}')
     with pytest.raises(GateError, match="DVC says the pipeline is not what dvc.lock records .bark-evaluate"):
         check_dvc_fresh(params, "bark", root)
+
+
+def test_a_full_disk_under_mlflow_store_is_one_line_exit_2(monkeypatch, capsys):
+    """Point 7: SQLite's "database or disk is full" from MLflow's store (wrapped by SQLAlchemy and
+    MLflow) reaches the user as one line, exit 2, without MLflow's logged SQL traceback."""
+    import argparse
+    import logging
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+
+    from barkgpt import cli
+    from barkgpt.fileio import disk_full_cause
+    from barkgpt.tracking.runs import quiet_disk_full
+
+    def write_to_full_store(_args):
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as err:
+            logging.getLogger("mlflow.store.db.utils").exception("SQLAlchemy database error")
+            raise MlflowException(f"(sqlite3.OperationalError) {err}") from err
+
+    quiet_disk_full(logging.getLogger("mlflow.store.db.utils"))
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(fn=write_to_full_store)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: disk full: SQLite: database or disk is full (MLflow's store")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert disk_full_cause(OSError(28, "No space left on device", "mlruns/x")) == "No space left on device writing mlruns/x"
+    assert disk_full_cause(ValueError("database is locked")) is None

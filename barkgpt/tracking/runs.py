@@ -70,6 +70,7 @@ def client_for(params: SharedParams, root: Path):
     import mlflow  # heavy import (~1.5 s): only stages that track pay for it
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
+    quiet_disk_full(logging.getLogger("mlflow.store.db.utils"))
     uri = resolve_uri(params.tracking, root)
     check_server(uri, params.tracking.server_timeout_s)
     open_store(uri, (Path(root) / params.tracking.artifact_dir).resolve())
@@ -82,6 +83,22 @@ def client_for(params: SharedParams, root: Path):
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_setting
     return mlflow, mlflow.MlflowClient(uri)
+
+
+class _DiskFullTold(logging.Filter):
+    """Drops MLflow's log of a store write that failed for want of space (the SQL error with its
+    traceback): the error itself reaches the door, which says "disk full" once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from barkgpt.fileio import SQLITE_FULL
+
+        return SQLITE_FULL not in record.getMessage() and not (
+            record.exc_info and record.exc_info[1] is not None and SQLITE_FULL in str(record.exc_info[1]))
+
+
+def quiet_disk_full(logger: logging.Logger) -> None:
+    if not any(isinstance(f, _DiskFullTold) for f in logger.filters):
+        logger.addFilter(_DiskFullTold())
 
 
 def open_store(uri: str, artifact_root: Path) -> None:
