@@ -9,10 +9,12 @@ random delay (within the time the target took uninterrupted), re-runs, and check
     train, evaluate, export, quantize, parity   `dvc repro -f -s bark-<stage>` (DVC's door: the
                                                 stage's command, then DVC's own dvc.lock write)
     deploy                                      `barkgpt deploy bark`
-    flow                                        `python -m flows.pipeline bark --set
-                                                bark.train.log_every=N` (N alternates between
-                                                params.yaml's value and one less, so every flow
-                                                round has stages to run, from training on)
+    flow                                        `bark.train.log_every: N` written into
+                                                params.yaml, then `python -m flows.pipeline bark`
+                                                (N alternates between params.yaml's value and one
+                                                less, so every flow round has stages to run, from
+                                                training on; not `--set`, which makes the run a
+                                                DVC experiment and puts the workspace back)
 
 The re-run after a stage or deploy kill is what a user does: `dvc repro dvc.yaml` (the bark
 pipeline's stages; evaluate is not upstream of parity, so `dvc repro bark-parity` is not enough), then
@@ -90,7 +92,10 @@ def command(target: str, log_every: int) -> list[str]:
         return [sys.executable, "-m", "dvc", "repro", "-f", "-s", f"bark-{target}"]
     if target == "deploy":
         return [sys.executable, "-m", "barkgpt", "deploy", "bark"]
-    return [sys.executable, "-m", "flows.pipeline", "bark", "--set", f"bark.train.log_every={log_every}"]
+    edit_then_flow = ("import sys; from pathlib import Path; from tasks.common import write_overrides; "
+                      f"write_overrides(Path('params.yaml'), {{'bark': {{'train': {{'log_every': {log_every}}}}}}}); "
+                      "from flows.pipeline import main; sys.exit(main(['bark']))")
+    return [sys.executable, "-c", edit_then_flow]
 
 
 def start(cmd: list[str], root: Path, env: dict) -> subprocess.Popen:
