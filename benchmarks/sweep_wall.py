@@ -69,6 +69,9 @@ def sweep(project: Path, args, jobs: int, prune: bool, study: str) -> dict:
     summary = json.loads(summary_file.read_text())
     states = [t["state"] for t in summary["trials"]]
     bpbs = [t["val_bpb"] for t in summary["trials"] if t["val_bpb"] is not None]
+    for t in summary["trials"]:
+        if t["state"] == "failed":  # why, before the clone is gone
+            print(f"jobs {jobs}: trial {t.get('trial')} failed: {t.get('error')}", flush=True)
     return {"jobs": jobs, "prune": prune, "seconds": round(seconds, 1), "trials": len(states),
             "complete": states.count("complete"), "pruned": states.count("pruned"), "failed": states.count("failed"),
             "best_val_bpb": min(bpbs) if bpbs else None, "best_gated": summary["best"], "exit": out.returncode}
