@@ -875,6 +875,20 @@ def test_gemma_tools_are_400_its_template_does_not_present_them(gemma_server):
     assert httpx.get(gemma_server + "/health").status_code == 200
 
 
+def test_tools_refusal_names_whether_the_template_presents_tools():
+    """A chat template that renders tools would present them; tool-call parsing is not implemented,
+    so both answer 400, each naming its own reason."""
+    from types import SimpleNamespace
+
+    from barkgpt.serve.formats import ChatTemplate
+
+    plain = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": "{{ messages[0]['content'] }}"}))
+    assert "no chat template that presents tools" in plain.tools_refusal("m")
+    with_tools = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": "{% if tools %}{{ tools }}{% endif %}"}))
+    assert "does not parse tool calls" in with_tools.tools_refusal("m")
+    assert ChatTemplate(SimpleNamespace(metadata={})).presents_tools is False  # --chat-format, no template in the file
+
+
 def test_gemma_chat_and_completion_logprobs_through_the_openai_client(gemma_server):
     client = openai_client(gemma_server)
     r = client.chat.completions.create(model="gemma-3-270m", messages=USER, max_tokens=6, temperature=0,
