@@ -884,7 +884,8 @@ def test_tools_refusal_names_whether_the_template_presents_tools():
 
     plain = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": "{{ messages[0]['content'] }}"}))
     assert "no chat template that presents tools" in plain.tools_refusal("m")
-    with_tools = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": "{% if tools %}{{ tools }}{% endif %}"}))
+    template = "{% if tools %}{{ tools }}{% endif %}{{ messages[0]['content'] }}"
+    with_tools = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": template}))
     assert "does not parse tool calls" in with_tools.tools_refusal("m")
     assert ChatTemplate(SimpleNamespace(metadata={})).presents_tools is False  # --chat-format, no template in the file
 
