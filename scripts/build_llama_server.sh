@@ -4,7 +4,8 @@
 # (libllama, libggml*, libmtmd in the venv's llama_cpp/lib): only the server and llama.cpp's
 # `common` are compiled here (a few minutes on 2 cores instead of the whole of llama.cpp again),
 # and the server runs the very same llama.cpp as `barkgpt serve`.
-# Cached under ~/.cache/barkgpt/llama-server/<version>-<key>/ (key: the wheel's libllama); the
+# Cached under ~/.cache/barkgpt/llama-server/<version>-<key>/ (key: the wheel's libllama and its
+# folder, which the binary's RUNPATH names); the
 # sdist is kept beside the wheel in ~/.cache/barkgpt/wheels, and an interrupted build resumes in
 # ~/.cache/barkgpt/llama-server/build-<version>-<key>/. Compiles under `nice` with JOBS jobs
 # (default 2). Prints the binary's path. benchmarks/serve_load.py --configs llama-server runs it.
@@ -12,8 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
 llama_version=$(sed -n 's/^llama-cpp-python==//p' constraints.txt)
-lib=$("$venv/bin/python" -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).parent / 'lib')")
-key=$( (echo "$llama_version"; sha256sum "$lib"/libllama.so | cut -d' ' -f1) | sha256sum | cut -c1-12)
+# the real folder (a worktree's .venv may be a symlink): the binary's RUNPATH names it
+lib=$("$venv/bin/python" -c "import llama_cpp, pathlib; print(pathlib.Path(llama_cpp.__file__).resolve().parent / 'lib')")
+key=$( (echo "$llama_version $lib"; sha256sum "$lib"/libllama.so | cut -d' ' -f1) | sha256sum | cut -c1-12)
 cache="${BARKGPT_CACHE:-$HOME/.cache/barkgpt}"
 dest="$cache/llama-server/$llama_version-$key"
 if [ ! -x "$dest/llama-server" ]; then
@@ -61,12 +63,14 @@ EOF
     touch "$work/.patched"
   fi
   # no web UI: its prebuilt assets come from Hugging Face, and the benchmark needs only the API
-  cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  # the server's own libraries (common, server-impl) static: one binary, linked only to the wheel's
+  cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_BUILD_MTMD=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
   nice -n 10 cmake --build "$work/build" --target llama-server -j "${JOBS:-2}" >&2
   mkdir -p "$dest.tmp"
   cp "$work/build/bin/llama-server" "$dest.tmp/"
+  "$dest.tmp/llama-server" --version >&2  # it runs (finds the wheel's libraries) before it is cached
   rm -rf "$dest" && mv "$dest.tmp" "$dest"
   rm -rf "$work"
 fi
