@@ -19,6 +19,7 @@ and each configuration's requests/s is printed as a ratio to the first one's:
     python benchmarks/serve_load.py                        # single, then params: 8 and 32 clients, 2000 requests
     python benchmarks/serve_load.py --configs ref:HEAD~3 params   # an older revision against today
     python benchmarks/serve_load.py --configs params llama-server llama_cpp.server   # against llama.cpp's servers
+    python benchmarks/serve_load.py --configs params llama-server --rounds 3   # A B A B A B on a shared machine
     python benchmarks/serve_load.py --requests 200         # short check
     python benchmarks/serve_load.py --url http://HOST:PORT --model-id NAME   # an already running server
 """
@@ -185,7 +186,9 @@ class Connection:
 
 
 async def run_level(url: str, model_id: str, clients: int, requests: int, max_tokens: int,
-                    temperature: float = 1.0) -> dict:
+                    temperature: float = 1.0, end_text: str | None = None) -> dict:
+    """end_text: a server that writes the end token's text at the end of a reply (llama-server
+    renders the bark GGUF's `<EOS>`, a normal token of its vocabulary); it ends, not breaks, the reply."""
     host, port = httpx.URL(url).host, httpx.URL(url).port
     latencies: list[float] = []
     status: dict[int, int] = {}
@@ -211,6 +214,8 @@ async def run_level(url: str, model_id: str, clients: int, requests: int, max_to
             status[code] = status.get(code, 0) + 1
             if code == 200:
                 words = json.loads(data)["choices"][0]["message"]["content"].split()
+                if end_text and words and words[-1] == end_text:
+                    words.pop()
                 contract_ok += bool(words) and all(w in BARKS for w in words)
         await conn.close()
 
@@ -243,34 +248,46 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["single", "params"],
                     help="server configurations, in turn: ref:REV, single, params, llama-server, llama_cpp.server "
                          "(the first is the baseline)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the configurations in turn this many times (A B A B ...: a shared machine's "
+                         "load falls on all of them alike); the table gives each figure's median over the rounds")
     ap.add_argument("--url", help="benchmark a running server instead of starting one")
     ap.add_argument("--model-id", help="with --url: the model name to send")
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
     if args.url:
-        results = [{"config": args.url, **r} for r in measure(args.url.rstrip("/"), args.model_id, args)]
+        results = combine([{"config": args.url, **r} for i in range(args.rounds)
+                           for r in measure(args.url.rstrip("/"), args.model_id, args, warm=i == 0)])
     else:
         model = Path(args.model) if args.model else bark_gguf(ROOT, args.quant)
-        results = []
-        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        runs = []
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp, contextlib.ExitStack() as stack:
+            servers = []  # every configuration's server up at once (idle ones cost nothing), measured in turn
             for name in args.configs:
-                with configuration(name, Path(tmp)) as (code, params):
-                    if name in EXTERNAL:
-                        port = free_port()
-                        proc, url = start_external(name, model, port, args.threads, max(args.clients)), \
-                            f"http://127.0.0.1:{port}"
-                    else:
-                        proc, url = serve(model, args.threads, code, params)
-                    try:
-                        model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-                        print(f"{name}: serving {model} as {model_id!r} on {url}", flush=True)
-                        results += [{"config": name, **r} for r in measure(url, model_id, args)]
-                    finally:
-                        proc.terminate()
-                        proc.wait(timeout=10)
+                code, params = stack.enter_context(configuration(name, Path(tmp)))
+                if name in EXTERNAL:
+                    port = free_port()
+                    proc, url = start_external(name, model, port, args.threads, max(args.clients)), \
+                        f"http://127.0.0.1:{port}"
+                else:
+                    proc, url = serve(model, args.threads, code, params)
+                stack.callback(stop, proc)
+                model_id = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+                print(f"{name}: serving {model} as {model_id!r} on {url}", flush=True)
+                servers.append((name, url, model_id))
+            for i in range(args.rounds):
+                for name, url, model_id in servers:
+                    end = "<EOS>" if name == "llama-server" else None
+                    got = [{"config": name, "round": i, **r}
+                           for r in measure(url, model_id, args, warm=i == 0, end_text=end)]
+                    if args.rounds > 1:
+                        print(f"round {i + 1}: " + "; ".join(f"{name} {r['clients']} clients {r['req_per_s']:.0f} "
+                                                             f"req/s p99 {r['p99_ms']:.1f} ms" for r in got), flush=True)
+                    runs += got
+        results = combine(runs)
     cols = ["config", "clients", "requests", "ok", "4xx", "5xx", "dropped", "contract_ok", "req_per_s", "p50_ms",
-            "p90_ms", "p99_ms", "max_ms"]
+            "p90_ms", "p99_ms", "max_ms"] + (["rounds"] if args.rounds > 1 else [])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:
@@ -293,10 +310,38 @@ def serve(model: Path, threads: int, code: Path, params: Path | None) -> tuple[s
     return start_server(model, port, threads, code, params), f"http://127.0.0.1:{port}"
 
 
-def measure(url: str, model_id: str, args) -> list[dict]:
-    asyncio.run(run_level(url, model_id, 8, 400, args.max_tokens))  # warm-up (every worker), not reported
-    return [asyncio.run(run_level(url, model_id, c, args.requests, args.max_tokens, args.temperature))
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure(url: str, model_id: str, args, warm: bool = True, end_text: str | None = None) -> list[dict]:
+    if warm:
+        asyncio.run(run_level(url, model_id, 8, 400, args.max_tokens))  # warm-up (every worker), not reported
+    return [asyncio.run(run_level(url, model_id, c, args.requests, args.max_tokens, args.temperature, end_text))
             for c in args.clients]
+
+
+def combine(runs: list[dict]) -> list[dict]:
+    """One row per configuration and concurrency: counts summed over the rounds, rates and
+    latencies their median (a round that met a burst of other load moves no figure much)."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in runs:
+        rows.setdefault((r["config"], r["clients"]), []).append(r)
+    out = []
+    for (config, clients), rs in rows.items():
+        row = {"config": config, "clients": clients, "rounds": len(rs)}
+        for k in ("requests", "ok", "4xx", "5xx", "dropped", "contract_ok"):
+            row[k] = sum(r[k] for r in rs)
+        for k in ("req_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "mean_ms"):
+            row[k] = statistics.median(r[k] for r in rs)
+        row["per_round"] = [{k: r[k] for k in ("req_per_s", "p50_ms", "p99_ms")} for r in rs]
+        out.append(row)
+    return out
 
 
 def report(results: list[dict]) -> None:

@@ -864,15 +864,50 @@ def test_gemma_bad_schemas_are_one_clear_400(gemma_server, schema, words):
     assert httpx.get(gemma_server + "/health").status_code == 200
 
 
-def test_gemma_tools_and_chat_logprobs_are_400_completion_logprobs_work(gemma_server):
+def test_gemma_tools_are_400_its_template_does_not_present_them(gemma_server):
     import openai
 
     client = openai_client(gemma_server)
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError, match="tools"):
+    with pytest.raises(openai.BadRequestError, match="no chat template that presents tools") as err:
         client.chat.completions.create(model="gemma-3-270m", messages=USER, tools=tools, max_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.chat.completions.create(model="gemma-3-270m", messages=USER, logprobs=True, max_tokens=4)
+    assert err.value.body["param"] == "tools"
+    assert httpx.get(gemma_server + "/health").status_code == 200
+
+
+def test_tools_refusal_names_whether_the_template_presents_tools():
+    """A chat template that renders tools would present them; tool-call parsing is not implemented,
+    so both answer 400, each naming its own reason."""
+    from types import SimpleNamespace
+
+    from barkgpt.serve.formats import ChatTemplate
+
+    plain = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": "{{ messages[0]['content'] }}"}))
+    assert "no chat template that presents tools" in plain.tools_refusal("m")
+    template = "{% if tools %}{{ tools }}{% endif %}{{ messages[0]['content'] }}"
+    with_tools = ChatTemplate(SimpleNamespace(metadata={"tokenizer.chat_template": template}))
+    assert "does not parse tool calls" in with_tools.tools_refusal("m")
+    assert ChatTemplate(SimpleNamespace(metadata={})).presents_tools is False  # --chat-format, no template in the file
+
+
+def test_gemma_chat_and_completion_logprobs_through_the_openai_client(gemma_server):
+    client = openai_client(gemma_server)
+    r = client.chat.completions.create(model="gemma-3-270m", messages=USER, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert 1 <= len(content) <= 6 and "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert c.logprob <= 0 and len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode())
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == c.logprob  # greedy
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+    # the same reply streamed: the logprobs come in its last chunk, equal to the whole reply's
+    chunks = list(client.chat.completions.create(model="gemma-3-270m", messages=USER, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    # a request without logprobs afterwards has none
+    r = client.chat.completions.create(model="gemma-3-270m", messages=USER, max_tokens=2, temperature=0)
+    assert r.choices[0].logprobs is None
     c = client.completions.create(model="gemma-3-270m", prompt="The capital of France is", max_tokens=3,
                                   temperature=0, logprobs=2)
     lp = c.choices[0].logprobs

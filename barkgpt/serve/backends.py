@@ -62,14 +62,14 @@ class Backend:
         ids = self.lm.tokenizer.encode(prompt)
         s = Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_tokens, seed=g.seed)
         text, stopper, n, finish, hit = TextStream(self.lm.tokenizer, ids), StopText(g.stop), 0, "length", False
-        scores, tokens = ([], []) if g.logprobs is not None else (None, None)
+        scores, entries = ([], []) if g.logprobs is not None else (None, None)
         for token in self.lm.generate(ids, s, should_stop, scores):
             n += 1
             if self.lm.is_end(token):
                 finish = "stop"
                 break
-            if tokens is not None:
-                tokens.append(token)
+            if entries is not None:  # one row of the vocabulary at a time, never all of them kept
+                entries.append(self.logprob_entry(token, scores.pop(), g.logprobs))
             out, hit = stopper.feed(text.push(token))
             if out:
                 yield out
@@ -83,19 +83,22 @@ class Backend:
             finish = "stop"
         elif rest := stopper.flush():
             yield rest
-        yield Done(finish, len(ids), n, self.logprobs(tokens, scores, g.logprobs) if tokens is not None else None)
+        yield Done(finish, len(ids), n, entries)
 
     def token_text(self, token: int) -> str:
         return self.lm.tokenizer.decode([token])
 
-    def logprobs(self, tokens: list[int], scores: list, top: int) -> list[dict]:
-        """Each generated token's log probability under the model, and the `top` most likely tokens
-        at its position (OpenAI's chat logprobs.content)."""
-        out = []
-        for token, row in zip(tokens, scores):
-            best = np.argsort(-row, kind="stable")[:top] if top else []
-            out.append({**self._entry(token, row), "top_logprobs": [self._entry(int(t), row) for t in best]})
-        return out
+    def logprob_entry(self, token: int, row: np.ndarray, top: int) -> dict:
+        """A generated token's log probability under the model and the `top` most likely tokens at
+        its position (one item of OpenAI's chat logprobs.content); `row`: ln p over the vocabulary."""
+        if not top:
+            best = []
+        elif len(row) > 4 * top + 1024:  # a large vocabulary (a chat GGUF's 262k): the top few, not a full sort
+            part = np.argpartition(-row, top)[:top]
+            best = part[np.argsort(-row[part], kind="stable")]
+        else:
+            best = np.argsort(-row, kind="stable")[:top]
+        return {**self._entry(token, row), "top_logprobs": [self._entry(int(t), row) for t in best]}
 
     def _entry(self, token: int, row) -> dict:
         text = self.token_text(token)

@@ -19,6 +19,8 @@ import random
 from collections.abc import Iterator
 from typing import ClassVar
 
+import numpy as np
+
 from barkgpt.errors import BarkError
 from barkgpt.lm import StopFn
 from barkgpt.serve.contract import bark_prompt
@@ -94,10 +96,6 @@ class ChatTemplate(PromptFormat):
     def grammar_refusal(self, backend, fmt_type):
         return None
 
-    def logprobs_refusal(self):
-        return ("logprobs: not available for a chat-template GGUF here (llama-cpp-python computes them only with "
-                "every position's logits kept, n_ctx x vocabulary floats); leave logprobs out")
-
     def tools_refusal(self, model_id):
         if not self.presents_tools:
             return super().tools_refusal(model_id)
@@ -108,6 +106,12 @@ class ChatTemplate(PromptFormat):
         # OpenAI semantics: only temperature and top_p shape the distribution (llama.cpp's own
         # defaults add top_k=40, min_p=0.05 and a repeat penalty)
         seed = g.seed % 2**32 if g.seed is not None else random.getrandbits(32)
+        entries = None
+        if g.logprobs is not None:
+            # llama-cpp-python's own chat logprobs need logits_all (n_ctx x vocabulary floats kept, 4 GiB
+            # for Gemma 3's 262k vocabulary at 4096 tokens): read each step's logits as it samples instead
+            entries = []
+            llm.sample = self._recording_sample(backend, g.logprobs, entries)
         try:
             chunks = llm.create_chat_completion(
                 messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p or 1.0,
@@ -128,7 +132,29 @@ class ChatTemplate(PromptFormat):
                     break
         except ValueError as err:  # llama-cpp-python: "Requested tokens (...) exceed context window of ..."
             raise BarkError(f"{err}; shorten the conversation") from None
-        yield Done(finish, max(0, llm.n_tokens - n), n)
+        finally:
+            llm.__dict__.pop("sample", None)  # the class's own sample again
+        yield Done(finish, max(0, llm.n_tokens - n), n, entries)
+
+    def _recording_sample(self, backend, top: int, entries: list):
+        """llama-cpp-python's `sample`, also recording each drawn token's entry (as the bark path
+        does) from the logits it was drawn from, before grammar or temperature change them. The end
+        of turn is not a token of the reply, so it gets no entry."""
+        import llama_cpp
+
+        from barkgpt.lm import log_softmax
+
+        llm, sample, n_vocab = self.llm, type(self.llm).sample.__get__(self.llm), self.llm.n_vocab()
+
+        def recording(*args, idx=None, **kwargs):
+            row = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, idx - llm.n_tokens if idx is not None else -1)
+            row = log_softmax(np.ctypeslib.as_array(row, shape=(n_vocab,)))
+            token = sample(*args, idx=idx, **kwargs)
+            if not backend.lm.is_end(token):
+                entries.append(backend.logprob_entry(int(token), row, top))
+            return token
+
+        return recording
 
 
 def prompt_format(lm) -> PromptFormat:
