@@ -142,7 +142,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     if cos.size(-1) * 2 == x.size(-1):
         cos, sin = rope_pairs(cos, sin, x.dtype)
-    if torch.compiler.is_compiling():  # inductor fuses the plain form into one kernel
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # inductor / GPU kernels: plain form
         return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sin
     return _Rotary.apply(x, cos, sin)
 
@@ -178,7 +178,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv, self.head_dim)
         # q and k rotate together in one op, in (B, T, heads, D) layout; cos/sin: (T, 1, D).
-        if torch.compiler.is_compiling():
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             qk, v = qkv.split([self.n_head + self.n_kv, self.n_kv], dim=2)
             q, k = apply_rope(qk, cos, sin).transpose(1, 2).split([self.n_head, self.n_kv], dim=1)
             v = v.transpose(1, 2)
@@ -230,7 +230,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         h = self.w13(x)
-        if torch.compiler.is_compiling():
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
             gate, up = h.split(self.hidden, dim=-1)
             return self.w2(F.silu(gate) * up)
         return self.w2(_SwiGLU.apply(h))
