@@ -4,10 +4,12 @@ Both models on the reference's configuration (4 layers, width 256, 4 heads, cont
 batch 16, vocabulary 4096), each step as its trainer runs it: forward under autocast (bf16 by
 default), backward, gradient clipping at 1.0, fused AdamW, gradients dropped. The sides alternate
 (A, B, A, B, ...) for --rounds rounds of --steps steps each, so a busy machine slows both alike;
-the figures are the median tokens/s over rounds of each side and the median of the per-round
-ratios. --baseline REV adds a third side: BarkGPT's model as barkgpt/model.py was at a git
+the figures are the median tokens/s over rounds of each side, the median of the per-round
+ratios, and the ratio of the fastest rounds (with --steps 1: the fastest step of each, the
+figure least disturbed by a load that swings within seconds). --baseline REV adds a third side: BarkGPT's model as barkgpt/model.py was at a git
 revision (the step before a change, timed in the same rounds). Then torch.profiler's top
-operators of BarkGPT's step, and with --compile the compile time and compiled step.
+operators of BarkGPT's step (--profile-sides barkgpt reference: of both), and with --compile the
+compile time and the compiled step as one more side.
 
     python benchmarks/step_profile.py                      # BarkGPT vs the reference, bf16
     python benchmarks/step_profile.py --baseline HEAD~1    # ... and the model of an earlier commit
@@ -121,14 +123,14 @@ def paired(sides: dict, rounds: int, steps: int) -> dict[str, list[float]]:
     return tps
 
 
-def top_ops(step, steps: int, rows: int) -> None:
+def top_ops(name: str, step, steps: int, rows: int) -> None:
     step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             step()
     events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) / steps / 1000
-    print(f"\nBarkGPT step, top operators by self CPU time ({total:.0f} ms per step under the profiler):")
+    print(f"\n{name} step, top operators by self CPU time ({total:.0f} ms per step under the profiler):")
     for e in events[:rows]:
         ms = e.self_cpu_time_total / steps / 1000
         print(f"{ms:8.1f} ms {100 * ms / total:5.1f}%  x{e.count // steps:<3d} {e.key[:46]:46s} "
@@ -144,6 +146,8 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="also time barkgpt/model.py as at this git revision")
     ap.add_argument("--profile-steps", type=int, default=3, help="0: no profile")
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--profile-sides", nargs="+", default=["barkgpt"], choices=["barkgpt", "reference"],
+                    help="whose steps to profile")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of BarkGPT's model")
     args = ap.parse_args()
     if args.threads:
@@ -171,13 +175,16 @@ def main() -> None:
         if name != "reference":
             ratios = [b / a for a, b in zip(tps["reference"], tps[name])]
             print(f"{name} / reference: {statistics.median(ratios):.2f}x (median of per-round ratios; "
-                  f"range {min(ratios):.2f}-{max(ratios):.2f})")
-    if args.baseline:
-        ratios = [b / a for a, b in zip(tps[f"barkgpt@{args.baseline}"], tps["barkgpt"])]
-        print(f"barkgpt / barkgpt@{args.baseline}: {statistics.median(ratios):.2f}x "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f})")
-    if args.profile_steps:
-        top_ops(sides["barkgpt"], args.profile_steps, args.rows)
+                  f"range {min(ratios):.2f}-{max(ratios):.2f}); fastest round: "
+                  f"{max(tps[name]) / max(tps['reference']):.2f}x")
+    pairs = [("barkgpt", f"barkgpt@{args.baseline}")] if args.baseline else []
+    pairs += [("barkgpt+compile", "barkgpt")] if args.compile else []
+    for name, base in pairs:
+        ratios = [b / a for a, b in zip(tps[base], tps[name])]
+        print(f"{name} / {base}: {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}); "
+              f"fastest round: {max(tps[name]) / max(tps[base]):.2f}x")
+    for name in args.profile_sides if args.profile_steps else []:
+        top_ops(name, sides[name], args.profile_steps, args.rows)
 
 
 if __name__ == "__main__":
