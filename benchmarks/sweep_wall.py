@@ -72,6 +72,9 @@ def sweep(project: Path, args, jobs: int, prune: bool, study: str) -> dict:
     for t in summary["trials"]:
         if t["state"] == "failed":  # why, before the clone is gone
             print(f"jobs {jobs}: trial {t.get('trial')} failed: {t.get('error')}", flush=True)
+            log = summary_file.parent / f"trial-{t.get('trial'):03d}.log"
+            if log.exists():
+                print("\n".join(log.read_text(errors="replace").splitlines()[-40:]), flush=True)
     return {"jobs": jobs, "prune": prune, "seconds": round(seconds, 1), "trials": len(states),
             "complete": states.count("complete"), "pruned": states.count("pruned"), "failed": states.count("failed"),
             "best_val_bpb": min(bpbs) if bpbs else None, "best_gated": summary["best"], "exit": out.returncode}
