@@ -73,7 +73,10 @@ def run_trial(sweep, trial, cpus: list[int] | None = None) -> TrialResult:
     name = experiment_name(sweep.study_name, trial.number)
     run_id = sweep.tracker.start_trial(trial.number, name, trial.params)
     log_path = sweep.log_path(trial.number)
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": sweep.tracker.uri}
+    # No warm server: a trial runs in DVC's temporary copy of the project, removed when it ends, and a
+    # server started from one trial's copy served the next trials' stages from a folder that was gone
+    # (ModuleNotFoundError on a lazy import, seen in a --jobs 2 sweep).
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": sweep.tracker.uri, "BARKGPT_WARM": "0"}
     started, seen = time.monotonic(), {}
     proc, pruned = _run_experiment(sweep, trial, dvc_command(sweep.pipe, name, overrides), env, log_path, seen, cpus)
     if proc.returncode == 0 and not pruned and not seen and INTERMEDIATE not in sweep.tracker.evaluation(run_id):
