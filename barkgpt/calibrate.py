@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -171,8 +172,18 @@ def cache_path():
     return machine_cache() / "calibration.json"
 
 
+def step_code() -> str:
+    """The source the measured step runs (the model and the training step): a faster model is a new
+    measurement, not the old model's choice reused."""
+    h = hashlib.sha256()
+    for name in ("model.py", "optim.py", "train.py"):  # by file: train imports this module
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cache_key(device: torch.device, shape: dict) -> str:
-    blob = json.dumps({"v": CACHE_VERSION, "machine": machine(device), "shape": shape}, sort_keys=True)
+    blob = json.dumps({"v": CACHE_VERSION, "machine": machine(device), "shape": shape, "code": step_code()},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
