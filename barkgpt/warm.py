@@ -404,9 +404,13 @@ def _child(conn: socket.socket, entry: Callable[[list[str]], int], path: list | 
         os.chdir(request["cwd"])
     except (OSError, ValueError):
         return 1
-    if path is not None:
-        sys.path[:] = [request["cwd"] if entry_ is None else entry_ for entry_ in path]
-        if None in path and _shadowed(request["cwd"]):
+    # The folder this server imported barkgpt from is gone (a DVC temporary experiment, removed when
+    # it ended): a lazy import would fail in the stage. Let the client run it itself.
+    gone = not Path(__file__).parent.is_dir()
+    if gone or path is not None:
+        if path is not None:
+            sys.path[:] = [request["cwd"] if entry_ is None else entry_ for entry_ in path]
+        if gone or (None in path and _shadowed(request["cwd"])):
             try:
                 conn.sendall(b"cold\n")  # a fresh process would import that folder's module: run there
             except OSError:
