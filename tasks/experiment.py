@@ -15,7 +15,6 @@ half-way is put back by the next flow run (`restore_interrupted`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +118,6 @@ def put_back(root: Path) -> bool:
                 repo.checkout(targets=[str(lay.dvc_file.relative_to(root))], force=True, allow_missing=True)
             except Exception as err:  # noqa: BLE001 - DVC's own errors; the lock is true, dvc status will say
                 print(f"dvc checkout after the experiment: {err}; `dvc status` says what differs")
-    os.replace(manifest, folder / "manifest.done.json")
     shutil.rmtree(folder, ignore_errors=True)
     return True
 
