@@ -7,6 +7,7 @@ AWS Lambda). Every error a client can cause is a 4xx with an OpenAI-style JSON b
 """
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import asynccontextmanager
 
@@ -46,6 +47,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.backend = load_backend(serve, settings.root)  # once per process
         app.state.worker = make_worker(app.state.backend, serve)
         app.state.worker.start()
+        # Everything alive now (the libraries, the app, the model) lives as long as the process:
+        # move it out of the garbage collector's sight, so a full collection during a request walks
+        # only what requests made (CPython's gc.freeze, for servers)
+        gc.collect()
+        gc.freeze()
         log.info("serving %s (%s model, %s)", app.state.backend.model_id, app.state.backend.format.kind,
                  app.state.backend.lm.backend)
         yield
