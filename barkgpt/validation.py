@@ -368,6 +368,27 @@ def _short(value, limit: int = 120):
     return text[:limit] + "..." if isinstance(text, str) and len(text) > limit else text
 
 
+RUN_TIME = re.compile(r"\d{8}T\d{6}\.\d+Z")  # GX's run-time folder names
+
+
+def stable_page_paths(docs: Path) -> None:
+    """GX files each result page under its run time (validations/<suite>/<run>/<20261202T152209.6Z>/);
+    the folder holds one run, so that folder becomes `latest` and the links follow. The report's
+    page paths then depend on the data alone: a stage run again on the same data (a forced DVC
+    experiment) writes the same validation.json, and no hash column appears in `dvc exp show`.
+    The pages still show when they ran."""
+    stamped = {d for d in (docs / "validations").rglob("*") if d.is_dir() and RUN_TIME.fullmatch(d.name)}
+    for d in stamped:
+        d.rename(d.with_name("latest"))
+    for page in docs.rglob("*.html"):
+        text = page.read_text()
+        new = text
+        for d in {d.name for d in stamped}:
+            new = new.replace(f"/{d}/", "/latest/")
+        if new != text:
+            page.write_text(new)
+
+
 def validate_pipeline(params: SharedParams, paths, builder: SuiteBuilder, tokens: bool = False,
                       redo: str = "dvc repro") -> dict:
     """Run the suites `builder` makes (text, or with tokens=True the token shards, reported as
@@ -382,6 +403,7 @@ def validate_pipeline(params: SharedParams, paths, builder: SuiteBuilder, tokens
     context = gx_context(building)
     results = [run_suite(s, context) for s in suites]
     context.build_data_docs(site_names=[DOCS_SITE])
+    stable_page_paths(building)
     shutil.rmtree(docs, ignore_errors=True)
     building.rename(docs)
     for r in results:
