@@ -71,6 +71,8 @@ def render() -> str:
             spec["ports"] = [f"127.0.0.1:{port}:{port}"]
         if service.stop_signal != "SIGTERM":
             spec["stop_signal"] = service.stop_signal
+        if service.stop_grace_s != 10.0:  # compose's default
+            spec["stop_grace_period"] = f"{service.stop_grace_s:g}s"
         check = healthcheck(service, vals)
         if check:
             spec["healthcheck"] = check

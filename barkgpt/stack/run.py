@@ -110,24 +110,26 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-def stop_group(record: dict, stop_signal: str, timeout: float = 30.0) -> None:
-    """Stop a service's process group: its stop signal, then SIGKILL after `timeout`."""
-    pid = record["pid"]
+def stop_group(record: dict, stop_signal: str, timeout: float = 30.0) -> str:
+    """Stop a service's process group: its stop signal, then SIGKILL after `timeout`. Says how."""
+    pid, started = record["pid"], time.monotonic()
     if alive(record):
         try:
             os.killpg(pid, getattr(signal, stop_signal))
         except ProcessLookupError:
-            return
-    deadline = time.monotonic() + timeout
+            return "stopped"
+    deadline = started + timeout
     while group_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if group_alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        while group_alive(pid) and time.monotonic() < deadline + 10:
-            time.sleep(0.2)
+    if not group_alive(pid):
+        return f"stopped ({time.monotonic() - started:.1f} s)"
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "stopped"
+    while group_alive(pid) and time.monotonic() < deadline + 10:
+        time.sleep(0.2)
+    return f"stopped (killed: still running {timeout:g} s after {stop_signal})"
 
 
 # --- PostgreSQL's cluster -------------------------------------------------------------------------
@@ -240,7 +242,7 @@ class Stack:
             proc = subprocess.Popen(argv, env=penv, cwd=self.state, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, **extra)
         record["processes"][service.name] = {"pid": proc.pid, "start": start_time(proc.pid),
-                                             "signal": service.stop_signal}
+                                             "signal": service.stop_signal, "grace_s": service.stop_grace_s}
         write_json(self.file, record)
         self.wait_ready(service, ports, proc, log_path)
         echo(f"{service.name}: ready (pid {proc.pid})")
@@ -249,7 +251,7 @@ class Stack:
         """Stop one service (e.g. the database under a running training); `start_service` restarts it."""
         record = self.read()
         proc = record["processes"].pop(name)
-        stop_group(proc, proc.get("signal", "SIGTERM"))
+        stop_group(proc, proc.get("signal", "SIGTERM"), proc.get("grace_s", 30.0))
         write_json(self.file, record)
 
     def start_service(self, name: str) -> None:
@@ -289,9 +291,9 @@ class Stack:
         stopped = []
         order = [s.name for s in services()]  # the state file's keys are sorted: stop in reverse start order
         for name, proc in sorted(record["processes"].items(), key=lambda kv: -order.index(kv[0])):
-            stop_group(proc, proc.get("signal", "SIGTERM"))
+            how = stop_group(proc, proc.get("signal", "SIGTERM"), proc.get("grace_s", 30.0))
             stopped.append(name)
-            echo(f"{name}: stopped")
+            echo(f"{name}: {how}")
         if self.file.exists():
             write_json(self.file, {"ports": record.get("ports"), "processes": {}})
         return stopped

@@ -36,6 +36,9 @@ class Service:
     image: str = "barkgpt"                 # compose: the project image, unless a stock one fits
     loopback: bool = True                  # False: compose only (the serving app)
     stop_signal: str = "SIGTERM"
+    # then SIGKILL after this long, as `docker compose stop` does (its default is 10 s too): the
+    # servers keep their state in PostgreSQL or nowhere, so a kill loses nothing a stop would keep
+    stop_grace_s: float = 10.0
 
     def argv(self, values: dict) -> list[str]:
         return [part.format(**values) for part in self.command]
@@ -62,7 +65,8 @@ def services() -> list[Service]:
     pg = "postgresql+psycopg2://" + DB_USER + "@{pg_host}:{postgres}"
     return [
         Service("postgres", ("postgres", "-D", "{pg_data}", "-p", "{postgres}", "-h", "{bind}", "-k", "{pg_socket}"),
-                port="postgres", image="postgres:15", stop_signal="SIGINT"),  # SIGINT: fast shutdown
+                port="postgres", image="postgres:15", stop_signal="SIGINT",  # SIGINT: fast shutdown
+                stop_grace_s=60.0),  # a checkpoint of the data files: never cut short
         Service("databases", ("python", "-m", "barkgpt.stack", "databases", "--url", pg + "/postgres",
                               *DATABASES), after=("postgres",), job=True),
         Service("s3", ("moto_server", "-H", "{bind}", "-p", "{s3}"), port="s3", health="/moto-api/"),
