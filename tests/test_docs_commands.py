@@ -40,6 +40,11 @@ DOCS = ["README.md", "docs/orchestration.md", "docs/export.md", "docs/serving.md
 # index of the block in it) -> that test. docs/team.md's first block starts the team stack and runs
 # the flow through it; tests/test_stack.py runs it line by line as machine A (one stack, one flow).
 RUN_ELSEWHERE = {("docs/team.md", 0): "tests/test_stack.py runs this block as written (machine A, on its stack)"}
+# Single commands run as written by another test: (document, the command's start) -> that test.
+RUN_ELSEWHERE_COMMANDS = {
+    ("README.md", "barkgpt sweep bark "): "tests/test_sweep.py runs it as written (plus --study) and checks the four trials",
+    ("README.md", "dvc exp show --only-changed"): "tests/test_sweep.py runs it after the README's sweep (120 columns)",
+}
 EXPENSIVE = os.environ.get("BARKGPT_DOCS_EXPENSIVE") == "1"
 COMMAND_TIMEOUT_S = 900
 pytestmark = pytest.mark.timeout(2400)  # a document's commands in sequence (the README trains a model)
@@ -165,6 +170,9 @@ def commands(doc: str) -> list[Command]:
 def rule_for(cmd: Command) -> tuple[str, str]:
     if (cmd.doc, cmd.block) in RUN_ELSEWHERE:
         return "elsewhere", RUN_ELSEWHERE[cmd.doc, cmd.block]
+    for (doc, start), reason in RUN_ELSEWHERE_COMMANDS.items():
+        if cmd.doc == doc and strip_comment(cmd.text).startswith(start):
+            return "elsewhere", reason
     key = ("PYTHON " + cmd.text.strip().splitlines()[0]) if cmd.python else strip_comment(cmd.text)
     for pattern, kind, reason in RULES:
         if re.search(pattern, key):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -78,21 +79,36 @@ def experiments(root: Path) -> list[str]:
     return sorted(line.strip() for line in out.stdout.splitlines() if line.strip())
 
 
+def readme_sweep() -> tuple[list[str], list[str]]:
+    """The README's sweep and its `dvc exp show` line, as written (the docs test leaves them to this
+    test, which checks what they did)."""
+    from tests.test_docs_commands import commands, strip_comment
+
+    lines = [strip_comment(c.text) for c in commands("README.md")]
+    sweep = [shlex.split(line) for line in lines if line.startswith("barkgpt sweep ")]
+    show = [shlex.split(line) for line in lines if line.startswith("dvc exp show ")]
+    assert len(sweep) == 1 and len(show) == 1, lines
+    return sweep[0], show[0]
+
+
 def test_four_trials_two_at_a_time_promote_the_best_gated_one(project):
-    out = barkgpt(["sweep", "bark", "--grid", "bark.train.learning_rate=0.003,0.01",
-                   "--grid", "bark.train.max_steps=20,100", "--jobs", "2", "--study", "grid4"], project)
+    sweep_cmd, show_cmd = readme_sweep()
+    # named, so that the table's width below does not depend on the clock (the default name is
+    # <pipeline>-<UTC date and time>)
+    study = "grid4"
+    out = barkgpt([*sweep_cmd[1:], "--study", study], project)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "best trial" in out.stdout and "dvc exp apply grid4-t" in out.stdout
+    assert "best trial" in out.stdout and f"dvc exp apply {study}-t" in out.stdout
 
     # four DVC experiments, one per trial, each with the values it ran
-    names = [n for n in experiments(project) if n.startswith("grid4-")]
-    assert names == [f"grid4-t00{i}" for i in range(4)]
+    names = [n for n in experiments(project) if n.startswith(f"{study}-")]
+    assert names == [f"{study}-t00{i}" for i in range(4)]
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     ran = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
             rev = exp["revs"][0]
-            if (rev.get("name") or "").startswith("grid4-"):
+            if (rev.get("name") or "").startswith(f"{study}-"):
                 train = rev["data"]["params"]["params.yaml"]["data"]["bark"]["train"]
                 ran[rev["name"]] = (train["learning_rate"], train["max_steps"], train["threads"])
     # the values each ran, and no other params change: --jobs pins each trial to its share of the
@@ -100,15 +116,15 @@ def test_four_trials_two_at_a_time_promote_the_best_gated_one(project):
     threads = yaml.safe_load((project / "params.yaml").read_text())["bark"]["train"]["threads"]
     assert sorted(ran.values()) == [(0.003, 20, threads), (0.003, 100, threads), (0.01, 20, threads),
                                     (0.01, 100, threads)]
-    # the sweep's table fits a 120-column terminal (the README's command)
-    table = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], project)
-    assert table.returncode == 0 and "grid4-t003" in table.stdout, table.stderr
+    # the sweep's table fits a 120-column terminal (the README's command, as written)
+    table = run(show_cmd, project)
+    assert table.returncode == 0 and f"{study}-t003" in table.stdout, table.stderr
     assert max(len(line.rstrip()) for line in table.stdout.splitlines()) <= 120, table.stdout
 
     # four MLflow runs under one parent; the champion is the best gate-passing trial by the
     # registry's ranking (contract accuracy, then validation loss), read from the runs themselves
     client = mlflow_client(project)
-    parent, trials = sweep_runs(client, "grid4")
+    parent, trials = sweep_runs(client, study)
     assert len(trials) == 4 and all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     assert all(t.info.status == "FINISHED" and "eval.val_bpb" in t.data.metrics for t in trials)
     passing = [t for t in trials if t.data.tags.get("gate_passed") == "true"]
@@ -127,7 +143,7 @@ def test_four_trials_two_at_a_time_promote_the_best_gated_one(project):
 
 def test_a_hopeless_trial_is_pruned_on_the_bpb_training_logs(project):
     out = barkgpt(["sweep", "bark", "--grid", "bark.train.learning_rate=0.01,0.00001", "--grid",
-                   "bark.train.max_steps=150", "--grid", "bark.train.eval_every=10", "--grid",
+                   "bark.train.max_steps=600", "--grid", "bark.train.eval_every=10", "--grid",
                    "bark.train.log_every=10", "--study", "prune2"], project)
     assert "trial 1 pruned" in out.stdout, out.stdout + out.stderr[-3000:]
     assert out.returncode in (0, 2) and "Traceback" not in out.stderr, out.stderr[-3000:]  # 2: trial 0 missed the gate
@@ -136,7 +152,9 @@ def test_a_hopeless_trial_is_pruned_on_the_bpb_training_logs(project):
     assert len(pruned) == 1 and pruned[0].info.status == "KILLED"
     assert pruned[0].data.tags["sweep.trial"] == "1"
     steps = [m.step for m in mlflow_client(project).get_metric_history(pruned[0].info.run_id, "val_bpb")]
-    assert steps and max(steps) < 150  # stopped before its budget
+    # stopped before its budget; the budget leaves room for the sweep's 1 s polls and Optuna's
+    # write on a loaded machine (at 150 steps, 4 s of training, a decision once came after the end)
+    assert steps and max(steps) < 600, steps
     assert "prune2-t001" not in experiments(project)  # no DVC experiment for an interrupted trial
 
 
