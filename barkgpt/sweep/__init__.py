@@ -24,6 +24,7 @@ from pathlib import Path
 from barkgpt.errors import BarkError
 from barkgpt.layout import Layout
 from barkgpt.sweep.space import SearchSpace, check_space, load_space, parse_grid, sweepable_keys  # noqa: F401
+from barkgpt.sweep.study import STUDY_LOCK
 from barkgpt.sweep.trial import TrialResult, run_trial
 
 
@@ -124,23 +125,26 @@ def run_one(sweep: Sweep, cpus: list[int] | None = None) -> TrialResult:
     it ended."""
     import optuna
 
-    trial = sweep.study.ask(sweep.space.distributions())
+    with STUDY_LOCK:
+        trial = sweep.study.ask(sweep.space.distributions())
     try:
         result = run_trial(sweep, trial, cpus)
     except BaseException:
-        sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        with STUDY_LOCK:
+            sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
-    trial.set_user_attr("overrides", result.params)
-    trial.set_user_attr("experiment", result.experiment)
-    trial.set_user_attr("mlflow_run_id", result.run_id)
-    trial.set_user_attr("gate_passed", result.gate_passed)
-    if result.state == "complete":
-        sweep.study.tell(trial, result.value)
-    elif result.state == "pruned":
-        sweep.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-    else:
-        trial.set_user_attr("error", result.error)
-        sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    with STUDY_LOCK:
+        trial.set_user_attr("overrides", result.params)
+        trial.set_user_attr("experiment", result.experiment)
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        trial.set_user_attr("gate_passed", result.gate_passed)
+        if result.state == "complete":
+            sweep.study.tell(trial, result.value)
+        elif result.state == "pruned":
+            sweep.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            trial.set_user_attr("error", result.error)
+            sweep.study.tell(trial, state=optuna.trial.TrialState.FAIL)
     return result
 
 
@@ -151,7 +155,8 @@ def has_next(sweep: Sweep) -> bool:
         return True
     import optuna
 
-    return bool(sweep.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    with STUDY_LOCK:
+        return bool(sweep.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
 
 
 def run_trials(sweep: Sweep, trials: int, jobs: int, on_result=None) -> None:

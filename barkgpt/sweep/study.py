@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import warnings
 from pathlib import Path
 
 from barkgpt.errors import BarkError
 
 STORAGE_ENV = "OPTUNA_STORAGE"
+
+# One study call at a time in this process. `--jobs N` runs trials in N threads of one process;
+# two threads asking at once both took the same queued grid trial from the SQLite storage (then
+# "Trial#0 has already finished" when the second told it). Across machines the database's row
+# locks do this (PostgreSQL); within one process, this lock.
+STUDY_LOCK = threading.RLock()
 
 
 def resolve_storage(setting: str, root: Path, given: str | None = None) -> str:

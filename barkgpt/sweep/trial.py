@@ -23,8 +23,11 @@ from pathlib import Path
 
 import yaml
 
+from barkgpt.sweep.study import STUDY_LOCK
+
 INTERMEDIATE = "val_bpb"  # the per-evaluation metric training logs (barkgpt/train.py), minimized
 POLL_S = 1.0
+PRUNE_GRACE_S = 60.0  # a pruned trial still running this long after its Ctrl-C is killed
 
 
 @dataclass
@@ -108,29 +111,60 @@ def _run_experiment(sweep, trial, argv: list[str], env: dict, log_path: Path, se
                     cpus: list[int] | None = None, mode: str = "w") -> tuple[subprocess.Popen, bool]:
     """Run one `dvc exp run` to its end, reporting each new intermediate value to Optuna; Ctrl-C it
     when Optuna prunes. Returns the finished process and whether it was pruned."""
-    run_id, pruned = env["MLFLOW_RUN_ID"], False
+    run_id, pruned, ignored = env["MLFLOW_RUN_ID"], False, 0
     with open(log_path, mode) as log:
         proc = subprocess.Popen(argv, cwd=sweep.root, env=env,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True,  # its own process group: Ctrl-C reaches all of it
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                                preexec_fn=lambda: _trial_process(cpus))
         try:
             while proc.poll() is None:
                 time.sleep(POLL_S)
-                if pruned:
-                    continue
                 new = [(step, value) for step, value in sweep.tracker.history(run_id, INTERMEDIATE)
                        if step not in seen and math.isfinite(value)]
-                for step, value in new:
-                    seen[step] = value
-                    trial.report(value, step)
-                if new and trial.should_prune():
-                    pruned = True
-                    _interrupt(proc)
+                if pruned:
+                    # A training that still logs new steps did not stop on the Ctrl-C: Ctrl-C again,
+                    # as a user would, then kill; so does a trial not ended within the grace period.
+                    if new:
+                        seen.update(dict(new))
+                        ignored += 1
+                    if ignored >= 2 or time.monotonic() - pruned_time > PRUNE_GRACE_S:
+                        _signal_group(proc, signal.SIGKILL)
+                    elif new:
+                        _signal_group(proc, signal.SIGINT)
+                    continue
+                with STUDY_LOCK:
+                    for step, value in new:
+                        seen[step] = value
+                        trial.report(value, step)
+                    prune = bool(new) and trial.should_prune()
+                if prune:
+                    pruned, pruned_at, pruned_time = True, max(seen), time.monotonic()
+                    _signal_group(proc, signal.SIGINT)
         except BaseException:  # the sweep itself was interrupted: stop the trial with it
             _interrupt(proc)
             raise
+    if pruned:  # the step Optuna pruned at, not what a late-stopping training logged after it
+        for step in [s for s in seen if s > pruned_at]:
+            del seen[step]
     return proc, pruned
+
+
+def _trial_process(cpus: list[int] | None) -> None:
+    """In the trial's process, before DVC starts: Ctrl-C must reach it, since that is how a pruned
+    trial is stopped. A sweep started as a background job (`nohup ... &`, a CI runner) inherits
+    SIGINT ignored and would pass that on to every trial: pruned trials then trained to their end.
+    Then its share of the cores (--jobs)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _interrupt(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
