@@ -207,7 +207,9 @@ def test_database_lost_during_training_fails_clearly_and_resumes(stack, bark_cop
 def test_stack_down_leaves_no_process(stack):
     procs = stack.read()["processes"]
     assert set(procs) == {s.name for s in services() if s.loopback and not s.job}
+    started = time.monotonic()
     out = sh(team_block()[-1], ROOT, {**os.environ, "BARKGPT_STACK_DIR": str(stack.state)})  # as written
+    print(f"stack down: {time.monotonic() - started:.1f} s\n{out}")  # each service's time (pytest -rP)
     assert "prefect-worker: stopped" in out and "postgres: stopped" in out
     assert not [name for name, p in procs.items() if group_alive(p["pid"])]
     # nor anything they spawned in a session of its own: every stack process has the state in its environment

@@ -66,7 +66,7 @@ def services() -> list[Service]:
     return [
         Service("postgres", ("postgres", "-D", "{pg_data}", "-p", "{postgres}", "-h", "{bind}", "-k", "{pg_socket}"),
                 port="postgres", image="postgres:15", stop_signal="SIGINT",  # SIGINT: fast shutdown
-                stop_grace_s=60.0),  # a checkpoint of the data files: never cut short
+                stop_grace_s=30.0),  # its fast shutdown ends every session first
         Service("databases", ("python", "-m", "barkgpt.stack", "databases", "--url", pg + "/postgres",
                               *DATABASES), after=("postgres",), job=True),
         Service("s3", ("moto_server", "-H", "{bind}", "-p", "{s3}"), port="s3", health="/moto-api/"),
