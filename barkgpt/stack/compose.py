@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from barkgpt.stack.services import DB_USER, DEFAULT_PORTS, Service, services
+from barkgpt.stack.services import COMPOSE_STOP_GRACE_S, DB_USER, DEFAULT_PORTS, Service, services
 
 SERVE_PORT = 8000
 PROJECT = "/srv/barkgpt"  # the project inside the image (deploy/stack.Dockerfile)
@@ -71,7 +71,7 @@ def render() -> str:
             spec["ports"] = [f"127.0.0.1:{port}:{port}"]
         if service.stop_signal != "SIGTERM":
             spec["stop_signal"] = service.stop_signal
-        if service.stop_grace_s != 10.0:  # compose's default
+        if service.stop_grace_s != COMPOSE_STOP_GRACE_S:
             spec["stop_grace_period"] = f"{service.stop_grace_s:g}s"
         check = healthcheck(service, vals)
         if check:

@@ -22,6 +22,9 @@ DVC_REMOTE_URL = f"s3://{DVC_BUCKET}/store"
 DEFAULT_PORTS = {"postgres": 5433, "s3": 9000, "mlflow": 5000, "prefect": 4200}
 
 
+COMPOSE_STOP_GRACE_S = 10.0  # `docker compose stop`'s default grace before SIGKILL
+
+
 @dataclass(frozen=True)
 class Service:
     """A long-running process, or (job=True) a command that runs once and exits 0."""
@@ -36,9 +39,9 @@ class Service:
     image: str = "barkgpt"                 # compose: the project image, unless a stock one fits
     loopback: bool = True                  # False: compose only (the serving app)
     stop_signal: str = "SIGTERM"
-    # then SIGKILL after this long, as `docker compose stop` does (its default is 10 s too): the
-    # servers keep their state in PostgreSQL or nowhere, so a kill loses nothing a stop would keep
-    stop_grace_s: float = 10.0
+    # then SIGKILL after this long, as `docker compose stop` does: the servers keep their state in
+    # PostgreSQL or nowhere, so a kill loses nothing a stop would keep
+    stop_grace_s: float = COMPOSE_STOP_GRACE_S
 
     def argv(self, values: dict) -> list[str]:
         return [part.format(**values) for part in self.command]

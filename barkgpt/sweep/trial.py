@@ -120,33 +120,30 @@ def _run_experiment(sweep, trial, argv: list[str], env: dict, log_path: Path, se
         try:
             while proc.poll() is None:
                 time.sleep(POLL_S)
-                new = [(step, value) for step, value in sweep.tracker.history(run_id, INTERMEDIATE)
-                       if step not in seen and math.isfinite(value)]
+                logged = [(step, value) for step, value in sweep.tracker.history(run_id, INTERMEDIATE)
+                          if math.isfinite(value)]
                 if pruned:
-                    # A training that still logs new steps did not stop on the Ctrl-C: Ctrl-C again,
-                    # as a user would, then kill; so does a trial not ended within the grace period.
-                    if new:
-                        seen.update(dict(new))
-                        ignored += 1
+                    # A training that still logs steps did not stop on the Ctrl-C: Ctrl-C again, as a
+                    # user would, then kill; so does a trial not ended within the grace period.
+                    still_training = len(logged) > logged_at_prune
+                    logged_at_prune, ignored = len(logged), ignored + still_training
                     if ignored >= 2 or time.monotonic() - pruned_time > PRUNE_GRACE_S:
                         _signal_group(proc, signal.SIGKILL)
-                    elif new:
+                    elif still_training:
                         _signal_group(proc, signal.SIGINT)
                     continue
+                new = [(step, value) for step, value in logged if step not in seen]
                 with STUDY_LOCK:
                     for step, value in new:
                         seen[step] = value
                         trial.report(value, step)
-                    prune = bool(new) and trial.should_prune()
-                if prune:
-                    pruned, pruned_at, pruned_time = True, max(seen), time.monotonic()
+                    pruned = bool(new) and trial.should_prune()
+                if pruned:
+                    logged_at_prune, pruned_time = len(logged), time.monotonic()
                     _signal_group(proc, signal.SIGINT)
         except BaseException:  # the sweep itself was interrupted: stop the trial with it
             _interrupt(proc)
             raise
-    if pruned:  # the step Optuna pruned at, not what a late-stopping training logged after it
-        for step in [s for s in seen if s > pruned_at]:
-            del seen[step]
     return proc, pruned
 
 
@@ -171,14 +168,12 @@ def _interrupt(proc: subprocess.Popen, grace_s: float = 60.0) -> None:
     """Ctrl-C to the trial's process group, as a user at a terminal would; a kill only if it hangs."""
     if proc.poll() is not None:
         return
+    _signal_group(proc, signal.SIGINT)
     try:
-        os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _signal_group(proc, signal.SIGKILL)
         proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def _last_error(log_path: Path) -> str:
